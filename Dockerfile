@@ -1,0 +1,12 @@
+# One image for every service of docker-compose.yml: Airflow components, workers and serving.
+FROM apache/airflow:3.3.2-python3.11
+
+USER airflow
+WORKDIR /opt/airflow
+COPY --chown=airflow:root requirements.txt constraints.txt pyproject.toml README.md /opt/airflow/
+RUN pip install --no-cache-dir "apache-airflow==3.3.2" -r /opt/airflow/requirements.txt -c /opt/airflow/constraints.txt
+COPY --chown=airflow:root pipeline /opt/airflow/pipeline
+RUN pip install --no-cache-dir --no-deps /opt/airflow
+COPY --chown=airflow:root dags /opt/airflow/dags
+COPY --chown=airflow:root plugins /opt/airflow/plugins
+COPY --chown=airflow:root include /opt/airflow/include

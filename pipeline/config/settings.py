@@ -1,0 +1,51 @@
+"""Infrastructure settings from the environment (one cached object, FastAPI style).
+
+Tenant behaviour lives in the tenant YAML (`pipeline.config.tenant`); this module only knows
+*where* things are: artifact root, Redis, MLflow, tenant configs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+
+    home: Path = Field(default=PROJECT_ROOT / "var", description="Local state: artifacts, MLflow, caches.")
+    artifact_root: str = Field(default="", description="A folder or s3://bucket/prefix. Default: {home}/artifacts.")
+    data_root: Path = Field(default=PROJECT_ROOT, description="Base for relative tenant source paths.")
+    tenants_dir: Path = Field(default=PROJECT_ROOT / "include" / "tenants")
+    redis_url: str | None = Field(default=None, description="Unset: the embedded store (release files).")
+    redis_prefix: str = "recsys"
+    redis_grace_seconds: int = Field(default=86_400, ge=0, description="How long a replaced release stays in Redis.")
+    mlflow_tracking_uri: str = Field(
+        default="",
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="Default: sqlite under {home} (MLflow 3 refuses the plain file store).",
+    )
+    auth_disabled: bool = Field(default=False, description="RECSYS_AUTH_DISABLED=1: no API keys (local demos only).")
+    api_keys_file: Path | None = Field(default=None, description="YAML {tenant: [sha256 hex of each key]}.")
+    release_poll_seconds: float = Field(default=2.0, ge=0, description="How often serving re-reads pointers.")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        # frozen model: fill derived defaults through object.__setattr__ once, at construction.
+        if not self.artifact_root:
+            object.__setattr__(self, "artifact_root", str(self.home / "artifacts"))
+        if not self.mlflow_tracking_uri:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
+        if self.redis_url == "":
+            object.__setattr__(self, "redis_url", None)
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

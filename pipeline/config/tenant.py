@@ -1,0 +1,156 @@
+"""Tenant configuration: `include/tenants/{tenant}.yaml`, checked by pydantic.
+
+Every field has a default that gives good quality, so a tenant file can be as small as its id
+and source. Errors name the file, the field and the reason (`TenantConfigError`).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+_TENANT_RE = re.compile(TENANT_ID_PATTERN)
+
+
+class TenantConfigError(ValueError):
+    """An invalid tenant file; the message names the file, the field(s) and the reason(s)."""
+
+
+def is_valid_tenant_id(value: str) -> bool:
+    return bool(_TENANT_RE.fullmatch(value))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnMap(_Strict):
+    """Source column names for each canonical field."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: str | None = None
+
+
+class SourceConfig(_Strict):
+    uri: str = Field(description="A .csv/.parquet file or a folder of them; relative paths are under RECSYS_DATA_ROOT.")
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    columns: ColumnMap = ColumnMap()
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = Field(
+        default="s", description="Unit of numeric timestamps; strings are parsed as ISO 8601."
+    )
+
+
+class ValidationConfig(_Strict):
+    min_rows: int = Field(default=100, ge=1)
+    min_timestamp: datetime = datetime(1990, 1, 1, tzinfo=UTC)
+    max_duplicate_fraction: float = Field(default=0.01, ge=0, le=1, description="(user,item,timestamp) repeats.")
+    rating_range: tuple[float, float] | None = None
+
+
+class FeaturesConfig(_Strict):
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Last share of each user's events.")
+    min_users: int = Field(default=10, ge=2)
+    min_items: int = Field(default=10, ge=2)
+
+
+class ALSConfig(_Strict):
+    """Implicit-feedback ALS (Hu, Koren, Volinsky 2008) with recency-weighted confidence."""
+
+    kind: Literal["als"] = "als"
+    factors: int = Field(default=64, ge=1, le=1024)
+    iterations: int = Field(default=15, ge=1, le=200)
+    regularization: float = Field(default=0.1, ge=0)
+    alpha: float = Field(default=1.0, gt=0, description="Confidence = 1 + alpha * weight.")
+    reg_exponent: float = Field(default=0.0, ge=0, le=2, description="Regularisation lambda * (n + 1) ** exponent.")
+    recency_half_life_days: float | None = Field(default=None, gt=0, description="Event weight halves per this age.")
+    init_std: float = Field(default=0.1, gt=0)
+    seed: int = 42
+
+
+# One kind today; more kinds become a union discriminated on `kind` (defaulting to "als").
+ModelConfig = ALSConfig
+
+
+class EvaluationConfig(_Strict):
+    k: int = Field(default=10, ge=1, le=100)
+
+
+class GateConfig(_Strict):
+    metric: Literal["ndcg", "recall", "map", "precision", "hit_rate"] = "ndcg"
+    tolerance: float = Field(default=0.01, ge=0, description="Absolute drop allowed vs the live release.")
+    min_users: int = Field(default=50, ge=1, description="Fewer comparable users: champion check inconclusive.")
+    require_beat_popularity: bool = True
+
+
+class ServingConfig(_Strict):
+    popular_items: int = Field(default=200, ge=1, le=10_000, description="Fallback list length kept per release.")
+
+
+class TenantConfig(_Strict):
+    tenant: str = Field(pattern=TENANT_ID_PATTERN)
+    schedule: str = Field(default="0 2 * * *", description="Cron for the nightly retrain (UTC).")
+    start_date: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    source: SourceConfig
+    validation: ValidationConfig = ValidationConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    model: ModelConfig = ALSConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5 and not value.startswith("@"):
+            raise ValueError(f"not a 5-field cron expression or @preset: {value!r}")
+        return value
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid tenant config {path}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(file)"
+        lines.append(f"  field {field!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_tenant_file(path: str | Path, *, expect_name_match: bool = False) -> TenantConfig:
+    """Read and validate one tenant YAML; raise TenantConfigError naming file, field, reason."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TenantConfigError(f"tenant config {path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TenantConfigError(f"tenant config {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TenantConfigError(f"tenant config {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        cfg = TenantConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TenantConfigError(_format_errors(path, exc)) from None
+    if expect_name_match and path.stem != cfg.tenant:
+        raise TenantConfigError(
+            f"invalid tenant config {path}:\n"
+            f"  field 'tenant': {cfg.tenant!r} does not match the file name {path.stem!r}"
+        )
+    return cfg
+
+
+def tenant_files(tenants_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(tenants_dir).glob("*.yaml") if not p.name.startswith("_"))
+
+
+def load_tenant(tenant: str, tenants_dir: str | Path) -> TenantConfig:
+    if not is_valid_tenant_id(tenant):
+        raise TenantConfigError(f"tenant id {tenant!r} is invalid: must match {TENANT_ID_PATTERN}")
+    return load_tenant_file(Path(tenants_dir) / f"{tenant}.yaml", expect_name_match=True)

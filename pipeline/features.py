@@ -1,0 +1,163 @@
+"""features: contiguous id maps and a per-user temporal holdout.
+
+Each user's events are ordered by time; the last `holdout_fraction` of them (floored, so
+users with fewer than 1/fraction events have no holdout) are held out for evaluation. The
+published model is refit on everything (see train.refit), so nothing recent is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline import extract
+from pipeline.context import RunContext
+from pipeline.storage import codecs
+
+STAGE = "features"
+
+
+def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of held-out events: the last floor(n_u * fraction) events of each user.
+
+    Inputs are aligned arrays in any order; ties in time are broken by item index so the
+    split is deterministic.
+    """
+    order = np.lexsort((item_idx, timestamp, user_idx))
+    u_sorted = user_idx[order]
+    counts = np.bincount(u_sorted)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(len(order)) - starts[u_sorted]
+    n = counts[u_sorted]
+    n_test = np.floor(n * fraction + 1e-9).astype(np.int64)
+    mask_sorted = rank >= n - n_test
+    mask = np.empty(len(order), dtype=bool)
+    mask[order] = mask_sorted
+    return mask
+
+
+@dataclass(frozen=True)
+class Features:
+    """Indexed interactions of one run. `events` has user_idx, item_idx, timestamp, rating, holdout."""
+
+    users: pd.DataFrame  # user_id, user_idx, n_events, n_train, n_holdout
+    items: pd.DataFrame  # item_id, item_idx, n_events, n_train
+    events: pd.DataFrame
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def split(self, holdout: bool | None) -> pd.DataFrame:
+        if holdout is None:
+            return self.events
+        return self.events[self.events["holdout"] == holdout]
+
+    def matrix(self, holdout: bool | None = False) -> sp.csr_matrix:
+        """Binary user x item matrix of the train split (False), holdout (True) or all (None)."""
+        ev = self.split(holdout)
+        m = sp.csr_matrix(
+            (np.ones(len(ev), dtype=np.float32), (ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy())),
+            shape=(self.n_users, self.n_items),
+        )
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        return m
+
+    def relevant(self) -> sp.csr_matrix:
+        """Holdout items to find per user: held-out pairs the user did not already have in train."""
+        rel = self.matrix(True) - self.matrix(False).multiply(self.matrix(True))
+        rel.eliminate_zeros()
+        return sp.csr_matrix(rel)
+
+
+def features(ctx: RunContext) -> dict[str, Any]:
+    log = ctx.logger(STAGE)
+    df = extract.load(ctx).dropna(subset=["user_id", "item_id", "timestamp"])
+    user_idx, user_ids = pd.factorize(df["user_id"], sort=True)
+    item_idx, item_ids = pd.factorize(df["item_id"], sort=True)
+    cfg = ctx.config.features
+    if len(user_ids) < cfg.min_users or len(item_ids) < cfg.min_items:
+        raise ctx.error(
+            STAGE,
+            f"too few to train: {len(user_ids)} users (features.min_users={cfg.min_users}), "
+            f"{len(item_ids)} items (features.min_items={cfg.min_items})",
+        )
+    ts = df["timestamp"].dt.tz_convert(None).to_numpy("datetime64[us]").astype(np.int64)
+    holdout = temporal_holdout(user_idx, ts, item_idx, cfg.holdout_fraction)
+    events = (
+        pd.DataFrame(
+            {
+                "user_idx": user_idx.astype(np.int32),
+                "item_idx": item_idx.astype(np.int32),
+                "timestamp": df["timestamp"].to_numpy(),
+                "rating": df["rating"].to_numpy(dtype=np.float64),
+                "holdout": holdout,
+            }
+        )
+        .sort_values(["user_idx", "timestamp", "item_idx"], kind="stable")
+        .reset_index(drop=True)
+    )
+    n_u, n_i = len(user_ids), len(item_ids)
+    tr = ~events["holdout"].to_numpy()
+    uidx, iidx = events["user_idx"].to_numpy(), events["item_idx"].to_numpy()
+    users = pd.DataFrame(
+        {
+            "user_id": pd.array(user_ids, dtype="string"),
+            "user_idx": np.arange(n_u, dtype=np.int32),
+            "n_events": np.bincount(uidx, minlength=n_u),
+            "n_train": np.bincount(uidx[tr], minlength=n_u),
+            "n_holdout": np.bincount(uidx[~tr], minlength=n_u),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": pd.array(item_ids, dtype="string"),
+            "item_idx": np.arange(n_i, dtype=np.int32),
+            "n_events": np.bincount(iidx, minlength=n_i),
+            "n_train": np.bincount(iidx[tr], minlength=n_i),
+        }
+    )
+    feats = Features(users=users, items=items, events=events)
+    rel = feats.relevant()
+    holdout_users = int((np.diff(rel.indptr) > 0).sum())
+    if holdout_users == 0:
+        raise ctx.error(
+            STAGE,
+            "no user has enough events for a holdout "
+            f"(features.holdout_fraction={cfg.holdout_fraction}); cannot evaluate",
+        )
+    for name, table in (("users.parquet", users), ("items.parquet", items), ("events.parquet", events)):
+        ctx.store.put(ctx.key(STAGE, name), codecs.parquet_bytes(table))
+    result = {
+        "users": n_u,
+        "items": n_i,
+        "events": len(events),
+        "train_events": int(tr.sum()),
+        "holdout_events": int((~tr).sum()),
+        "holdout_users": holdout_users,
+        "relevant_pairs": int(rel.nnz),
+        "density": round(len(events) / (n_u * n_i), 6),
+    }
+    log.info(
+        "features: %d users, %d items, %d train / %d holdout events, %d users evaluated",
+        n_u,
+        n_i,
+        result["train_events"],
+        result["holdout_events"],
+        holdout_users,
+    )
+    return ctx.write_result(STAGE, result)
+
+
+def load(ctx: RunContext) -> Features:
+    get = lambda name: codecs.read_parquet(ctx.store.get(ctx.key(STAGE, name)))  # noqa: E731
+    return Features(users=get("users.parquet"), items=get("items.parquet"), events=get("events.parquet"))

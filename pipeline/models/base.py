@@ -1,0 +1,65 @@
+"""The one model interface: every recommender is a dot-product model over user and item vectors.
+
+That single shape is what evaluation, the gate, FAISS and Redis consume: score(u, i) =
+user_vectors[u] . item_vectors[i]. Popularity fits it too (a 1-d model: user 1, item count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+# Called after each epoch/iteration with (iteration, {"loss": ..., ...}); may raise to stop.
+ProgressCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf: the model is not published."""
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Indexed training events. Timestamps are epoch seconds; rating is NaN when absent."""
+
+    n_users: int
+    n_items: int
+    user_idx: np.ndarray
+    item_idx: np.ndarray
+    timestamp: np.ndarray
+    rating: np.ndarray
+
+    @classmethod
+    def from_events(cls, events: pd.DataFrame, n_users: int, n_items: int) -> TrainData:
+        stamps = events["timestamp"]
+        if getattr(stamps.dt, "tz", None) is not None:
+            stamps = stamps.dt.tz_convert(None)
+        ts = stamps.to_numpy("datetime64[s]").astype(np.int64)
+        return cls(
+            n_users=n_users,
+            n_items=n_items,
+            user_idx=events["user_idx"].to_numpy(dtype=np.int64),
+            item_idx=events["item_idx"].to_numpy(dtype=np.int64),
+            timestamp=ts,
+            rating=events["rating"].to_numpy(dtype=np.float64),
+        )
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    kind: str
+
+    def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> Recommender: ...
+
+    def user_vectors(self) -> np.ndarray:
+        """float32 [n_users, dim]"""
+
+    def item_vectors(self) -> np.ndarray:
+        """float32 [n_items, dim]"""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Tensors to persist with safetensors (never pickle)."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> Recommender: ...

@@ -1,0 +1,102 @@
+"""publish: write the immutable release, then flip the tenant's pointer (last)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import save as st_save
+
+from pipeline import features, index, release, train
+from pipeline.context import RunContext
+from pipeline.storage import codecs
+
+STAGE = "publish"
+
+
+def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
+    m = feats.matrix(None)
+    return m.indptr.astype(np.int64), m.indices.astype(np.int32)
+
+
+def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
+    feats = features.load(ctx)
+    model = train.load_model(ctx, "refit")
+    indptr, indices = _seen_csr(feats)
+    n_users_per_item = np.bincount(indices, minlength=feats.n_items)
+    order = np.lexsort((np.arange(feats.n_items), -n_users_per_item))
+    popular = order[: ctx.config.serving.popular_items].astype(np.int32)
+    items = pd.DataFrame(
+        {
+            "item_id": feats.items["item_id"],
+            "item_idx": feats.items["item_idx"],
+            "n_users": n_users_per_item.astype(np.int64),
+        }
+    )
+    users = feats.users[["user_id", "user_idx"]]
+    files = {
+        "model.safetensors": st_save(model.state(), metadata={"kind": model.kind}),
+        "model.json": ctx.store.get(ctx.key("refit", train.CONFIG)),
+        "user_vectors.npy": codecs.npy_bytes(model.user_vectors().astype(np.float32)),
+        "item_vectors.npy": codecs.npy_bytes(model.item_vectors().astype(np.float32)),
+        "users.parquet": codecs.parquet_bytes(users),
+        "items.parquet": codecs.parquet_bytes(items),
+        "seen_indptr.npy": codecs.npy_bytes(indptr),
+        "seen_indices.npy": codecs.npy_bytes(indices),
+        "popular.npy": codecs.npy_bytes(popular),
+        "items.faiss": ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
+    }
+    info = {
+        "users": feats.n_users,
+        "items": feats.n_items,
+        "dim": int(model.item_vectors().shape[1]),
+        "model": model.kind,
+    }
+    return files, info
+
+
+def publish(ctx: RunContext) -> dict[str, Any]:
+    log = ctx.logger(STAGE)
+    files, info = build_files(ctx)
+    release_id = release.release_id_for(ctx.run_id, files)
+    evaluation = ctx.read_result("evaluate") or {}
+    gate = ctx.read_result("gate") or {}
+    idx = ctx.read_result("index") or {}
+    manifest = {
+        "format": 1,
+        "created_at": ctx.interval_end.isoformat(),  # logical time of the data, never the wall clock
+        "data_interval_end": ctx.interval_end.isoformat(),
+        "run_id": ctx.run_id,
+        **info,
+        "model_config": ctx.config.model.model_dump(mode="json"),
+        "metrics": evaluation.get("metrics", {}),
+        "gate": {k: gate.get(k) for k in ("publish", "reason", "checks")},
+        "index": {k: idx.get(k) for k in ("kind", "recall_at_10_vs_exact")},
+    }
+    written = release.write_release(ctx.store, ctx.tenant, release_id, files, manifest)
+    pointer = release.Pointer(
+        release_id=release_id,
+        data_interval_end=ctx.interval_end.isoformat(),
+        extra={"model": info["model"], "run_id": ctx.run_id},
+    )
+    moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
+    current = release.read_pointer(ctx.store, ctx.tenant)
+    result = {
+        "release_id": release_id,
+        "written": written,
+        "pointer_moved": moved,
+        "pointer_reason": reason,
+        "live_release_id": current[0]["release_id"] if current else None,
+        "files": len(files),
+        "bytes": int(sum(len(b) for b in files.values())),
+    }
+    log.info(
+        "publish: release %s (%s, %d files, %.1f MB); %s",
+        release_id,
+        "written" if written else "already existed",
+        len(files),
+        result["bytes"] / 1e6,
+        reason,
+    )
+    return ctx.write_result(STAGE, result)

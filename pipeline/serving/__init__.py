@@ -1,0 +1,1 @@
+"""HTTP serving of published releases (FastAPI). Reads only releases, never run artifacts."""

@@ -1,0 +1,96 @@
+"""train (on the train split, for evaluation) and refit (on every event, for publishing).
+
+Both fit the tenant's configured model with the same code; weights are written with
+safetensors, the config as JSON beside them; params and per-iteration loss go to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from pipeline import features, tracking
+from pipeline.context import RunContext
+from pipeline.models import Recommender, TrainData, TrainingDiverged, build, build_by_kind, resolve_device
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+
+
+def _fit(ctx: RunContext, stage: str, holdout: bool | None) -> dict[str, Any]:
+    log = ctx.logger(stage)
+    feats = features.load(ctx)
+    data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items)
+    cfg = ctx.config.model
+    device = resolve_device()
+    model = build(cfg, device)
+    losses: list[float] = []
+    params = {
+        **cfg.model_dump(),
+        "device": str(device),
+        "events": len(data.user_idx),
+        "users": data.n_users,
+        "items": data.n_items,
+    }
+    started = time.perf_counter()
+    with tracking.start_run(ctx, stage, params) as run:
+        import mlflow
+
+        def progress(it: int, values: dict[str, float]) -> None:
+            losses.append(values["loss"])
+            log.info("%s %s iteration %d/%d loss=%.6f", stage, cfg.kind, it, cfg.iterations, values["loss"])
+            mlflow.log_metrics(values, step=it)
+
+        try:
+            model.fit(data, callback=progress)
+        except TrainingDiverged as exc:
+            mlflow.set_tag("recsys.failure", str(exc))
+            raise ctx.error(stage, f"training diverged: {exc}") from exc
+        seconds = time.perf_counter() - started
+        mlflow.log_metric("train_seconds", seconds)
+    meta = {"kind": cfg.kind, "config": cfg.model_dump(mode="json"), "users": data.n_users, "items": data.n_items}
+    ctx.store.put(ctx.key(stage, WEIGHTS), st_save(model.state(), metadata={"kind": cfg.kind}))
+    ctx.store.put(ctx.key(stage, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
+    result = {
+        "kind": cfg.kind,
+        "weights_uri": ctx.store.uri(ctx.key(stage, WEIGHTS)),
+        "events": len(data.user_idx),
+        "iterations": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 3),
+        "device": str(device),
+        "mlflow_run_id": run.info.run_id,
+    }
+    log.info(
+        "%s: %s fitted on %d events in %.1fs (loss %.6f)",
+        stage,
+        cfg.kind,
+        result["events"],
+        seconds,
+        result["final_loss"] or float("nan"),
+    )
+    return ctx.write_result(stage, result)
+
+
+def train(ctx: RunContext) -> dict[str, Any]:
+    """Fit on the train split only: what evaluate and the gate judge."""
+    return _fit(ctx, "train", holdout=False)
+
+
+def refit(ctx: RunContext) -> dict[str, Any]:
+    """Fit the same config on ALL events up to the interval end: what gets published."""
+    return _fit(ctx, "refit", holdout=None)
+
+
+def load_model(ctx: RunContext, stage: str) -> Recommender:
+    meta = json.loads(ctx.store.get(ctx.key(stage, CONFIG)))
+    tensors = st_load(ctx.store.get(ctx.key(stage, WEIGHTS)))
+    from pipeline.config.tenant import ALSConfig
+
+    model = build_by_kind(meta["kind"], ALSConfig.model_validate(meta["config"]) if meta["kind"] == "als" else None)
+    return model.load_state({k: np.asarray(v) for k, v in tensors.items()})

@@ -1,0 +1,101 @@
+"""Shared fixtures: isolated settings per test, a synthetic tenant, real Redis with a unique prefix."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("RECSYS_DEVICE", "cpu")
+
+from pipeline.config import Settings, TenantConfig  # noqa: E402
+from pipeline.context import RunContext  # noqa: E402
+from pipeline.data import synthetic  # noqa: E402
+
+REDIS_URL = os.environ.get("RECSYS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+INTERVAL_END = datetime(2025, 4, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One MLflow sqlite DB per session: creating one costs seconds of migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, mlflow_uri: str) -> Settings:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    return Settings(
+        home=tmp_path / "home",
+        artifact_root=str(tmp_path / "artifacts"),
+        data_root=tmp_path,
+        tenants_dir=tenants,
+        mlflow_tracking_uri=mlflow_uri,
+        redis_url=None,
+        auth_disabled=True,
+    )
+
+
+def write_tenant(settings: Settings, tenant: str, df, **overrides) -> TenantConfig:
+    """Write `df` as the tenant's CSV source and a tenant YAML; return the validated config."""
+    src = settings.data_root / "sources" / tenant / "interactions.csv"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(src, index=False)
+    doc = {
+        "tenant": tenant,
+        "source": {
+            "uri": str(src),
+            "columns": {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp", "rating": "rating"},
+        },
+        "model": {"factors": 16, "iterations": 8},
+        "validation": {"min_rows": 50},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    path = Path(settings.tenants_dir) / f"{tenant}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    from pipeline.config import load_tenant_file
+
+    return load_tenant_file(path)
+
+
+@pytest.fixture
+def small_df():
+    return synthetic.interactions(n_users=200, n_items=120, mean_events=18, seed=1)
+
+
+@pytest.fixture
+def tenant_cfg(settings, small_df) -> TenantConfig:
+    return write_tenant(settings, "acme", small_df)
+
+
+@pytest.fixture
+def ctx(settings, tenant_cfg) -> RunContext:
+    return RunContext(config=tenant_cfg, interval_end=INTERVAL_END, settings=settings)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A unique key prefix on the real Redis server; every key under it is deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: start it (.ci/run does)")
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TenantConfigError, is_valid_tenant_id, load_tenant, load_tenant_file
+
+MINIMAL = """\
+tenant: acme
+source:
+  uri: data/acme/interactions.csv
+  columns: {user_id: uid, item_id: iid, timestamp: when}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "acme.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_file_gets_good_defaults(tmp_path):
+    cfg = load_tenant_file(_write(tmp_path, MINIMAL))
+    assert cfg.tenant == "acme"
+    assert cfg.source.columns.user_id == "uid" and cfg.source.columns.rating is None
+    assert cfg.model.kind == "als" and cfg.model.factors >= 32
+    assert cfg.features.holdout_fraction == 0.2
+    assert cfg.evaluation.k == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        (MINIMAL.replace("tenant: acme", "tenant: Acme_Corp"), "tenant", "should match pattern"),
+        (MINIMAL + "model: {factors: 0}\n", "model.factors", "greater than or equal to 1"),
+        (MINIMAL + "model: {kind: svd}\n", "model.kind", "Input should be"),
+        (MINIMAL + "gate: {tolerence: 0.1}\n", "gate.tolerence", "Extra inputs are not permitted"),
+        ("tenant: acme\n", "source", "Field required"),
+        (MINIMAL + "schedule: every night\n", "schedule", "cron"),
+    ],
+)
+def test_errors_name_file_field_and_reason(tmp_path, text, field, reason):
+    path = _write(tmp_path, text)
+    with pytest.raises(TenantConfigError) as err:
+        load_tenant_file(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"'{field}" in message
+    assert reason in message
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(TenantConfigError, match="not valid YAML"):
+        load_tenant_file(_write(tmp_path, "tenant: [unclosed"))
+    with pytest.raises(TenantConfigError, match="expected a mapping"):
+        load_tenant_file(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_file_name_must_match_tenant_in_tenants_dir(tmp_path):
+    _write(tmp_path, MINIMAL, name="other.yaml")
+    with pytest.raises(TenantConfigError, match="does not match the file name"):
+        load_tenant("other", tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["", "A", "-a", "a" * 41, "a/b", "../x", "a:b", "é", "a*"])
+def test_tenant_id_rules(bad):
+    assert not is_valid_tenant_id(bad)
+    assert is_valid_tenant_id("acme-2")
+
+
+def test_load_tenant_rejects_bad_id_before_touching_disk(tmp_path):
+    with pytest.raises(TenantConfigError, match="invalid"):
+        load_tenant("../etc/passwd", tmp_path)

@@ -1,0 +1,54 @@
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import extract, features
+from pipeline.context import RunContext, StageError
+from tests.conftest import write_tenant
+
+
+def test_temporal_holdout_takes_last_fifth_per_user():
+    # user 0: 10 events -> last 2 held out; user 1: 4 events -> floor(0.8) = 0 held out
+    users = np.array([0] * 10 + [1] * 4)
+    ts = np.array(list(range(10, 0, -1)) + [1, 2, 3, 4])  # user 0 given in reverse time order
+    items = np.arange(14)
+    mask = features.temporal_holdout(users, ts, items, 0.2)
+    assert mask[:10].tolist() == [True, True] + [False] * 8  # ts 10 and 9 are the latest
+    assert not mask[10:].any()
+
+
+def test_holdout_ties_broken_by_item_index():
+    mask = features.temporal_holdout(np.zeros(5, int), np.ones(5, int), np.array([4, 3, 2, 1, 0]), 0.2)
+    assert mask.tolist() == [True, False, False, False, False]
+
+
+def test_features_stage_id_maps_and_relevance(settings, small_df):
+    cfg = write_tenant(settings, "acme", small_df)
+    ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    extract.extract(ctx)
+    result = features.features(ctx)
+    feats = features.load(ctx)
+    assert result["users"] == small_df["user_id"].nunique() == feats.n_users
+    assert feats.users["user_idx"].tolist() == list(range(feats.n_users))
+    assert feats.users["user_id"].is_monotonic_increasing
+    assert result["train_events"] + result["holdout_events"] == len(small_df)
+    rel, train = feats.relevant(), feats.matrix(False)
+    assert rel.multiply(train).nnz == 0  # nothing to find that was already in train
+
+
+def test_too_few_users_is_a_clear_error(settings):
+    df = pd.DataFrame(
+        {
+            "user_id": ["a", "b"] * 60,
+            "item_id": [f"i{i}" for i in range(120)],
+            "timestamp": np.arange(120) + 1_700_000_000,
+            "rating": 1.0,
+        }
+    )
+    cfg = write_tenant(settings, "acme", df)
+    ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    extract.extract(ctx)
+    with pytest.raises(StageError, match=r"too few to train: 2 users \(features.min_users=10\)"):
+        features.features(ctx)
