@@ -28,8 +28,9 @@ def fetch_wheel(cache_dir: Path) -> Path:
     if found:
         return found[0]
     log.info("downloading %s (wheel only, not installed) into %s", WHEEL, cache_dir)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache_dir)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache_dir)], check=True
+    )
     found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {cache_dir}")
@@ -53,8 +54,11 @@ def prepare(out_dir: Path, cache_dir: Path) -> dict[str, int]:
         items = _read_atomic(zf, "item")
         users = _read_atomic(zf, "user")
     inter = inter.rename(columns={"user_id": "user_id", "item_id": "item_id"})
-    for name, df in (("interactions.csv", inter[["user_id", "item_id", "rating", "timestamp"]]),
-                     ("items.csv", items), ("users.csv", users)):
+    for name, df in (
+        ("interactions.csv", inter[["user_id", "item_id", "rating", "timestamp"]]),
+        ("items.csv", items),
+        ("users.csv", users),
+    ):
         tmp = out_dir / f".{name}.tmp"
         df.to_csv(tmp, index=False)
         tmp.replace(out_dir / name)

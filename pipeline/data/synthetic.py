@@ -12,8 +12,16 @@ import numpy as np
 import pandas as pd
 
 
-def interactions(n_users: int = 300, n_items: int = 200, mean_events: float = 20.0, clusters: int = 6,
-                 seed: int = 0, start: str = "2025-01-01", days: int = 90, block: int = 4096) -> pd.DataFrame:
+def interactions(
+    n_users: int = 300,
+    n_items: int = 200,
+    mean_events: float = 20.0,
+    clusters: int = 6,
+    seed: int = 0,
+    start: str = "2025-01-01",
+    days: int = 90,
+    block: int = 4096,
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     user_cluster = rng.integers(0, clusters, n_users)
     item_cluster = rng.integers(0, clusters, n_items)
