@@ -63,8 +63,8 @@ serve: $(STAMP)
 	RECSYS_AUTH_DISABLED=1 $(PY) -m pipeline serve --host $(HOST) --port $(PORT)
 
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check pipeline dags tests
-	$(VENV)/bin/ruff format --check pipeline dags tests
+	$(VENV)/bin/ruff check pipeline dags tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline dags tests benchmarks
 
 test: $(DEV_STAMP) lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)

