@@ -16,7 +16,7 @@ import json
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ def main() -> None:
         settings = Settings(home=Path(tmp), data_root=ROOT, mlflow_tracking_uri=f"sqlite:///{tmp}/m.db")
         demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
         cfg = load_tenant_file(ROOT / "include" / "tenants" / "demo.yaml")
-        ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=timezone.utc), settings=settings)
+        ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
         extract.extract(ctx)
         features.features(ctx)
         feats = features.load(ctx)

@@ -8,7 +8,6 @@ from rich.table import Table
 from pipeline import release
 from pipeline.context import RunContext
 
-
 _ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage")
 
 
