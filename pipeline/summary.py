@@ -7,27 +7,14 @@ from rich.table import Table
 
 from pipeline import release
 from pipeline.context import RunContext
+from pipeline.stages import STAGES
 
 _ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage")
 
 
 def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console | None = None) -> bool:
     console = console or Console(width=max(Console().width, 110))
-    res = {
-        name: ctx.read_result(name)
-        for name in (
-            "extract",
-            "validate",
-            "features",
-            "train",
-            "evaluate",
-            "gate",
-            "refit",
-            "index",
-            "publish",
-            "refresh",
-        )
-    }
+    res = {name: ctx.read_result(name) for name in STAGES}
     if res["extract"] is None:
         console.print(f"[red]no run found for tenant {ctx.tenant} at {ctx.run_id}[/red]")
         return False
