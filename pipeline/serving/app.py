@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.settings = settings
         app.state.key_hashes = auth.load_key_hashes(settings.api_keys_file)
+        if not settings.auth_disabled and not app.state.key_hashes:
+            log.warning("no API keys configured (RECSYS_API_KEYS_FILE) and auth is on: every request will get 401")
         app.state.metrics = Metrics()
         yield
         if client is not None:

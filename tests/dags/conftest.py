@@ -6,7 +6,9 @@ test sees both the happy path and a broken config isolated to its own DAG.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
+atexit.register(shutil.rmtree, BASE, ignore_errors=True)
 TENANTS = BASE / "tenants"
 ENV = {
     "AIRFLOW_HOME": str(BASE / "airflow"),

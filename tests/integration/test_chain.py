@@ -49,6 +49,21 @@ def test_chain_publishes_a_verified_release(published):
             codecs.read_npy(ctx.store.get(paths.release_key(ctx.tenant, rid, name)))
 
 
+def test_mlflow_has_params_loss_curve_and_metrics(published):
+    import mlflow
+
+    ctx, results = published
+    mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient()
+    run = client.get_run(results["train"]["mlflow_run_id"])
+    assert run.data.params["factors"] == str(ctx.config.model.factors)
+    assert run.data.tags["recsys.tenant"] == "acme" and run.data.tags["recsys.gate"] == "publish"
+    curve = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in curve] == list(range(1, ctx.config.model.iterations + 1))
+    assert run.data.metrics["als.ndcg_at_10"] == pytest.approx(results["evaluate"]["metrics"]["als"]["ndcg@10"])
+    assert run.data.metrics["popularity.ndcg_at_10"] < run.data.metrics["als.ndcg_at_10"]
+
+
 def test_rerun_is_idempotent(published):
     ctx, first = published
     blob = ctx.store.get(ctx.key("features", "events.parquet"))
