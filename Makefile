@@ -23,11 +23,12 @@ DEMO_DATE ?= 2026-01-01
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint demo-data airflow-db serve clean help
+.PHONY: run test lint demo-data airflow-db airflow serve clean help
 
 help:
 	@echo "make run   - install, run the demo tenant's DAG through Airflow, print a summary, serve the API"
 	@echo "make test  - install test deps and run the whole suite (what CI runs)"
+	@echo "make airflow - Airflow standalone (UI on :8080) with the tenant DAGs and the recsys dashboard plugin"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,6 +49,12 @@ demo-data: $(STAMP)
 airflow-db: $(STAMP)
 	@mkdir -p $(AIRFLOW_HOME)
 	@$(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+	@$(VENV)/bin/airflow pools set training 1 "torch training jobs (one at a time on a laptop)" > /dev/null
+
+airflow: demo-data airflow-db
+	@echo ">>> Airflow standalone on http://localhost:8080 (user admin; password in"
+	@echo "    $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated). Dashboard: Browse > Recsys tenants."
+	$(VENV)/bin/airflow standalone
 
 run: demo-data airflow-db
 	@echo ">>> airflow dags test recsys_$(DEMO_TENANT) $(DEMO_DATE)  (log: $(RECSYS_HOME)/dags-test.log)"
@@ -63,8 +70,8 @@ serve: $(STAMP)
 	RECSYS_AUTH_DISABLED=1 $(PY) -m pipeline serve --host $(HOST) --port $(PORT)
 
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check pipeline dags tests benchmarks
-	$(VENV)/bin/ruff format --check pipeline dags tests benchmarks
+	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline dags plugins tests benchmarks
 
 test: $(DEV_STAMP) lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -1,8 +1,10 @@
-"""One DAG per tenant config (include/tenants/*.yaml): `recsys_{tenant}`. Wiring only.
+"""One DAG per tenant config (include/tenants/*.yaml): `recsys_{tenant}`, plus its export DAG.
 
-Every task is one call into `pipeline.stages`; tasks pass no data (stages read the run's
-artifacts), only ordering. A tenant file that does not validate becomes a one-task DAG
-that fails with the file, field and reason, so the other tenants keep loading.
+Wiring only: every task is one call into `pipeline.airflow_tasks`, which runs a stage of
+`pipeline.stages`. Tasks pass no data (stages read the run's artifacts), only ordering.
+`publish` emits the tenant's release Asset; `recsys_{tenant}_export` is scheduled on it.
+A tenant file that does not validate becomes a one-task DAG that fails with the file,
+field and reason, so the other tenants keep loading.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import CronDataIntervalTimetable, dag, get_parsing_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, dag, get_parsing_context, task
 
+from pipeline.airflow_tasks import (
+    TIMEOUT_MINUTES,
+    TRAINING_STAGES,
+    export_release,
+    on_failure,
+    release_asset_uri,
+    run_stage,
+)
 from pipeline.config import TenantConfigError, get_settings, load_tenant_file, tenant_files
 from pipeline.stages import STAGES
 
@@ -25,31 +35,17 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
-    "execution_timeout": timedelta(hours=2),
+    "on_failure_callback": on_failure,
 }
 
 
-def run_stage(stage: str, tenant_file: str, **context) -> dict:
-    """Task body: the Airflow context becomes a RunContext; outcomes map to Airflow states."""
-    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
-    from pipeline.context import RunContext, StageError
-    from pipeline.stages import GateRejected
-    from pipeline.stages import run_stage as run
-    from pipeline.validate import ValidationFailed
-
-    end = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
-    start = context.get("data_interval_start")
-    ctx = RunContext(config=load_tenant_file(tenant_file), interval_end=end, interval_start=start)
-    try:
-        return run(stage, ctx)
-    except GateRejected as exc:
-        raise AirflowSkipException(f"gate rejected the model: {exc}") from exc
-    except (StageError, ValidationFailed, TenantConfigError) as exc:
-        raise AirflowFailException(str(exc)) from exc  # bad input: retrying will not help
+def release_asset(tenant: str) -> Asset:
+    return Asset(name=f"recsys_{tenant}_release", uri=release_asset_uri(tenant), group="recsys")
 
 
-def build_tenant_dag(path: Path, cfg) -> None:
+def build_tenant_dags(path: Path, cfg) -> None:
+    asset = release_asset(cfg.tenant)
+
     @dag(
         dag_id=f"recsys_{cfg.tenant}",
         schedule=CronDataIntervalTimetable(cfg.schedule, timezone="UTC"),
@@ -57,19 +53,38 @@ def build_tenant_dag(path: Path, cfg) -> None:
         catchup=False,
         max_active_runs=1,
         default_args=DEFAULT_ARGS,
-        tags=["recsys", f"tenant:{cfg.tenant}"],
-        doc_md=f"Recommendation pipeline of tenant **{cfg.tenant}** (`{path.name}`).\n\n"
+        tags=["recsys", f"tenant:{cfg.tenant}", f"model:{cfg.model.kind}"],
+        doc_md=f"Recommendation pipeline of tenant **{cfg.tenant}** (`{path.name}`), effective config:\n\n"
         f"```json\n{cfg.model_dump_json(indent=2)}\n```",
     )
     def tenant_pipeline():
         previous = None
         for stage in STAGES:
-            current = task(run_stage, task_id=stage)(stage=stage, tenant_file=str(path))
+            options = {"task_id": stage, "execution_timeout": timedelta(minutes=TIMEOUT_MINUTES[stage])}
+            if stage in TRAINING_STAGES:
+                options |= {"pool": cfg.training.pool, "queue": cfg.training.queue_for(cfg.model.kind)}
+            if stage == "publish":
+                options["outlets"] = [asset]
+            current = task(run_stage, **options)(stage=stage, tenant_file=str(path))
             if previous is not None:
                 previous >> current
             previous = current
 
+    @dag(
+        dag_id=f"recsys_{cfg.tenant}_export",
+        schedule=[asset],
+        start_date=cfg.start_date,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["recsys", f"tenant:{cfg.tenant}", "export"],
+        doc_md=f"Top-{cfg.export.k} items per user of every release of **{cfg.tenant}**, as Parquet.",
+    )
+    def tenant_export():
+        task(export_release, task_id="export_topk", execution_timeout=timedelta(hours=1))(tenant_file=str(path))
+
     tenant_pipeline()
+    tenant_export()
 
 
 def build_error_dag(path: Path, error: str) -> None:
@@ -81,7 +96,7 @@ def build_error_dag(path: Path, error: str) -> None:
         doc_md=f"**Invalid tenant config**\n\n```\n{error}\n```",
     )
     def broken_tenant():
-        @task(task_id="config_error", retries=0)
+        @task(task_id="config_error", retries=0, on_failure_callback=on_failure)
         def config_error() -> None:
             from airflow.sdk.exceptions import AirflowFailException
 
@@ -94,7 +109,7 @@ def build_error_dag(path: Path, error: str) -> None:
 
 _current = get_parsing_context().dag_id
 for _path in tenant_files(get_settings().tenants_dir):
-    if _current and _current != f"recsys_{_path.stem}":
+    if _current and _current not in (f"recsys_{_path.stem}", f"recsys_{_path.stem}_export"):
         continue  # a worker parses only the DAG it runs
     try:
         _cfg = load_tenant_file(_path, expect_name_match=True)
@@ -102,4 +117,4 @@ for _path in tenant_files(get_settings().tenants_dir):
         log.error("%s", _exc)
         build_error_dag(_path, str(_exc))
         continue
-    build_tenant_dag(_path, _cfg)
+    build_tenant_dags(_path, _cfg)

@@ -1,4 +1,4 @@
-"""`python -m pipeline run | serve | demo-data | summary`.
+"""`python -m pipeline run | summary | serve | rollback | demo-data`.
 
 Exit codes: 0 published (or nothing to do), 1 a stage failed, 2 bad usage or tenant config,
 3 the gate rejected the model (the run is "skipped", not failed).
@@ -94,6 +94,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.config import get_settings, is_valid_tenant_id
+    from pipeline.release import ReleaseError
+    from pipeline.rollback import RollbackError, rollback
+
+    if not is_valid_tenant_id(args.tenant):
+        print(f"error: invalid tenant id {args.tenant!r}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = rollback(get_settings(), args.tenant, args.to)
+    except (RollbackError, ReleaseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result))
+    return EXIT_OK
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings
     from pipeline.data import demo
@@ -129,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("rollback", help="make the previous (or a named) release live again")
+    p.add_argument("tenant")
+    p.add_argument("--to", help="release id (default: the live release's previous one)")
+    p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser("demo-data", help="prepare the MovieLens-100K demo tenant's data")
     p.add_argument("--out", help="output folder (default: data/demo under RECSYS_DATA_ROOT)")
     p.set_defaults(fn=cmd_demo_data)

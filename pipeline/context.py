@@ -15,6 +15,16 @@ from pipeline.config import Settings, TenantConfig, get_settings
 from pipeline.storage import ObjectStore, codecs, open_store, paths
 
 
+class StageLogger(logging.LoggerAdapter):
+    """Every line carries tenant, run id and stage: as record attributes (for JSON/structured
+    handlers) and as a key=value prefix (Airflow's task-log renderer shows only the message)."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        e = self.extra
+        return f"tenant={e['tenant']} run_id={e['run_id']} stage={e['stage']} | {msg}", kwargs
+
+
 class StageError(RuntimeError):
     """A stage failed on bad input; the message names the tenant, the file/field and the reason."""
 
@@ -50,7 +60,7 @@ class RunContext:
         return paths.stage_key(self.tenant, self.run_id, stage, name)
 
     def logger(self, stage: str) -> logging.LoggerAdapter:
-        return logging.LoggerAdapter(
+        return StageLogger(
             logging.getLogger(f"pipeline.{stage}"),
             {"tenant": self.tenant, "run_id": self.run_id, "stage": stage},
         )

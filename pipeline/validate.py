@@ -7,7 +7,9 @@ downstream runs on bad data.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,17 +87,35 @@ def _failure_line(e: dict[str, Any]) -> str:
     return f"{e['expectation']}{where}: observed {e['observed_value']!r}, expected {e['kwargs']}"
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+
+
+def _deterministic(page: bytes, run_time: str) -> bytes:
+    """GX stamps pages with the wall clock and random element ids; pin both so a rerun of
+    the interval writes byte-identical reports."""
+    ids: dict[str, str] = {}
+    text = _UUID.sub(
+        lambda m: ids.setdefault(m.group(0), f"00000000-0000-0000-0000-{len(ids):012d}"), page.decode("utf-8")
+    )
+    return _STAMP.sub(run_time, text).encode("utf-8")
+
+
 def _publish_docs(ctx: RunContext, docs_dir: Path) -> str | None:
-    """Upload the Data Docs pages (not the 4 MB of fonts/images they can live without)."""
+    """Upload the Data Docs pages (not the 4 MB of fonts/images they can live without).
+
+    Returns the key of the validation page."""
     index = None
+    run_time = ctx.interval_end.strftime("%Y%m%dT%H%M%S.%fZ")
     for path in sorted(docs_dir.rglob("*")):
         rel = path.relative_to(docs_dir).as_posix()
         if not path.is_file() or rel.startswith(("static/fonts/", "static/images/")):
             continue
         key = ctx.key(STAGE, f"data_docs/{rel}")
-        ctx.store.put(key, path.read_bytes())
+        data = path.read_bytes()
+        ctx.store.put(key, _deterministic(data, run_time) if path.suffix in (".html", ".json") else data)
         if rel.startswith("validations/") and rel.endswith(".html"):
-            index = ctx.store.uri(key)
+            index = key
     return index
 
 
@@ -106,6 +126,7 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     log = ctx.logger(STAGE)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs hundreds of INFO lines
     df = extract.load(ctx)
     gctx = gx.get_context(mode="ephemeral")
     gctx.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -135,7 +156,8 @@ def validate(ctx: RunContext) -> dict[str, Any]:
             },
         )
         gctx.build_data_docs(site_names=["run"])
-        docs_uri = _publish_docs(ctx, Path(tmp))
+        docs_key = _publish_docs(ctx, Path(tmp))
+        docs_uri = ctx.store.uri(docs_key) if docs_key else None
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "tenant": ctx.tenant,
@@ -146,6 +168,7 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         "statistics": dict(res.statistics),
         "expectations": checks,
         "data_docs": docs_uri,
+        "data_docs_key": docs_key,
     }
     report_key = ctx.key(STAGE, "report.json")
     ctx.store.put(report_key, codecs.json_bytes(report))

@@ -99,3 +99,11 @@ def redis_prefix():
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def published(ctx):
+    """The whole chain run once for tenant acme: (ctx, results)."""
+    from pipeline.stages import run_all
+
+    return ctx, run_all(ctx)

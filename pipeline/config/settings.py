@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,14 @@ class Settings(BaseSettings):
     )
     auth_disabled: bool = Field(default=False, description="RECSYS_AUTH_DISABLED=1: no API keys (local demos only).")
     api_keys_file: Path | None = Field(default=None, description="YAML {tenant: [sha256 hex of each key]}.")
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_path(cls, value):
+        return None if value == "" else value
+
     release_poll_seconds: float = Field(default=2.0, ge=0, description="How often serving re-reads pointers.")
+    alert_webhook_url: str | None = Field(default=None, description="POSTed a JSON message when a task fails.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
@@ -41,8 +48,9 @@ class Settings(BaseSettings):
             object.__setattr__(self, "artifact_root", str(self.home / "artifacts"))
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
-        if self.redis_url == "":
-            object.__setattr__(self, "redis_url", None)
+        for name in ("redis_url", "alert_webhook_url"):  # docker-compose passes unset vars as ""
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
         return self
 
 

@@ -103,6 +103,30 @@ class GateConfig(_Strict):
     require_beat_popularity: bool = True
 
 
+# Celery/Kubernetes queue per model family: CPU workers take the matrix factorisations, GPU
+# workers the neural models. LocalExecutor ignores queues.
+MODEL_QUEUES = {"popularity": "cpu", "als": "cpu", "bpr": "cpu", "two_tower": "gpu", "graphsage": "gpu"}
+
+
+class TrainingConfig(_Strict):
+    """Where training tasks run: an Airflow pool and a queue per model family (GPU workers)."""
+
+    pool: str = "training"
+    queue: str | None = Field(default=None, description="Celery/K8s queue; default by model family (cpu/gpu).")
+
+    def queue_for(self, kind: str) -> str:
+        return self.queue or MODEL_QUEUES.get(kind, "cpu")
+
+
+class RetentionConfig(_Strict):
+    runs: int = Field(default=14, ge=1, description="Newest run folders kept; older ones are deleted.")
+    releases: int = Field(default=10, ge=2, description="Newest releases kept (the live one always is).")
+
+
+class ExportConfig(_Strict):
+    k: int = Field(default=20, ge=1, le=1000, description="Items per user in the batch export of each release.")
+
+
 class ServingConfig(_Strict):
     popular_items: int = Field(default=200, ge=1, le=10_000, description="Fallback list length kept per release.")
 
@@ -110,7 +134,9 @@ class ServingConfig(_Strict):
 class TenantConfig(_Strict):
     tenant: str = Field(pattern=TENANT_ID_PATTERN)
     schedule: str = Field(default="0 2 * * *", description="Cron for the nightly retrain (UTC).")
-    start_date: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    start_date: datetime = Field(
+        default=datetime(2020, 1, 1, tzinfo=UTC), description="Earliest data interval a backfill may cover."
+    )
     source: SourceConfig
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -118,6 +144,9 @@ class TenantConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    training: TrainingConfig = TrainingConfig()
+    retention: RetentionConfig = RetentionConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("schedule")
     @classmethod

@@ -31,6 +31,8 @@ ENV = {
     "RECSYS_TENANTS_DIR": str(TENANTS),
     "RECSYS_DATA_ROOT": str(BASE),
     "MLFLOW_TRACKING_URI": f"sqlite:///{BASE / 'mlflow.db'}",
+    "AIRFLOW__CORE__PARALLELISM": "4",
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
 }
 os.environ.update(ENV)
 
@@ -47,7 +49,7 @@ def _write_tenants() -> None:
         "model": {"factors": 8, "iterations": 4},
         "validation": {"min_rows": 50},
     }
-    (TENANTS / "acme.yaml").write_text(yaml.safe_dump({"tenant": "acme", **base}))
+    (TENANTS / "acme.yaml").write_text(yaml.safe_dump({"tenant": "acme", **base, "export": {"k": 5}}))
     worse = {**base, "model": {"factors": 1, "iterations": 1, "regularization": 1000.0}}
     (TENANTS / "worse.yaml").write_text(yaml.safe_dump({"tenant": "worse", **worse}))
     (TENANTS / "broken.yaml").write_text("tenant: broken\nsource:\n  uri: x.csv\nmodel: {factors: -3}\n")

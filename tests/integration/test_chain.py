@@ -19,12 +19,6 @@ from tests.conftest import INTERVAL_END, write_tenant
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def published(ctx):
-    results = run_all(ctx)
-    return ctx, results
-
-
 def test_chain_publishes_a_verified_release(published):
     ctx, results = published
     assert list(results) == list(STAGES)
