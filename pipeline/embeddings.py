@@ -6,15 +6,50 @@ Redis layout (DESIGN.md), all values binary, never pickle:
   {prefix}:{tenant}:{release}:seen:{user_id} -> int32 item indices of the release
   {prefix}:{tenant}:{release}:popular        -> int32 item indices, most popular first
   {prefix}:{tenant}:{release}:meta           -> hash: users, dim, complete=1 (written last)
+  {prefix}:{tenant}:{release}:fu:{user_id}   -> float32 vector folded in from API events (serving)
+  {prefix}:{tenant}:{release}:fseen:{user_id} -> int32 item indices after those events, newest first
+The refresh never touches the fold-in keys, so rerunning it stays idempotent; they expire with
+their release. Values are checked (length, range) before use: a malformed value is reported
+as invalid user data, never interpreted.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from typing import Protocol
 
 import numpy as np
 
 from pipeline.release import Release
+
+log = logging.getLogger(__name__)
+UserData = tuple[np.ndarray, np.ndarray]  # (float32 vector, int32 seen item rows, newest first)
+# Folded-in users live until the next release replaces them; the TTL only bounds keys written
+# to a release that a lagging server still used after the pointer flipped.
+FOLD_TTL_SECONDS = 7 * 86_400
+
+
+class InvalidUserData(ValueError):
+    """Stored user data of the wrong size or range: refused, the user is served the fallback."""
+
+
+def decode_user(release: Release, user_id: str, vec: bytes, seen: bytes | None) -> UserData:
+    """float32 vector + int32 item indices from raw bytes, checked against the release."""
+    dim = release.item_vectors.shape[1]
+    if len(vec) != dim * 4:
+        raise InvalidUserData(f"user {user_id!r}: vector has {len(vec)} bytes, expected {dim * 4} (float32 x {dim})")
+    seen = seen or b""
+    if len(seen) % 4:
+        raise InvalidUserData(f"user {user_id!r}: seen list has {len(seen)} bytes, not a multiple of 4 (int32)")
+    vector = np.frombuffer(vec, dtype=np.float32)
+    rows = np.frombuffer(seen, dtype=np.int32)
+    if not np.isfinite(vector).all():
+        raise InvalidUserData(f"user {user_id!r}: vector has non-finite values")
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(release.item_ids)):
+        raise InvalidUserData(f"user {user_id!r}: seen item index out of range for release {release.release_id}")
+    return vector, rows
 
 
 def key(prefix: str, tenant: str, *parts: str) -> str:
@@ -34,21 +69,51 @@ return {1, cur}
 class UserStore(Protocol):
     def current(self, tenant: str) -> str | None: ...
 
-    def user(self, release: Release, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(vector, seen item indices) of a known user, or None."""
+    def user(self, release: Release, user_id: str) -> UserData | None:
+        """(vector, seen item indices newest first) of a known user, or None; InvalidUserData if corrupt."""
+
+    def users(self, release: Release, user_ids: list[str]) -> list[UserData | None | InvalidUserData]:
+        """`user` for many users in one round trip; a corrupt entry comes back as its InvalidUserData."""
+
+    def fold(self, release: Release, user_id: str, vector: np.ndarray, seen: np.ndarray) -> None:
+        """Store a user's vector folded in from new events (until the next release)."""
 
 
 class EmbeddedStore:
-    """No Redis: the release files are the store (fine for one process, small tenants)."""
+    """No Redis: the release files are the store, plus an in-process LRU of folded-in users.
+
+    Fine for one process; with several workers use Redis, so every worker sees a fold-in.
+    """
+
+    def __init__(self, max_folded: int = 100_000) -> None:
+        self.max_folded = max_folded
+        self._folded: OrderedDict[str, UserData] = OrderedDict()
+        self._lock = threading.Lock()
 
     def current(self, tenant: str) -> str | None:
         return None  # the artifact store's pointer decides
 
-    def user(self, release: Release, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def user(self, release: Release, user_id: str) -> UserData | None:
+        with self._lock:
+            folded = self._folded.get(user_id)
+        if folded is not None:
+            return folded
         row = release.user_ids.get_indexer([user_id])[0]
         if row < 0:
             return None
         return release.user_vectors[row], release.seen(row)
+
+    def users(self, release: Release, user_ids: list[str]) -> list[UserData | None]:
+        return [self.user(release, u) for u in user_ids]
+
+    def fold(self, release: Release, user_id: str, vector: np.ndarray, seen: np.ndarray) -> None:
+        if self.max_folded <= 0:
+            return
+        with self._lock:
+            self._folded[user_id] = (vector.astype(np.float32), seen.astype(np.int32))
+            self._folded.move_to_end(user_id)
+            while len(self._folded) > self.max_folded:
+                self._folded.popitem(last=False)
 
 
 class RedisStore:
@@ -60,11 +125,36 @@ class RedisStore:
         value = self.r.get(key(self.prefix, tenant, "current"))
         return value.decode() if value else None
 
-    def user(self, release: Release, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        vec, seen = self.r.mget(
-            key(self.prefix, release.tenant, release.release_id, "u", user_id),
-            key(self.prefix, release.tenant, release.release_id, "seen", user_id),
-        )
+    def _keys(self, release: Release, user_id: str) -> list[str]:
+        return [
+            key(self.prefix, release.tenant, release.release_id, part, user_id) for part in ("fu", "fseen", "u", "seen")
+        ]
+
+    @staticmethod
+    def _decode(release: Release, user_id: str, values: list[bytes | None]):
+        fu, fseen, vec, seen = values
+        if fu is not None:
+            return decode_user(release, user_id, fu, fseen)
         if vec is None:
             return None
-        return np.frombuffer(vec, dtype=np.float32), np.frombuffer(seen or b"", dtype=np.int32)
+        return decode_user(release, user_id, vec, seen)
+
+    def user(self, release: Release, user_id: str) -> UserData | None:
+        return self._decode(release, user_id, self.r.mget(self._keys(release, user_id)))
+
+    def users(self, release: Release, user_ids: list[str]):
+        values = self.r.mget([k for u in user_ids for k in self._keys(release, u)]) if user_ids else []
+        out = []
+        for i, u in enumerate(user_ids):  # per user of one request, not per item
+            try:
+                out.append(self._decode(release, u, values[4 * i : 4 * i + 4]))
+            except InvalidUserData as exc:
+                out.append(exc)
+        return out
+
+    def fold(self, release: Release, user_id: str, vector: np.ndarray, seen: np.ndarray) -> None:
+        pipe = self.r.pipeline(transaction=True)  # vector and seen list change together
+        k = lambda part: key(self.prefix, release.tenant, release.release_id, part, user_id)  # noqa: E731
+        pipe.set(k("fu"), vector.astype(np.float32).tobytes(), ex=FOLD_TTL_SECONDS)
+        pipe.set(k("fseen"), seen.astype(np.int32).tobytes(), ex=FOLD_TTL_SECONDS)
+        pipe.execute()

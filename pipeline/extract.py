@@ -14,23 +14,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import event_log
 from pipeline.context import RunContext
 from pipeline.storage import codecs
 
 STAGE = "extract"
 OUTPUT = "interactions.parquet"
+CATALOG = "catalog.parquet"
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def _source_files(ctx: RunContext) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every file of the source, in sorted order."""
-    uri = ctx.config.source.uri
-    wanted = (
-        set(_SUFFIXES)
-        if ctx.config.source.format == "auto"
-        else {s for s, f in _SUFFIXES.items() if f == ctx.config.source.format}
-    )
+def source_files(ctx: RunContext, uri: str, fmt: str = "auto", field: str = "source.uri") -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file of a source (file, folder, s3 object or prefix), sorted."""
+    wanted = set(_SUFFIXES) if fmt == "auto" else {s for s, f in _SUFFIXES.items() if f == fmt}
     if uri.startswith("s3://"):
         from pipeline.storage.s3 import S3Store
 
@@ -39,7 +36,7 @@ def _source_files(ctx: RunContext) -> list[tuple[str, bytes]]:
             return [(uri, store.get(""))]
         keys = [k for k in store.list("") if Path(k).suffix.lower() in wanted]
         if not keys:
-            raise ctx.error(STAGE, f"source.uri {uri}: no {sorted(wanted)} objects found")
+            raise ctx.error(STAGE, f"{field} {uri}: no {sorted(wanted)} objects found")
         return [(store.uri(k), store.get(k)) for k in keys]
     path = Path(uri)
     if not path.is_absolute():
@@ -49,25 +46,29 @@ def _source_files(ctx: RunContext) -> list[tuple[str, bytes]]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
         if not files:
-            raise ctx.error(STAGE, f"source.uri {path}: folder has no {sorted(wanted)} files")
+            raise ctx.error(STAGE, f"{field} {path}: folder has no {sorted(wanted)} files")
         return [(str(p), p.read_bytes()) for p in files]
-    raise ctx.error(STAGE, f"source.uri {path}: no such file or folder")
+    raise ctx.error(STAGE, f"{field} {path}: no such file or folder")
 
 
-def _read_one(ctx: RunContext, name: str, data: bytes) -> pd.DataFrame:
-    src = ctx.config.source
-    fmt = src.format if src.format != "auto" else _SUFFIXES.get(Path(name).suffix.lower(), "csv")
-    cols = src.columns
-    id_cols = {cols.user_id: "string", cols.item_id: "string"}
+def _read_table(ctx: RunContext, name: str, data: bytes, fmt: str, delimiter: str, id_cols: list[str]) -> pd.DataFrame:
+    fmt = fmt if fmt != "auto" else _SUFFIXES.get(Path(name).suffix.lower(), "csv")
     try:
         if fmt == "csv":
-            df = pd.read_csv(io.BytesIO(data), sep=src.delimiter, dtype=id_cols, encoding="utf-8")
-        else:
-            df = codecs.read_parquet(data)
+            return pd.read_csv(
+                io.BytesIO(data), sep=delimiter, dtype=dict.fromkeys(id_cols, "string"), encoding="utf-8"
+            )
+        return codecs.read_parquet(data)
     except UnicodeDecodeError as exc:
         raise ctx.error(STAGE, f"file {name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except Exception as exc:  # parser errors vary by engine; say which file and why
         raise ctx.error(STAGE, f"file {name}: unreadable as {fmt}: {exc}") from None
+
+
+def _read_one(ctx: RunContext, name: str, data: bytes) -> pd.DataFrame:
+    src = ctx.config.source
+    cols = src.columns
+    df = _read_table(ctx, name, data, src.format, src.delimiter, [cols.user_id, cols.item_id])
     mapping = {"user_id": cols.user_id, "item_id": cols.item_id, "timestamp": cols.timestamp}
     if cols.rating:
         mapping["rating"] = cols.rating
@@ -99,8 +100,11 @@ def _normalise_timestamps(ctx: RunContext, ts: pd.Series) -> pd.Series:
 
 def extract(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    files = _source_files(ctx)
+    files = source_files(ctx, ctx.config.source.uri, ctx.config.source.format)
     frames = [_read_one(ctx, name, data) for name, data in files]
+    logged = event_log.read(ctx.store, ctx.tenant, ctx.interval_end)
+    if len(logged):
+        frames.append(logged[CANONICAL])
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     df["user_id"] = df["user_id"].astype("string").str.strip()
     df["item_id"] = df["item_id"].astype("string").str.strip()
@@ -114,11 +118,14 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     df = df.reset_index(drop=True)
     key = ctx.key(STAGE, OUTPUT)
     ctx.store.put(key, codecs.parquet_bytes(df))
+    catalog = _catalog(ctx) if ctx.config.catalog else None
     valid_ts = df["timestamp"].dropna()
     result = {
         "uri": ctx.store.uri(key),
         "key": key,
         "files": len(files),
+        "event_log_rows": len(logged),
+        "catalog_items": None if catalog is None else len(catalog),
         "rows": len(df),
         "users": int(df["user_id"].nunique()),
         "items": int(df["item_id"].nunique()),
@@ -127,15 +134,57 @@ def extract(ctx: RunContext) -> dict[str, Any]:
         "max_timestamp": valid_ts.max().isoformat() if len(valid_ts) else None,
     }
     log.info(
-        "extract: %d files, %d rows (%d users, %d items), %d events at/after %s dropped",
+        "extract: %d files + %d API events, %d rows (%d users, %d items), %d events at/after %s dropped%s",
         len(files),
+        len(logged),
         result["rows"],
         result["users"],
         result["items"],
         dropped,
         end.isoformat(),
+        "" if catalog is None else f"; catalog {len(catalog)} items",
     )
     return ctx.write_result(STAGE, result)
+
+
+def _catalog(ctx: RunContext) -> pd.DataFrame:
+    """The item catalog: item_id, category (or null), tags (list of str), title; one row per item."""
+    cat = ctx.config.catalog
+    cols = cat.columns
+    frames = []
+    for name, data in source_files(ctx, cat.uri, cat.format, "catalog.uri"):
+        raw = _read_table(ctx, name, data, cat.format, cat.delimiter, [cols.item_id])
+        wanted = {"item_id": cols.item_id, "category": cols.category, "tags": cols.tags, "title": cols.title}
+        missing = [f"{c!r} (catalog.columns.{f})" for f, c in wanted.items() if c and c not in raw.columns]
+        if missing:
+            raise ctx.error(
+                STAGE, f"catalog file {name}: column {', '.join(missing)} not found; present: {list(raw.columns)}"
+            )
+        frames.append(pd.DataFrame({f: raw[c] if c else pd.NA for f, c in wanted.items()}))
+    df = pd.concat(frames, ignore_index=True)
+    df["item_id"] = df["item_id"].astype("string").str.strip()
+    df = df.dropna(subset=["item_id"]).drop_duplicates("item_id", keep="last")
+    df["category"] = df["category"].astype("string").str.strip().replace("", pd.NA)
+    df["title"] = df["title"].astype("string")
+    tags = (
+        df[["item_id"]]
+        .assign(tag=df["tags"].astype("string").str.split(cat.tags_separator, regex=False))
+        .explode("tag")
+        .assign(tag=lambda t: t["tag"].astype("string").str.strip())
+    )
+    tags = tags[tags["tag"].fillna("") != ""].drop_duplicates().sort_values(["item_id", "tag"])
+    df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
+    lists = tags.assign(tag=tags["tag"].astype(object)).groupby("item_id")["tag"].agg(list)
+    df["tags"] = df["item_id"].map(lists).astype(object)  # Parquet list<string>; null: no tags
+    ctx.store.put(ctx.key(STAGE, CATALOG), codecs.parquet_bytes(df))
+    return df
+
+
+def load_catalog(ctx: RunContext) -> pd.DataFrame | None:
+    """The run's catalog, or None when the tenant has none."""
+    if not ctx.config.catalog:
+        return None
+    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, CATALOG)))
 
 
 def load(ctx: RunContext) -> pd.DataFrame:

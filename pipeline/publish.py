@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import save as st_save
 
-from pipeline import features, index, release, train
+from pipeline import extract, features, index, release, train
 from pipeline.context import RunContext
 from pipeline.storage import codecs
 
@@ -16,8 +16,24 @@ STAGE = "publish"
 
 
 def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
-    m = feats.matrix(None)
-    return m.indptr.astype(np.int64), m.indices.astype(np.int32)
+    """Each user's distinct items, most recent first (serving's fold-in weighs by recency)."""
+    ev = feats.events
+    last = ev.groupby(["user_idx", "item_idx"], sort=False)["timestamp"].max().reset_index()
+    last = last.sort_values(["user_idx", "timestamp", "item_idx"], ascending=[True, False, True], kind="stable")
+    counts = np.bincount(last["user_idx"].to_numpy(), minlength=feats.n_users)
+    indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    return indptr, last["item_idx"].to_numpy().astype(np.int32)
+
+
+def _item_attributes(ctx: RunContext, feats: features.Features) -> bytes | None:
+    """Category and tags per release item (row = item index), when the tenant has a catalog."""
+    catalog = extract.load_catalog(ctx)
+    if catalog is None:
+        return None
+    attrs = feats.items[["item_id", "item_idx"]].merge(
+        catalog[["item_id", "category", "tags", "title"]], on="item_id", how="left", validate="one_to_one"
+    )
+    return codecs.parquet_bytes(attrs.sort_values("item_idx").reset_index(drop=True))
 
 
 def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -47,6 +63,9 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         "popular.npy": codecs.npy_bytes(popular),
         "items.faiss": ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
     }
+    attributes = _item_attributes(ctx, feats)
+    if attributes is not None:
+        files["item_attributes.parquet"] = attributes
     info = {
         "users": feats.n_users,
         "items": feats.n_items,
@@ -72,7 +91,7 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         "model_config": ctx.config.model.model_dump(mode="json"),
         "metrics": evaluation.get("metrics", {}),
         "gate": {k: gate.get(k) for k in ("publish", "reason", "checks")},
-        "index": {k: idx.get(k) for k in ("kind", "recall_at_10_vs_exact")},
+        "index": {k: v for k, v in idx.items() if k != "uri"},  # kind, recall, ef_search/nprobe, params
     }
     written = release.write_release(ctx.store, ctx.tenant, release_id, files, manifest)
     pointer = release.Pointer(
@@ -81,6 +100,9 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         extra={"model": info["model"], "run_id": ctx.run_id},
     )
     moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
+    if not moved and reason.startswith("another publisher"):
+        # lost a race: look again, so a newer release is not left behind an older winner
+        moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
     current = release.read_pointer(ctx.store, ctx.tenant)
     result = {
         "release_id": release_id,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
 
@@ -35,6 +36,7 @@ FILES = (
     "popular.npy",
     "items.faiss",
 )
+OPTIONAL_FILES = ("item_attributes.parquet",)  # present when the tenant has a catalog
 
 
 class ReleaseError(RuntimeError):
@@ -120,9 +122,19 @@ def write_release(
 
 def read_manifest(store: ObjectStore, tenant: str, release_id: str) -> dict[str, Any]:
     try:
-        return json.loads(store.get(paths.release_key(tenant, release_id, MANIFEST)))
+        data = store.get(paths.release_key(tenant, release_id, MANIFEST))
     except FileNotFoundError:
         raise ReleaseError(f"release {tenant}/{release_id} has no manifest (incomplete or missing)") from None
+    try:  # a damaged manifest is a ReleaseError like a damaged file, not a stray JSON/KeyError
+        manifest = json.loads(data)
+        ok = all(isinstance(f["sha256"], str) for f in manifest["files"].values())
+    except (ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise ReleaseError(
+            f"release {tenant}/{release_id}: damaged manifest (not JSON or no checksums); refusing to load"
+        )
+    return manifest
 
 
 def read_file(store: ObjectStore, tenant: str, release_id: str, name: str, manifest: dict[str, Any]) -> bytes:
@@ -153,29 +165,95 @@ class Release:
     popular: np.ndarray
     item_popularity: np.ndarray
     index_bytes: bytes
+    model_meta: dict[str, Any] = field(default_factory=dict)  # model.json: kind + config (fold-in needs it)
+    item_category: np.ndarray | None = None  # int32 code per item, -1 = none
+    categories: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
+    item_tags: sp.csr_matrix | None = None  # items x tags, True where the item has the tag
+    tags: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
+    item_titles: np.ndarray | None = None  # object array of str/None, for human-readable reasons
 
     def seen(self, user_row: int) -> np.ndarray:
+        """The user's distinct items, most recent first."""
         return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
+
+
+def _attributes(data: bytes | None, n_items: int) -> dict[str, Any]:
+    if data is None:
+        return {}
+    attrs = codecs.read_parquet(data)
+    codes, categories = pd.factorize(attrs["category"], sort=True)  # null -> -1
+    category = np.full(n_items, -1, dtype=np.int32)
+    category[attrs["item_idx"].to_numpy()] = codes
+    ex = attrs[["item_idx", "tags"]].explode("tags").dropna()
+    tag_codes, tags = pd.factorize(ex["tags"].astype(str), sort=True)
+    item_tags = sp.csr_matrix(
+        (np.ones(len(ex), dtype=bool), (ex["item_idx"].to_numpy(dtype=np.int64), tag_codes)),
+        shape=(n_items, len(tags)),
+    )
+    return {
+        "item_category": category,
+        "categories": pd.Index(categories.astype(str), dtype=object),
+        "item_tags": item_tags,
+        "tags": pd.Index(tags, dtype=object),
+        "item_titles": _titles(attrs, n_items),
+    }
+
+
+def _titles(attrs: pd.DataFrame, n_items: int) -> np.ndarray | None:
+    if "title" not in attrs or attrs["title"].isna().all():
+        return None
+    titles = np.full(n_items, None, dtype=object)
+    titles[attrs["item_idx"].to_numpy()] = attrs["title"].astype(object).where(attrs["title"].notna(), None).to_numpy()
+    return titles
 
 
 def load_release(store: ObjectStore, tenant: str, release_id: str) -> Release:
     manifest = read_manifest(store, tenant, release_id)
+    if manifest.get("tenant") != tenant or manifest.get("release_id") != release_id:
+        raise ReleaseError(
+            f"release {tenant}/{release_id}: manifest names {manifest.get('tenant')}/{manifest.get('release_id')}; "
+            "refusing to serve another tenant's or release's files"
+        )
     get = lambda name: read_file(store, tenant, release_id, name, manifest)  # noqa: E731
+    get("model.safetensors")  # serving does not use the weights, but a release is whole or refused
+    try:
+        return _decode(tenant, release_id, manifest, get)
+    except ReleaseError:
+        raise
+    except Exception as exc:  # e.g. an .npy that needs pickle: never loaded with allow_pickle
+        raise ReleaseError(f"release {tenant}/{release_id}: unreadable content ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(tenant: str, release_id: str, manifest: dict[str, Any], get) -> Release:
     users = codecs.read_parquet(get("users.parquet"))
     items = codecs.read_parquet(get("items.parquet"))
+    optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
+    user_vectors = codecs.read_npy(get("user_vectors.npy")).astype(np.float32, copy=False)
+    item_vectors = codecs.read_npy(get("item_vectors.npy")).astype(np.float32, copy=False)
+    seen_indptr = codecs.read_npy(get("seen_indptr.npy"))
+    seen_indices = codecs.read_npy(get("seen_indices.npy"))
+    if (
+        len(user_vectors) != len(users)
+        or len(item_vectors) != len(items)
+        or len(seen_indptr) != len(users) + 1
+        or (len(seen_indices) and (seen_indices.min() < 0 or seen_indices.max() >= len(items)))
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: vectors, id maps and seen lists disagree in size")
     return Release(
         tenant=tenant,
         release_id=release_id,
         manifest=manifest,
         user_ids=pd.Index(users["user_id"].astype(str).to_numpy(), dtype=object),
         item_ids=pd.Index(items["item_id"].astype(str).to_numpy(), dtype=object),
-        user_vectors=codecs.read_npy(get("user_vectors.npy")).astype(np.float32, copy=False),
-        item_vectors=codecs.read_npy(get("item_vectors.npy")).astype(np.float32, copy=False),
-        seen_indptr=codecs.read_npy(get("seen_indptr.npy")),
-        seen_indices=codecs.read_npy(get("seen_indices.npy")),
+        user_vectors=user_vectors,
+        item_vectors=item_vectors,
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
         popular=codecs.read_npy(get("popular.npy")),
         item_popularity=items["n_users"].to_numpy(dtype=np.float64),
         index_bytes=get("items.faiss"),
+        model_meta=json.loads(get("model.json")),
+        **_attributes(optional["item_attributes.parquet"], len(items)),
     )
 
 

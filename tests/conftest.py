@@ -28,19 +28,24 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+def isolated_settings(root: Path, mlflow_uri: str, **overrides) -> Settings:
+    """Settings whose every path is under `root` (tenants/ created), embedded store, no auth."""
+    (root / "tenants").mkdir(exist_ok=True)
+    values = {
+        "home": root / "home",
+        "artifact_root": str(root / "artifacts"),
+        "data_root": root,
+        "tenants_dir": root / "tenants",
+        "mlflow_tracking_uri": mlflow_uri,
+        "redis_url": None,
+        "auth_disabled": True,
+    }
+    return Settings(**{**values, **overrides})
+
+
 @pytest.fixture
 def settings(tmp_path: Path, mlflow_uri: str) -> Settings:
-    tenants = tmp_path / "tenants"
-    tenants.mkdir()
-    return Settings(
-        home=tmp_path / "home",
-        artifact_root=str(tmp_path / "artifacts"),
-        data_root=tmp_path,
-        tenants_dir=tenants,
-        mlflow_tracking_uri=mlflow_uri,
-        redis_url=None,
-        auth_disabled=True,
-    )
+    return isolated_settings(tmp_path, mlflow_uri)
 
 
 def write_tenant(settings: Settings, tenant: str, df, **overrides) -> TenantConfig:

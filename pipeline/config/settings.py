@@ -40,6 +40,17 @@ class Settings(BaseSettings):
 
     release_poll_seconds: float = Field(default=2.0, ge=0, description="How often serving re-reads pointers.")
     alert_webhook_url: str | None = Field(default=None, description="POSTed a JSON message when a task fails.")
+    cors_origins: str = Field(
+        default="", description="Comma-separated origins allowed to call the API from a browser ('*': any)."
+    )
+    rate_limit: str = Field(
+        default="1000/second",
+        description="Default per-tenant request limit, in `limits` notation ('100/second;5000/minute'); "
+        "'' disables. Shared through Redis when RECSYS_REDIS_URL is set, else per process.",
+    )
+    fold_in_cache_users: int = Field(
+        default=100_000, ge=0, description="Users whose folded-in vectors one process keeps without Redis."
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -49,6 +49,25 @@ class SourceConfig(_Strict):
     )
 
 
+class CatalogColumns(_Strict):
+    """Source column names of the item catalog; attributes are optional."""
+
+    item_id: str = "item_id"
+    category: str | None = Field(default=None, description="One category per item (filters, max-per-category).")
+    tags: str | None = Field(default=None, description="Tags in one cell, split on tags_separator.")
+    title: str | None = None
+
+
+class CatalogConfig(_Strict):
+    """Item attributes (optional): serving filters and diversifies on category and tags."""
+
+    uri: str = Field(description="A .csv/.parquet file or a folder of them; relative paths are under RECSYS_DATA_ROOT.")
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    columns: CatalogColumns = CatalogColumns()
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    tags_separator: str = Field(default="|", min_length=1)
+
+
 class ValidationConfig(_Strict):
     min_rows: int = Field(default=100, ge=1)
     min_timestamp: datetime = datetime(1990, 1, 1, tzinfo=UTC)
@@ -131,6 +150,35 @@ class ServingConfig(_Strict):
     popular_items: int = Field(default=200, ge=1, le=10_000, description="Fallback list length kept per release.")
 
 
+class IndexConfig(_Strict):
+    """The FAISS index of a release: exact while that is cheap, else an ANN index whose
+    recall@10 against exact search is measured at build time and must reach `min_recall`."""
+
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = Field(
+        default="auto",
+        description="auto: exact (flat) up to exact_max_items items, IVF above (faster than HNSW at equal recall).",
+    )
+    exact_max_items: int = Field(
+        default=50_000, ge=1, description="auto stays exact up to here: a flat scan of 50k x 64 is ~1 ms per query."
+    )
+    min_recall: float = Field(
+        default=0.95, gt=0, le=1, description="Build fails below this recall@10 vs exact, after tuning the search."
+    )
+    hnsw_m: int = Field(default=32, ge=4, le=256, description="Graph degree: higher = better recall, more memory.")
+    hnsw_ef_construction: int = Field(default=200, ge=8, description="Build-time beam: better graph, slower build.")
+    hnsw_ef_search: int = Field(
+        default=64, ge=1, description="Starting search beam; doubled at build time until min_recall is met."
+    )
+    ivf_nlist: int | None = Field(
+        default=None, ge=1, description="IVF clusters; None: ~4*sqrt(items), capped so each has >= 39 points."
+    )
+    ivf_nprobe: int = Field(default=16, ge=1, description="Starting clusters probed; doubled until min_recall.")
+    recall_probes: int = Field(
+        default=1000, ge=10, description="Item (and as many user) vectors used as recall queries at build time."
+    )
+    seed: int = Field(default=0, description="IVF clustering and probe sampling seed: same input, same index.")
+
+
 class TenantConfig(_Strict):
     tenant: str = Field(pattern=TENANT_ID_PATTERN)
     schedule: str = Field(default="0 2 * * *", description="Cron for the nightly retrain (UTC).")
@@ -138,12 +186,14 @@ class TenantConfig(_Strict):
         default=datetime(2020, 1, 1, tzinfo=UTC), description="Earliest data interval a backfill may cover."
     )
     source: SourceConfig
+    catalog: CatalogConfig | None = None
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ALSConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    index: IndexConfig = IndexConfig()
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()

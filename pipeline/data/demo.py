@@ -54,6 +54,16 @@ def prepare(out_dir: Path, cache_dir: Path) -> dict[str, int]:
         items = _read_atomic(zf, "item")
         users = _read_atomic(zf, "user")
     inter = inter.rename(columns={"user_id": "user_id", "item_id": "item_id"})
+    genres = items["class"].fillna("").str.split()
+    items = pd.DataFrame(
+        {
+            "item_id": items["item_id"],
+            "title": items["movie_title"],
+            "year": items["release_year"],
+            "genre": genres.str[0],  # first listed genre: the item's category
+            "genres": genres.str.join("|"),
+        }
+    )
     for name, df in (
         ("interactions.csv", inter[["user_id", "item_id", "rating", "timestamp"]]),
         ("items.csv", items),

@@ -1,15 +1,21 @@
-"""Per-tenant API keys: only sha256 hashes are stored (RECSYS_API_KEYS_FILE, YAML).
+"""Per-tenant access: API keys (only sha256 hashes stored) and rate limits (RECSYS_API_KEYS_FILE).
 
 ```yaml
-acme: [3f1c...sha256 hex...]
+acme: [3f1c...sha256 hex...]          # short form: the tenant's key hashes
+beta:
+  keys: [9a0b...]
+  rate_limit: 50/second;2000/minute   # `limits` notation; overrides RECSYS_RATE_LIMIT
 ```
 Missing key: 401. A key that is not one of this tenant's (e.g. another tenant's): 403.
+Over the limit: 429 with Retry-After.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -19,15 +25,59 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_key_hashes(path: Path | None) -> dict[str, frozenset[str]]:
+@dataclass(frozen=True)
+class Access:
+    key_hashes: dict[str, frozenset[str]] = field(default_factory=dict)
+    rate_limits: dict[str, str] = field(default_factory=dict)
+
+
+def load_access(path: Path | None) -> Access:
     if path is None:
-        return {}
+        return Access()
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping tenant -> [sha256 hex, ...]")
-    return {str(t): frozenset(str(h).lower() for h in (hashes or [])) for t, hashes in raw.items()}
+        raise ValueError(f"{path}: expected a mapping tenant -> [sha256 hex, ...] or {{keys, rate_limit}}")
+    hashes, limits = {}, {}
+    for tenant, value in raw.items():
+        if isinstance(value, dict):
+            unknown = set(value) - {"keys", "rate_limit"}
+            if unknown:
+                raise ValueError(f"{path}: tenant {tenant!r}: unknown field(s) {sorted(unknown)}")
+            if value.get("rate_limit") is not None:
+                limits[str(tenant)] = str(value["rate_limit"])
+            value = value.get("keys")
+        hashes[str(tenant)] = frozenset(str(h).lower() for h in (value or []))
+    return Access(hashes, limits)
+
+
+def load_key_hashes(path: Path | None) -> dict[str, frozenset[str]]:
+    return load_access(path).key_hashes
 
 
 def key_allowed(hashes: dict[str, frozenset[str]], tenant: str, key: str) -> bool:
     digest = hash_key(key)
     return any(hmac.compare_digest(digest, h) for h in hashes.get(tenant, ()))
+
+
+class RateLimiter:
+    """Per-tenant request limits through the `limits` library (Redis-backed when configured,
+    so all workers share one budget; in-process otherwise)."""
+
+    def __init__(self, default: str, overrides: dict[str, str], storage_uri: str, key_prefix: str) -> None:
+        import limits
+        from limits.storage import storage_from_string
+        from limits.strategies import SlidingWindowCounterRateLimiter
+
+        self._parse = limits.parse_many
+        self.default = self._parse(default) if default else []
+        self.overrides = {t: self._parse(v) if v else [] for t, v in overrides.items()}
+        options = {"key_prefix": key_prefix} if storage_uri.startswith("redis") else {}
+        self.limiter = SlidingWindowCounterRateLimiter(storage_from_string(storage_uri, **options))
+
+    def check(self, tenant: str) -> float | None:
+        """None when allowed; else seconds until the tenant may retry."""
+        for item in self.overrides.get(tenant, self.default):
+            if not self.limiter.hit(item, "tenant", tenant):
+                stats = self.limiter.get_window_stats(item, "tenant", tenant)
+                return max(stats.reset_time - time.time(), 0.0)
+        return None

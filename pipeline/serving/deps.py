@@ -1,7 +1,8 @@
-"""FastAPI dependencies: tenant id validation, API-key auth, the live release of a request.
+"""FastAPI dependencies: tenant id validation, API-key auth, rate limits, the live release.
 
 Everything comes from `request.app.state` (filled in lifespan), so tests override
-dependencies or settings instead of patching modules.
+dependencies or settings instead of patching modules. The tenant id is validated by its
+path pattern before any of these run, so no storage call ever sees an invalid id.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pipeline.serving import auth
 from pipeline.serving.releases import LiveRelease
 
 MAX_K = 100
-TenantId = Annotated[str, Path(pattern=TENANT_ID_PATTERN, description="Tenant id, [a-z0-9][a-z0-9-]{0,39}.")]
+TenantId = Annotated[
+    str,
+    Path(pattern=TENANT_ID_PATTERN, description="Tenant id, [a-z0-9][a-z0-9-]{0,39}.", examples=["demo"]),
+]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="Number of items, 1..100.")]
-EntityId = Annotated[str, Path(min_length=1, max_length=256)]
+EntityId = Annotated[str, Path(min_length=1, max_length=256, description="A user or item id of the tenant.")]
 
 
 def authorize(
@@ -25,12 +29,19 @@ def authorize(
     request: Request,
     x_api_key: Annotated[str | None, Header(description="The tenant's API key.")] = None,
 ) -> str:
-    if request.app.state.settings.auth_disabled:
-        return tenant
-    if not x_api_key:
-        raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"})
-    if not auth.key_allowed(request.app.state.key_hashes, tenant, x_api_key):
-        raise HTTPException(403, f"this key is not valid for tenant {tenant!r}")
+    state = request.app.state
+    if not state.settings.auth_disabled:
+        if not x_api_key:
+            raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"})
+        if not auth.key_allowed(state.access.key_hashes, tenant, x_api_key):
+            raise HTTPException(403, f"this key is not valid for tenant {tenant!r}")
+    if state.rate_limiter is not None:
+        retry = state.rate_limiter.check(tenant)
+        if retry is not None:
+            state.metrics.rate_limited.labels(tenant).inc()
+            raise HTTPException(
+                429, f"rate limit of tenant {tenant!r} exceeded", headers={"Retry-After": str(max(1, round(retry)))}
+            )
     return tenant
 
 

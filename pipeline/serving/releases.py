@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from pipeline import index as faiss_index
 from pipeline import release as rel
 from pipeline.embeddings import EmbeddedStore, UserStore
+from pipeline.serving import rerank
 from pipeline.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LiveRelease:
+    """One verified release plus its index and user store: everything a response may use."""
+
     release: rel.Release
     index: object  # faiss.Index (search is thread-safe for reads)
     users: UserStore
@@ -34,17 +38,65 @@ class LiveRelease:
     def release_id(self) -> str:
         return self.release.release_id
 
-    def search(self, query: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item rows and scores for one query vector, excluded rows removed (still k if possible)."""
-        n_items = len(self.release.item_ids)
-        extra = 0 if exclude is None else len(exclude)
-        want = min(k + extra, n_items)
-        scores, ids = self.index.search(np.ascontiguousarray(query[None, :], dtype=np.float32), want)
-        scores, ids = scores[0], ids[0]
-        keep = ids >= 0
-        if exclude is not None and len(exclude):
-            keep &= ~np.isin(ids, exclude)
-        return ids[keep][:k], scores[keep][:k]
+    @property
+    def n_items(self) -> int:
+        return len(self.release.item_ids)
+
+    @cached_property
+    def gram(self) -> np.ndarray:
+        """Y^T Y of the item factors, for the fold-in's closed form."""
+        y = self.release.item_vectors.astype(np.float64)
+        return y.T @ y
+
+    @cached_property
+    def can_fold_in(self) -> bool:
+        return self.release.model_meta.get("kind") == "als"
+
+    def rows_of(self, item_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+        """Item rows of known ids, and the ids this release does not know."""
+        if not item_ids:
+            return np.empty(0, dtype=np.int64), []
+        rows = self.release.item_ids.get_indexer(list(item_ids))
+        return rows[rows >= 0].astype(np.int64), [i for i, r in zip(item_ids, rows, strict=True) if r < 0]
+
+    def allowed(self, filters: tuple[tuple[str, ...], ...]) -> np.ndarray | None:
+        """Mask of items passing (category, exclude_category, tag, exclude_tag); cached per filter."""
+        return self._allowed_cached(filters)
+
+    @cached_property
+    def _allowed_cached(self):
+        r = self.release
+
+        @lru_cache(maxsize=256)
+        def compute(filters: tuple[tuple[str, ...], ...]) -> np.ndarray | None:
+            category, exclude_category, tag, exclude_tag = filters
+            mask = rerank.attribute_mask(
+                len(r.item_ids),
+                r.item_category,
+                r.categories,
+                r.item_tags,
+                r.tags,
+                category=category,
+                exclude_category=exclude_category,
+                tag=tag,
+                exclude_tag=exclude_tag,
+            )
+            if mask is not None:
+                mask.setflags(write=False)
+            return mask
+
+        return compute
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[np.ndarray] | None = None,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and scores per query row, never fewer than k while enough items are eligible."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        return faiss_index.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
 
 
 class ReleaseCache:
@@ -54,7 +106,11 @@ class ReleaseCache:
         redis_users: UserStore | None,
         poll_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        max_folded: int = 100_000,
+        on_swap: Callable[[str, str | None, str], None] | None = None,
     ) -> None:
+        self.max_folded = max_folded
+        self.on_swap = on_swap
         self.store = store
         self.redis_users = redis_users
         self.poll_seconds = poll_seconds
@@ -69,7 +125,7 @@ class ReleaseCache:
             if rid:
                 return rid, self.redis_users
         doc = rel.read_pointer(self.store, tenant)
-        return (doc[0]["release_id"], EmbeddedStore()) if doc else None
+        return (doc[0]["release_id"], EmbeddedStore(self.max_folded)) if doc else None
 
     def get(self, tenant: str) -> LiveRelease | None:
         now = self.clock()
@@ -81,7 +137,16 @@ class ReleaseCache:
             if live is not None and now - self._checked.get(tenant, -1e18) < self.poll_seconds:
                 return live
             self._checked[tenant] = now
-            pointer = self._pointer(tenant)
+            try:
+                pointer = self._pointer(tenant)
+            except Exception as exc:  # damaged pointer, store or Redis down: keep what serves
+                log.error(
+                    "tenant %s: cannot read the release pointer (%s); keeping %s",
+                    tenant,
+                    exc,
+                    live.release_id if live else "nothing",
+                )
+                return live
             if pointer is None:
                 return live
             rid, users = pointer
@@ -89,8 +154,10 @@ class ReleaseCache:
                 return live
             try:
                 loaded = rel.load_release(self.store, tenant, rid)
-                new = LiveRelease(loaded, faiss_index.deserialize(loaded.index_bytes), users)
-            except (rel.ReleaseError, FileNotFoundError, ValueError) as exc:
+                new = LiveRelease(
+                    loaded, faiss_index.deserialize(loaded.index_bytes, loaded.manifest.get("index")), users
+                )
+            except Exception as exc:  # checksum, missing file, bad bytes, faiss: never swap to it
                 log.error(
                     "tenant %s: cannot load release %s (%s); keeping %s",
                     tenant,
@@ -101,6 +168,8 @@ class ReleaseCache:
                 return live
             self._live[tenant] = new
             log.info("tenant %s: now serving release %s", tenant, rid)
+            if self.on_swap is not None:
+                self.on_swap(tenant, live.release_id if live else None, rid)
             return new
 
     def loaded(self) -> dict[str, str]:

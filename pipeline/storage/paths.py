@@ -21,3 +21,7 @@ def release_key(tenant: str, release_id: str, name: str) -> str:
 
 def pointer_key(tenant: str) -> str:
     return f"tenants/{tenant}/current.json"
+
+
+def events_prefix(tenant: str) -> str:
+    return f"tenants/{tenant}/events"
