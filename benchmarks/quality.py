@@ -1,11 +1,21 @@
 """Quality on MovieLens-100K through the pipeline's own split and metrics; writes JSON.
 
-    .venv/bin/python benchmarks/quality.py [--out benchmarks/results/quality.json] [--implicit]
+    .venv/bin/python benchmarks/quality.py [--out benchmarks/results/quality.json]
+        [--kinds als,bpr,...] [--bpr-trials 12] [--implicit]
 
 The split and ranking are exactly the pipeline's (features stage: per-user temporal 80/20;
-evaluate: full ranking excluding training items). `--implicit` also tunes the `implicit`
-library's ALS on a small grid scored on the SAME holdout (generous to it: tuned on test);
-install it only for the benchmark (`pip install implicit`), the product does not need it.
+evaluate: full ranking excluding training items). Rows:
+
+* popularity, item_knn and ease: the evaluation baselines, default configs;
+* every kind in `pipeline.models.registry.KINDS` with its default config (seeds 0, 1, 2 for
+  als and bpr, seed 0 for the others): a newly registered kind appears here by itself;
+* ALS ablations (no recency; plain ALS);
+* "bpr (tuned)": the selection stage's Optuna search (pipeline/select.py) over BPR ranges
+  on a validation split carved from the TRAIN events, `--bpr-trials` trials, then the
+  chosen config on the holdout (seeds 0, 1, 2);
+* `--implicit`: the `implicit` library's ALS and BPR over small grids scored on the SAME
+  holdout (generous to it: tuned on test). Install it only for the benchmark
+  (requirements-bench.txt); the product does not need it.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
+import os
 import platform
 import tempfile
 import time
@@ -20,24 +32,85 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from pipeline import evaluate, extract, features
+from pipeline import evaluate, extract, features, select
 from pipeline.config import Settings, load_tenant_file
-from pipeline.config.tenant import ALSConfig
+from pipeline.config.models import ALSConfig, BPRConfig, SearchRange, model_config
 from pipeline.context import RunContext
 from pipeline.data import demo
-from pipeline.models import TrainData
-from pipeline.models.als import ALS
+from pipeline.models import TrainData, TrainingDiverged, build
+from pipeline.models.ease import EASE
+from pipeline.models.itemknn import ItemKNN
 from pipeline.models.popularity import Popularity
+from pipeline.models.registry import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+CPU = torch.device("cpu")
+BPR_SEARCH = {
+    "learning_rate": SearchRange(low=0.005, high=0.1, log=True),
+    "regularization": SearchRange(low=1e-3, high=0.1, log=True),
+    "negatives": [1, 5, 10, 20],
+    "recency_half_life": [5.0, 10.0, 20.0, 50.0],
+    "recency_floor": SearchRange(low=0.0, high=0.2),
+    "epochs": SearchRange(low=20, high=120, int=True),
+}
 
 
-def _score(name, user_vectors, item_vectors, feats, seconds, params=None):
-    summary, _, _ = evaluate.evaluate_vectors(user_vectors, item_vectors, feats.relevant(), feats.matrix(False), 10)
+def _score(name, model, feats, seconds, params=None):
+    summary, _, _ = evaluate.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
     row = {"model": name, **evaluate.at_k(summary, 10), "fit_seconds": round(seconds, 2), "params": params or {}}
-    print(f"{name:<28} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}  fit {seconds:.1f}s", flush=True)
+    print(f"{name:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}  fit {seconds:.1f}s", flush=True)
     return row
+
+
+def _fit(model, data):
+    t = time.perf_counter()
+    model.fit(data)
+    return model, time.perf_counter() - t
+
+
+def _seeds(name, cfg, train, feats, seeds):
+    """One row per seed plus a mean row (`<name>` with `seeds` and `std` in params)."""
+    rows = []
+    for seed in seeds:
+        model, secs = _fit(build(cfg.model_copy(update={"seed": seed}), CPU), train)
+        label = f"{name} seed {seed}" if len(seeds) > 1 else name
+        rows.append(_score(label, model, feats, secs, cfg.model_dump(mode="json") | {"seed": seed}))
+    if len(rows) > 1:
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("model", "params")}
+        std = float(np.std([r["ndcg@10"] for r in rows]))
+        print(f"{name:<36} mean ndcg@10 {mean['ndcg@10']:.4f} +- {std:.4f}", flush=True)
+        rows.append({"model": name, **mean, "params": {**rows[0]["params"], "seed": list(seeds), "ndcg_std": std}})
+    return rows
+
+
+def _tune_bpr(feats, trials: int) -> tuple[BPRConfig, float]:
+    """The selection stage's search, on a validation split of the train events only."""
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    data, relevant, exclude = select.validation_split(feats, 0.1)
+    candidate = BPRConfig(search=BPR_SEARCH)
+
+    def objective(trial):
+        try:
+            return select.score(
+                select.with_params(candidate, select.suggest(trial, candidate.search)),
+                data,
+                relevant,
+                exclude,
+                10,
+                "ndcg",
+                CPU,
+            )
+        except TrainingDiverged:
+            return 0.0
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(objective, n_trials=trials)
+    return select.with_params(candidate, study.best_params), float(study.best_value)
 
 
 def _implicit_rows(train, feats):
@@ -50,33 +123,65 @@ def _implicit_rows(train, feats):
         shape=(train.n_users, train.n_items),
     )
     m.data[:] = 1.0
-    best, rows = None, []
-    for factors, reg, alpha in itertools.product([64, 128], [0.1, 1.0, 10.0], [1.0, 5.0, 20.0]):
-        with threadpool_limits(1, "blas"):
-            model = implicit.cpu.als.AlternatingLeastSquares(
-                factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=0
-            )
-            t = time.perf_counter()
-            model.fit(m, show_progress=False)
-            secs = time.perf_counter() - t
-        row = _score(
-            f"implicit-als f{factors} r{reg} a{alpha}",
-            model.user_factors,
-            model.item_factors,
-            feats,
-            secs,
-            {"factors": factors, "regularization": reg, "alpha": alpha, "iterations": 15},
-        )
-        rows.append(row)
-        best = row if best is None or row["ndcg@10"] > best["ndcg@10"] else best
+
+    class Vectors:  # implicit's factors as a dot-product model for evaluate_model
+        def __init__(self, model):
+            self.model = model
+
+        def user_vectors(self):
+            return np.asarray(self.model.user_factors)
+
+        def item_vectors(self):
+            return np.asarray(self.model.item_factors)
+
+    rows, best = [], {}
+    grids = {
+        "implicit-als": (
+            lambda f, r, a: implicit.cpu.als.AlternatingLeastSquares(
+                factors=f, regularization=r, alpha=a, iterations=15, random_state=0
+            ),
+            itertools.product([64, 128], [0.1, 1.0, 10.0], [1.0, 5.0, 20.0]),
+        ),
+        "implicit-bpr": (
+            lambda f, r, lr: implicit.cpu.bpr.BayesianPersonalizedRanking(
+                factors=f, regularization=r, learning_rate=lr, iterations=100, random_state=0
+            ),
+            itertools.product([64, 128], [0.001, 0.01, 0.1], [0.01, 0.05, 0.1]),
+        ),
+    }
+    for family, (make, grid) in grids.items():
+        for a, b, c in grid:
+            with threadpool_limits(1, "blas"):
+                model = make(a, b, c)
+                t = time.perf_counter()
+                model.fit(m, show_progress=False)
+                secs = time.perf_counter() - t
+            row = _score(f"{family} {a} {b} {c}", Vectors(model), feats, secs, {"grid": [a, b, c]})
+            rows.append(row)
+            if family not in best or row["ndcg@10"] > best[family]["ndcg@10"]:
+                best[family] = row
     return best, rows
+
+
+def _table(rows) -> str:
+    keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage")
+    lines = [f"{'model':<36}" + "".join(f"{k:>12}" for k in keys) + f"{'fit s':>8}"]
+    for r in rows:
+        if " seed " in r["model"] or r["model"].startswith("implicit-") and "best" not in r["model"]:
+            continue
+        lines.append(f"{r['model']:<36}" + "".join(f"{r[k]:>12.4f}" for k in keys) + f"{r['fit_seconds']:>8.1f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
-    parser.add_argument("--implicit", action="store_true", help="also tune implicit's ALS (pip install implicit)")
+    parser.add_argument("--kinds", default="", help="registered kinds to run (default: all)")
+    parser.add_argument("--bpr-trials", type=int, default=12, help="selection trials for 'bpr (tuned)'; 0 skips")
+    parser.add_argument("--implicit", action="store_true", help="also grid implicit's ALS and BPR")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(home=Path(tmp), data_root=ROOT, mlflow_tracking_uri=f"sqlite:///{tmp}/m.db")
         demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
@@ -87,47 +192,43 @@ def main() -> None:
         feats = features.load(ctx)
     train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
     rows = []
-    t = time.perf_counter()
-    pop = Popularity().fit(train)
-    rows.append(_score("popularity", pop.user_vectors(), pop.item_vectors(), feats, time.perf_counter() - t))
-    variants = {
-        "als (default config)": ALSConfig(),
-        "als, no recency": ALSConfig(recency_half_life=None, fold_in_half_life=None),
-        "als, plain (no recency, no WR)": ALSConfig(
-            recency_half_life=None, fold_in_half_life=None, reg_exponent=0.0, regularization=10.0, alpha=0.3
-        ),
-    }
-    for name, als_cfg in variants.items():
-        ndcgs = []
-        for seed in (0, 1, 2):
-            t = time.perf_counter()
-            model = ALS(als_cfg.model_copy(update={"seed": seed})).fit(train)
-            row = _score(
-                f"{name} seed {seed}",
-                model.user_vectors(),
-                model.item_vectors(),
-                feats,
-                time.perf_counter() - t,
-                als_cfg.model_dump() | {"seed": seed},
-            )
-            rows.append(row)
-            ndcgs.append(row["ndcg@10"])
-        print(f"{name:<28} mean ndcg@10 {np.mean(ndcgs):.4f} +- {np.std(ndcgs):.4f}")
+    for name, model in (("popularity", Popularity()), ("item_knn", ItemKNN()), ("ease", EASE())):
+        model, secs = _fit(model, train)
+        rows.append(_score(name, model, feats, secs))
+    only = {k for k in args.kinds.split(",") if k}
+    for kind in KINDS:  # every registered model with its default config
+        if kind == "popularity" or (only and kind not in only):
+            continue
+        seeds = SEEDS if kind in ("als", "bpr") else SEEDS[:1]
+        rows += _seeds(f"{kind} (default config)", model_config({"kind": kind}), train, feats, seeds)
+    if not only or "als" in only:
+        ablations = {
+            "als, no recency": ALSConfig(recency_half_life=None, fold_in_half_life=None),
+            "als, plain (no recency, no WR)": ALSConfig(
+                recency_half_life=None, fold_in_half_life=None, reg_exponent=0.0, regularization=10.0, alpha=0.3
+            ),
+        }
+        for name, als_cfg in ablations.items():
+            rows += _seeds(name, als_cfg, train, feats, SEEDS)
+    if args.bpr_trials and (not only or "bpr" in only):
+        t = time.perf_counter()
+        tuned, value = _tune_bpr(feats, args.bpr_trials)
+        print(f"bpr search: validation ndcg@10 {value:.4f} after {time.perf_counter() - t:.0f}s: {tuned}", flush=True)
+        tuned_rows = _seeds("bpr (tuned)", tuned, train, feats, SEEDS)
+        tuned_rows[-1]["params"]["validation_ndcg@10"] = value
+        rows += tuned_rows
     result = {
         "dataset": "MovieLens-100K (recbole 1.2.1 wheel)",
         "split": "per-user temporal, last 20% of each user's events held out; full ranking, train items excluded",
         "users_evaluated": int((np.diff(feats.relevant().indptr) > 0).sum()),
-        "machine": {
-            "python": platform.python_version(),
-            "processor": platform.processor(),
-            "cpus": __import__("os").cpu_count(),
-        },
+        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "rows": rows,
     }
     if args.implicit:
         best, implicit_rows = _implicit_rows(train, feats)
         result["implicit_best"] = best
-        result["rows"] += implicit_rows
+        result["rows"] += implicit_rows + [{**r, "model": f"{family} (best on holdout)"} for family, r in best.items()]
+    print(_table(result["rows"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -53,7 +53,7 @@ def build_tenant_dags(path: Path, cfg) -> None:
         catchup=False,
         max_active_runs=1,
         default_args=DEFAULT_ARGS,
-        tags=["recsys", f"tenant:{cfg.tenant}", f"model:{cfg.model.kind}"],
+        tags=["recsys", f"tenant:{cfg.tenant}", *(f"model:{k}" for k in cfg.model_kinds())],
         doc_md=f"Recommendation pipeline of tenant **{cfg.tenant}** (`{path.name}`), effective config:\n\n"
         f"```json\n{cfg.model_dump_json(indent=2)}\n```",
     )
@@ -62,7 +62,7 @@ def build_tenant_dags(path: Path, cfg) -> None:
         for stage in STAGES:
             options = {"task_id": stage, "execution_timeout": timedelta(minutes=TIMEOUT_MINUTES[stage])}
             if stage in TRAINING_STAGES:
-                options |= {"pool": cfg.training.pool, "queue": cfg.training.queue_for(cfg.model.kind)}
+                options |= {"pool": cfg.training.pool, "queue": cfg.training.queue_for(*cfg.model_kinds())}
             if stage == "publish":
                 options["outlets"] = [asset]
             current = task(run_stage, **options)(stage=stage, tenant_file=str(path))

@@ -20,6 +20,7 @@ TIMEOUT_MINUTES = {
     "extract": 60,
     "validate": 60,
     "features": 60,
+    "select": 480,
     "train": 240,
     "evaluate": 60,
     "gate": 30,
@@ -28,7 +29,7 @@ TIMEOUT_MINUTES = {
     "publish": 30,
     "refresh": 60,
 }
-TRAINING_STAGES = frozenset({"train", "refit"})
+TRAINING_STAGES = frozenset({"select", "train", "refit"})
 
 
 def _secret_values() -> list[str]:

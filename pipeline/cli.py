@@ -46,7 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except TenantConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    ctx = RunContext(config=cfg, interval_end=_interval_end(args.interval_end))
+    start = _interval_end(args.interval_start) if args.interval_start else None
+    ctx = RunContext(config=cfg, interval_end=_interval_end(args.interval_end), interval_start=start)
     try:
         run_all(ctx)
     except GateRejected as exc:
@@ -108,6 +109,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(result))
+    if result.get("registry") == "failed":
+        # the pointer (what serving follows) did move: exit 0, but say loudly that MLflow lags
+        print(
+            f"warning: release {result['release_id']} is live, but the MLflow alias "
+            f"'champion' was not moved ({result.get('registry_error')}); once MLflow is reachable run: "
+            f"python -m pipeline rollback {args.tenant} --to {result['release_id']}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -139,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             "--interval-end",
             help="data interval end, ISO 8601 (run: default today 00:00 UTC; summary: default the latest run)",
         )
+        if name == "run":
+            p.add_argument(
+                "--interval-start",
+                help="data interval start, ISO 8601 (default: the schedule's previous tick before the end)",
+            )
         if name == "summary":
             p.add_argument("--curl", action="store_true", help="also print curl examples against the API")
         p.set_defaults(fn=fn)
@@ -146,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve)
-    p = sub.add_parser("rollback", help="make the previous (or a named) release live again")
+    p = sub.add_parser(
+        "rollback",
+        help="make the previous (or a named) release live again, and move the MLflow alias 'champion' to it",
+    )
     p.add_argument("tenant")
     p.add_argument("--to", help="release id (default: the live release's previous one)")
     p.set_defaults(fn=cmd_rollback)

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from pipeline.config import TENANT_ID_PATTERN, Settings, TenantConfig, get_settings, load_tenant
+from pipeline.maintenance import blocking_failures
 
 # pipeline.release/storage (numpy, pandas, pyarrow) are imported inside functions: Airflow
 # loads plugins in its components, and this module must stay cheap to import there.
@@ -70,11 +71,8 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
             "success": report["success"],
             "rows": report["rows"],
             "duplicate_rows": report["duplicate_rows"],
-            "failed": [
-                e["expectation"] + (f" on {e['column']}" if e.get("column") else "")
-                for e in report["expectations"]
-                if not e["success"]
-            ],
+            "failed": blocking_failures(report),
+            "warnings": report.get("warnings", []),
             "data_docs_path": key[len(prefix) :] if key.startswith(prefix) else None,
         }
     return {

@@ -6,6 +6,7 @@ Redis layout (DESIGN.md), all values binary, never pickle:
   {prefix}:{tenant}:{release}:seen:{user_id} -> int32 item indices of the release
   {prefix}:{tenant}:{release}:popular        -> int32 item indices, most popular first
   {prefix}:{tenant}:{release}:meta           -> hash: users, dim, complete=1 (written last)
+  {prefix}:{tenant}:{release}:uf:{user_id}   -> float32 online user features (names in meta.user_features)
   {prefix}:{tenant}:{release}:fu:{user_id}   -> float32 vector folded in from API events (serving)
   {prefix}:{tenant}:{release}:fseen:{user_id} -> int32 item indices after those events, newest first
 The refresh never touches the fold-in keys, so rerunning it stays idempotent; they expire with

@@ -46,16 +46,21 @@ def append(store: ObjectStore, tenant: str, events: pd.DataFrame) -> list[str]:
     return keys
 
 
-def read(store: ObjectStore, tenant: str, end: datetime) -> pd.DataFrame:
-    """Every logged event with timestamp < end, in a stable order (empty frame when none)."""
+def read(store: ObjectStore, tenant: str, end: datetime, start: datetime | None = None) -> pd.DataFrame:
+    """Every logged event with start <= timestamp < end (no start: all before end), in a stable
+    order (empty frame when none). Only the day folders of that range are downloaded."""
     prefix = paths.events_prefix(tenant) + "/"
     last_day = pd.Timestamp(end).strftime("%Y-%m-%d")
-    keys = sorted(k for k in store.list(prefix) if k.endswith(".parquet") and _day(k, prefix) <= last_day)
+    first_day = "" if start is None else pd.Timestamp(start).strftime("%Y-%m-%d")
+    keys = sorted(k for k in store.list(prefix) if k.endswith(".parquet") and first_day <= _day(k, prefix) <= last_day)
     if not keys:
         return _frame(pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS[:3]}))
     df = pd.concat([codecs.read_parquet(store.get(k)) for k in keys], ignore_index=True)
     df = _frame(df)
-    return df[df["timestamp"] < pd.Timestamp(end)].reset_index(drop=True)
+    keep = df["timestamp"] < pd.Timestamp(end)
+    if start is not None:
+        keep &= df["timestamp"] >= pd.Timestamp(start)
+    return df[keep].reset_index(drop=True)
 
 
 def _day(key: str, prefix: str) -> str:

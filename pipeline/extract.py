@@ -1,77 +1,91 @@
-"""extract: read the tenant's source, map columns, normalise types, keep events before the interval end.
+"""extract: read the tenant's source for the run's window, keep the interaction history, write
+the run's interactions.
 
-Output: `runs/{run}/extract/interactions.parquet` with the canonical schema
-(user_id: string, item_id: string, timestamp: UTC, rating: float64 or NaN), sorted so that
-the same input always gives byte-identical Parquet.
+1. The window (`pipeline/history.py`): the days of the data interval plus `source.lookback_days`
+   earlier ones (late events), extended back over a gap; everything before `interval_end` on
+   the first run (bootstrap).
+2. Read only that window where the source allows: a SQL query gets it as `:start`/`:end`, a
+   date-partitioned folder or prefix is read only for its days; a plain file or folder is read
+   whole and only the window's rows are kept. API events (`pipeline/event_log.py`) are read for
+   the same days.
+3. Map columns, normalise types (ids: strings, timestamps: UTC, rating: float, event_type:
+   lower-case, "interaction" when missing) and write the window's history partitions
+   `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet` (replacing exactly those days).
+4. Write `runs/{run}/extract/interactions.parquet`: the history before the window plus the
+   window's rows, i.e. every event before `interval_end` (rows with unparseable timestamps of
+   this run's read are kept too, for validation to report), with `event_type` and its
+   confidence `weight` from `source.event_types`. Sorted: the same input gives the same bytes.
+
+Optional: the item catalog (`catalog.parquet`) and user attributes (`users.parquet`).
 """
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline import event_log
+from pipeline import event_log, history, sources
 from pipeline.context import RunContext
+from pipeline.sources import SourceError, is_sql_url
 from pipeline.storage import codecs
 
 STAGE = "extract"
 OUTPUT = "interactions.parquet"
 CATALOG = "catalog.parquet"
+USERS = "users.parquet"
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
-_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+COLUMNS = [*CANONICAL, "event_type", "weight"]
+# a SQL source's :start on the first run (bootstrap: everything before the interval end)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_READ_THREADS = 4
+
+
+def _source_error(ctx: RunContext, exc: SourceError):
+    return ctx.error(STAGE, str(exc))
+
+
+def _list(ctx: RunContext, uri: str, fmt: str, field: str, partition_key: str = "dt"):
+    try:
+        return sources.list_files(uri, fmt, ctx.settings.data_root, partition_key, field)
+    except SourceError as exc:
+        raise _source_error(ctx, exc) from None
 
 
 def source_files(ctx: RunContext, uri: str, fmt: str = "auto", field: str = "source.uri") -> list[tuple[str, bytes]]:
     """(name, bytes) of every file of a source (file, folder, s3 object or prefix), sorted."""
-    wanted = set(_SUFFIXES) if fmt == "auto" else {s for s, f in _SUFFIXES.items() if f == fmt}
-    if uri.startswith("s3://"):
-        from pipeline.storage.s3 import S3Store
-
-        store = S3Store(uri.rstrip("/"))
-        if store.exists(""):
-            return [(uri, store.get(""))]
-        keys = [k for k in store.list("") if Path(k).suffix.lower() in wanted]
-        if not keys:
-            raise ctx.error(STAGE, f"{field} {uri}: no {sorted(wanted)} objects found")
-        return [(store.uri(k), store.get(k)) for k in keys]
-    path = Path(uri)
-    if not path.is_absolute():
-        path = ctx.settings.data_root / path
-    if path.is_file():
-        return [(str(path), path.read_bytes())]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
-        if not files:
-            raise ctx.error(STAGE, f"{field} {path}: folder has no {sorted(wanted)} files")
-        return [(str(p), p.read_bytes()) for p in files]
-    raise ctx.error(STAGE, f"{field} {path}: no such file or folder")
+    files, _ = _list(ctx, uri, fmt, field)
+    return [(f.name, f.read()) for f in files]
 
 
 def _read_table(ctx: RunContext, name: str, data: bytes, fmt: str, delimiter: str, id_cols: list[str]) -> pd.DataFrame:
-    fmt = fmt if fmt != "auto" else _SUFFIXES.get(Path(name).suffix.lower(), "csv")
     try:
-        if fmt == "csv":
-            return pd.read_csv(
-                io.BytesIO(data), sep=delimiter, dtype=dict.fromkeys(id_cols, "string"), encoding="utf-8"
-            )
-        return codecs.read_parquet(data)
-    except UnicodeDecodeError as exc:
-        raise ctx.error(STAGE, f"file {name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except Exception as exc:  # parser errors vary by engine; say which file and why
-        raise ctx.error(STAGE, f"file {name}: unreadable as {fmt}: {exc}") from None
+        return sources.read_table(name, data, fmt, delimiter, id_cols)
+    except SourceError as exc:
+        raise _source_error(ctx, exc) from None
 
 
-def _read_one(ctx: RunContext, name: str, data: bytes) -> pd.DataFrame:
+def _read_sql(ctx: RunContext, uri: str, query: str, params: dict[str, Any], field: str) -> pd.DataFrame:
+    try:
+        return sources.read_sql(uri, query, params, field)
+    except SourceError as exc:
+        raise _source_error(ctx, exc) from None
+
+
+def _map(ctx: RunContext, name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Source columns -> user_id, item_id, timestamp (UTC), rating, event_type."""
     src = ctx.config.source
     cols = src.columns
-    df = _read_table(ctx, name, data, src.format, src.delimiter, [cols.user_id, cols.item_id])
+    if df.empty and not len(df.columns):  # an empty JSON Lines file
+        return history.empty()
     mapping = {"user_id": cols.user_id, "item_id": cols.item_id, "timestamp": cols.timestamp}
     if cols.rating:
         mapping["rating"] = cols.rating
+    if cols.event_type:
+        mapping["event_type"] = cols.event_type
     missing = [
         f"{src_col!r} (source.columns.{field})" for field, src_col in mapping.items() if src_col not in df.columns
     ]
@@ -79,9 +93,12 @@ def _read_one(ctx: RunContext, name: str, data: bytes) -> pd.DataFrame:
         raise ctx.error(
             STAGE, f"file {name}: column {', '.join(missing)} not found; columns present: {list(map(str, df.columns))}"
         )
-    out = pd.DataFrame({field: df[src_col] for field, src_col in mapping.items()})
+    out = pd.DataFrame({field: df[src_col] for field, src_col in mapping.items()}).reset_index(drop=True)
     if "rating" not in out:
         out["rating"] = np.nan
+    if "event_type" not in out:
+        out["event_type"] = pd.NA
+    out["timestamp"] = _normalise_timestamps(ctx, out["timestamp"])
     return out
 
 
@@ -98,50 +115,232 @@ def _normalise_timestamps(ctx: RunContext, ts: pd.Series) -> pd.Series:
     return out.astype("datetime64[us, UTC]")
 
 
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    et = df["event_type"].astype("string").str.strip().str.lower()
+    return pd.DataFrame(
+        {
+            "user_id": df["user_id"].astype("string").str.strip(),
+            "item_id": df["item_id"].astype("string").str.strip(),
+            "timestamp": df["timestamp"],
+            "rating": pd.to_numeric(df["rating"], errors="coerce").astype("float64"),
+            "event_type": et.mask(et.isna() | (et == ""), history.DEFAULT_EVENT_TYPE),
+        }
+    )
+
+
+def _read_source(ctx: RunContext, window: history.Window) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The source's rows for the window (plain files: all rows), mapped; and how it was read."""
+    src = ctx.config.source
+    if is_sql_url(src.uri):
+        params = {"start": window.start or EPOCH, "end": window.interval_end}
+        df = _read_sql(ctx, src.uri, src.query or "", params, "source")
+        return _map(ctx, "query result", df), {"source_kind": "sql", "files": 0}
+    files, partitioned = _list(ctx, src.uri, src.format, "source.uri", src.partition_key)
+    if partitioned:
+        files = [
+            f
+            for f in files
+            if f.date <= window.last_source_day and (window.first_day is None or f.date >= window.first_day)
+        ]
+
+    def one(f: sources.SourceFile) -> pd.DataFrame:
+        cols = src.columns
+        return _map(
+            ctx, f.name, _read_table(ctx, f.name, f.read(), src.format, src.delimiter, [cols.user_id, cols.item_id])
+        )
+
+    if len(files) > 1:
+        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+            frames = list(pool.map(one, files))
+    else:
+        frames = [one(f) for f in files]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else history.empty())
+    return df, {"source_kind": "partitioned" if partitioned else "files", "files": len(files)}
+
+
+def _unknown_types(ctx: RunContext, event_type: pd.Series) -> dict[str, int]:
+    weights = ctx.config.source.event_types
+    if not weights:
+        return {}
+    known = event_type.isin([history.DEFAULT_EVENT_TYPE, *weights])
+    counts = event_type[~known].value_counts().sort_index()
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def _check_unknown(ctx: RunContext, event_type: pd.Series) -> dict[str, int]:
+    unknown = _unknown_types(ctx, event_type)
+    if unknown and ctx.config.source.unknown_event_types == "error":
+        raise ctx.error(
+            STAGE,
+            f"unknown event types {unknown} (rows per type; source.unknown_event_types=error): "
+            f"add them to source.event_types {sorted(ctx.config.source.event_types)} or set unknown_event_types: drop",
+        )
+    return unknown
+
+
+def _weigh(ctx: RunContext, df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add `weight` from source.event_types; drop unknown types (or fail), weight-0 types and
+    ratings below source.rating_threshold."""
+    src = ctx.config.source
+    et = df["event_type"]
+    unknown = _check_unknown(ctx, et)
+    if src.event_types:
+        weights = {history.DEFAULT_EVENT_TYPE: 1.0, **src.event_types}
+        codes, names = pd.factorize(et)  # a handful of distinct types: map those, not every row
+        lookup = np.array([weights.get(n, np.nan) for n in names] + [np.nan], dtype="float64")
+        weight = pd.Series(lookup[codes], index=df.index)  # code -1 (missing) -> the trailing NaN
+    else:
+        weight = pd.Series(1.0, index=df.index)
+    zero = weight == 0
+    below = (
+        df["rating"] < src.rating_threshold if src.rating_threshold is not None else pd.Series(False, index=df.index)
+    )
+    keep = weight.notna() & ~zero & ~below
+    out = df.assign(weight=weight)[COLUMNS]
+    if not keep.all():
+        out = out.loc[keep].reset_index(drop=True)
+    counts = out["event_type"].value_counts().sort_index()
+    return out, {
+        "event_types": {str(k): int(v) for k, v in counts.items()},
+        "dropped_unknown_event_types": unknown,
+        "dropped_zero_weight": int((zero & weight.notna()).sum()),
+        "dropped_below_rating_threshold": int((below & weight.notna() & ~zero).sum()),
+    }
+
+
+def _missing_from(new: pd.DataFrame, old: pd.DataFrame) -> int:
+    """Rows of `new` not in `old`, as multisets of rows (compared by a 64-bit hash of the row)."""
+    if not len(new):
+        return 0
+
+    def counts(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        return np.unique(pd.util.hash_pandas_object(df[history.COLUMNS], index=False).to_numpy(), return_counts=True)
+
+    rows, n = counts(new)
+    if not len(old):
+        return int(n.sum())
+    seen, h = counts(old)
+    pos = np.minimum(np.searchsorted(seen, rows), len(seen) - 1)
+    have = np.where(seen[pos] == rows, h[pos], 0)
+    return int(np.clip(n - have, 0, None).sum())
+
+
+def _write_partitions(ctx: RunContext, win: pd.DataFrame, end_day) -> tuple[list, int]:
+    """One partition per complete day of `win` (sorted by timestamp) before `end_day`."""
+    ts = win["timestamp"].to_numpy(dtype="datetime64[us]")  # UTC, naive: fast comparisons
+    cut = int(np.searchsorted(ts, np.datetime64(history.midnight(end_day).replace(tzinfo=None), "us")))
+    if not cut:
+        return [], 0
+    first = pd.Timestamp(ts[0]).date()
+    days = pd.date_range(pd.Timestamp(first), periods=(end_day - first).days + 1, freq="D").to_numpy("datetime64[us]")
+    bounds = np.searchsorted(ts[:cut], days)
+    written = []
+    for day, a, b in zip(days[:-1], bounds[:-1], bounds[1:], strict=True):
+        if b > a:
+            day = pd.Timestamp(day).date()
+            part = win.iloc[a:b].reset_index(drop=True)
+            ctx.store.put(history.partition_key(ctx.tenant, day), codecs.parquet_bytes(part))
+            written.append(day)
+    return written, cut
+
+
 def extract(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    files = source_files(ctx, ctx.config.source.uri, ctx.config.source.format)
-    frames = [_read_one(ctx, name, data) for name, data in files]
-    logged = event_log.read(ctx.store, ctx.tenant, ctx.interval_end)
+    src = ctx.config.source
+    start = history.interval_start(ctx.config.schedule, ctx.interval_end, ctx.interval_start)
+    existing = history.partitions(ctx.store, ctx.tenant)
+    window = history.plan(list(existing), start, ctx.interval_end, src.lookback_days)
+    read, info = _read_source(ctx, window)
+    logged = event_log.read(ctx.store, ctx.tenant, ctx.interval_end, start=window.start)
+    frames = [read[history.COLUMNS]]
     if len(logged):
-        frames.append(logged[CANONICAL])
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df["user_id"] = df["user_id"].astype("string").str.strip()
-    df["item_id"] = df["item_id"].astype("string").str.strip()
-    df["timestamp"] = _normalise_timestamps(ctx, df["timestamp"])
-    df["rating"] = pd.to_numeric(df["rating"], errors="coerce").astype("float64")
+        frames.append(logged[history.COLUMNS])
+    df = _normalise(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
+    from_source = pd.Series(np.arange(len(df)) < len(read), index=df.index)
+    del read, frames  # peak memory: the source is held once, as `df`
+
+    ts = df["timestamp"]
     end = pd.Timestamp(ctx.interval_end)
-    # NaT rows are kept on purpose: validation reports them instead of extract hiding them.
-    keep = df["timestamp"].isna() | (df["timestamp"] < end)
-    dropped = int((~keep).sum())
-    df = df.loc[keep, CANONICAL].sort_values(["timestamp", "user_id", "item_id"], kind="stable", na_position="last")
-    df = df.reset_index(drop=True)
+    # NaT rows are kept on purpose (not in the history: they have no day): validation reports them.
+    nat = ts.isna()
+    after = ts >= end
+    before = ts < pd.Timestamp(window.start) if window.start is not None else pd.Series(False, index=df.index)
+    fresh = ~nat & ~after & ~before
+    _check_unknown(ctx, df.loc[fresh | nat, "event_type"])  # fail before touching the history
+
+    old_keys = [k for d, k in existing.items() if window.first_day is not None and d < window.first_day]
+    old = history.read(ctx.store, old_keys)
+    if info["source_kind"] == "files":  # a plain file is read whole: late = old rows the history lacks
+        late = _missing_from(history.canonical(df[before & from_source], sort=False), old)
+    else:  # partitions and queries return only new rows: any before the window is late
+        late = int(before.sum())
+
+    unparseable = history.canonical(df[nat])
+    win = history.canonical(df if fresh.all() else df[fresh])
+    del df, from_source
+    written, rows_written = _write_partitions(ctx, win, window.end_day)
+    deleted = [d for d in existing if window.rewrites(d) and d not in set(written)]
+    for day in deleted:
+        ctx.store.delete(existing[day])
+
+    # the run's output: history before the window + the window's rows (+ unparseable timestamps)
+    parts = [p for p in (old, win, unparseable) if len(p)]
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else history.empty())
+    del old, win, parts
+    out, weights = _weigh(ctx, out)  # already in order: older days, the window, then NaT rows
     key = ctx.key(STAGE, OUTPUT)
-    ctx.store.put(key, codecs.parquet_bytes(df))
+    ctx.store.put(key, codecs.parquet_bytes(out))
+
     catalog = _catalog(ctx) if ctx.config.catalog else None
-    valid_ts = df["timestamp"].dropna()
+    users = _users(ctx) if ctx.config.users else None
+    valid_ts = out["timestamp"].dropna()
+    dropped_after = int(after.sum())
     result = {
         "uri": ctx.store.uri(key),
         "key": key,
-        "files": len(files),
+        **info,
         "event_log_rows": len(logged),
         "catalog_items": None if catalog is None else len(catalog),
-        "rows": len(df),
-        "users": int(df["user_id"].nunique()),
-        "items": int(df["item_id"].nunique()),
-        "dropped_after_interval_end": dropped,
+        "user_attributes": None if users is None else len(users),
+        "rows": len(out),
+        "users": int(out["user_id"].nunique()),
+        "items": int(out["item_id"].nunique()),
+        "dropped_after_interval_end": dropped_after,
+        "late_dropped": late,
+        "unparseable_timestamps": int(nat.sum()),
         "min_timestamp": valid_ts.min().isoformat() if len(valid_ts) else None,
         "max_timestamp": valid_ts.max().isoformat() if len(valid_ts) else None,
+        "interval_start": start.isoformat(),
+        "window_start": None if window.start is None else window.start.isoformat(),
+        "bootstrap": window.bootstrap,
+        "caught_up": window.caught_up,
+        "history_partitions_written": len(written),
+        "history_partitions_deleted": len(deleted),
+        "history_rows_written": rows_written,
+        "history_partitions_read": len(old_keys),
+        **weights,
     }
     log.info(
-        "extract: %d files + %d API events, %d rows (%d users, %d items), %d events at/after %s dropped%s",
-        len(files),
+        "extract: %s read %s (%s: %d files) + %d API events; history: %d partitions rewritten (%d rows), "
+        "%d deleted, %d older read; %d rows (%d users, %d items); dropped: %d at/after %s, %d late before the "
+        "window, %d unknown-type, %d below rating threshold%s",
+        "bootstrap," if window.bootstrap else "window",
+        "everything" if window.start is None else f"from {window.start.date().isoformat()}",
+        info["source_kind"],
+        info["files"],
         len(logged),
+        len(written),
+        rows_written,
+        len(deleted),
+        len(old_keys),
         result["rows"],
         result["users"],
         result["items"],
-        dropped,
+        dropped_after,
         end.isoformat(),
+        late,
+        sum(weights["dropped_unknown_event_types"].values()),
+        weights["dropped_below_rating_threshold"],
         "" if catalog is None else f"; catalog {len(catalog)} items",
     )
     return ctx.write_result(STAGE, result)
@@ -180,6 +379,47 @@ def _catalog(ctx: RunContext) -> pd.DataFrame:
     return df
 
 
+def _users(ctx: RunContext) -> pd.DataFrame:
+    """User attributes: user_id (string) + the mapped attribute columns; one row per user (the
+    last one read wins), sorted by user_id."""
+    cfg = ctx.config.users
+    uid = cfg.columns.user_id
+    attrs = cfg.columns.attributes
+    if attrs is not None and "user_id" in attrs:
+        raise ctx.error(STAGE, "users.columns.attributes: 'user_id' is reserved for the user id column")
+    if is_sql_url(cfg.uri):
+        params = {"start": EPOCH, "end": ctx.interval_end}
+        raws = [("users query result", _read_sql(ctx, cfg.uri, cfg.query or "", params, "users"))]
+    else:
+        raws = [
+            (name, _read_table(ctx, name, data, cfg.format, cfg.delimiter, [uid]))
+            for name, data in source_files(ctx, cfg.uri, cfg.format, "users.uri")
+        ]
+    frames = []
+    for name, raw in raws:
+        wanted = {"user_id": uid, **(attrs if attrs is not None else {c: c for c in raw.columns if c != uid})}
+        missing = [
+            f"{c!r} (users.columns.{'user_id' if f == 'user_id' else 'attributes.' + f})"
+            for f, c in wanted.items()
+            if c not in raw.columns
+        ]
+        if missing:
+            raise ctx.error(
+                STAGE,
+                f"users file {name}: column {', '.join(missing)} not found; present: {list(map(str, raw.columns))}",
+            )
+        frames.append(pd.DataFrame({f: raw[c] for f, c in wanted.items()}))
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df["user_id"] = df["user_id"].astype("string").str.strip()
+    df = df.dropna(subset=["user_id"]).drop_duplicates("user_id", keep="last")
+    for col in df.columns:  # text attributes: one string dtype, whatever the reader produced
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = df[col].astype("string")
+    df = df.sort_values("user_id", kind="stable").reset_index(drop=True)
+    ctx.store.put(ctx.key(STAGE, USERS), codecs.parquet_bytes(df))
+    return df
+
+
 def load_catalog(ctx: RunContext) -> pd.DataFrame | None:
     """The run's catalog, or None when the tenant has none."""
     if not ctx.config.catalog:
@@ -187,5 +427,13 @@ def load_catalog(ctx: RunContext) -> pd.DataFrame | None:
     return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, CATALOG)))
 
 
+def load_users(ctx: RunContext) -> pd.DataFrame | None:
+    """The run's user attributes, or None when the tenant has none."""
+    if not ctx.config.users:
+        return None
+    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, USERS)))
+
+
 def load(ctx: RunContext) -> pd.DataFrame:
+    """The run's interactions: every event before the interval end (history + this run's window)."""
     return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, OUTPUT)))

@@ -8,17 +8,26 @@ published model is refit on everything (see train.refit), so nothing recent is l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from pipeline import extract
+from pipeline import extract, feature_tables, validate
 from pipeline.context import RunContext
 from pipeline.storage import codecs
 
+if TYPE_CHECKING:
+    from pipeline.models.base import ItemFeatures
+
 STAGE = "features"
+ITEM_FEATURES = "item_features.parquet"
+USER_STATS = "user_stats.parquet"
+ITEM_STATS = "item_stats.parquet"
+TOKEN_BUCKETS = 1 << 14  # hashed title tokens per item: ids in [0, TOKEN_BUCKETS)
 
 
 def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.ndarray, fraction: float) -> np.ndarray:
@@ -38,6 +47,66 @@ def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.n
     mask = np.empty(len(order), dtype=bool)
     mask[order] = mask_sorted
     return mask
+
+
+def _lists(rows: np.ndarray, codes: np.ndarray, width: int, n_items: int) -> pa.Array:
+    """list<int32> per item from (row, code) pairs, deduplicated and sorted; rows without codes get []."""
+    pairs = np.unique(rows.astype(np.int64) * width + codes.astype(np.int64))
+    offsets = np.concatenate(([0], np.cumsum(np.bincount(pairs // width, minlength=n_items))))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array((pairs % width).astype(np.int32)))
+
+
+def item_feature_table(item_ids: pd.Series, catalog: pd.DataFrame) -> pd.DataFrame:
+    """Model inputs per item, row = item_idx: category code (-1: none), tag codes, hashed title tokens.
+
+    Categories and tags are coded in sorted order of their names; title tokens (lower-cased
+    words) are hashed into TOKEN_BUCKETS buckets (pandas' fixed-key SipHash: stable across
+    runs and machines). Items missing from the catalog get -1 and empty lists.
+    """
+    attrs = pd.DataFrame({"item_id": item_ids.astype("string").to_numpy()}).merge(
+        catalog[["item_id", "category", "tags", "title"]].astype({"item_id": "string"}),
+        on="item_id",
+        how="left",
+        validate="one_to_one",
+    )
+    n = len(attrs)
+    category, _ = pd.factorize(attrs["category"], sort=True)
+    tags = attrs["tags"].explode().dropna().astype("string")
+    tag_codes, tag_names = pd.factorize(tags, sort=True)
+    words = attrs["title"].astype("string").str.lower().str.findall(r"\w+").explode().dropna()
+    buckets = pd.util.hash_array(words.to_numpy(dtype=object)) % TOKEN_BUCKETS
+    return pd.DataFrame(
+        {
+            "item_idx": np.arange(n, dtype=np.int32),
+            "category": category.astype(np.int32),
+            "tags": pd.arrays.ArrowExtensionArray(_lists(tags.index.to_numpy(), tag_codes, max(len(tag_names), 1), n)),
+            "tokens": pd.arrays.ArrowExtensionArray(_lists(words.index.to_numpy(), buckets, TOKEN_BUCKETS, n)),
+        }
+    )
+
+
+def _csr(column: pa.ChunkedArray, n_cols: int | None = None) -> sp.csr_matrix:
+    """Binary CSR [rows, n_cols] from a list<int32> column (n_cols: largest value + 1 when None)."""
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.flatten().to_numpy().astype(np.int32)
+    if n_cols is None:
+        n_cols = int(values.max()) + 1 if len(values) else 0
+    return sp.csr_matrix((np.ones(len(values), np.float32), values, offsets - offsets[0]), shape=(len(lists), n_cols))
+
+
+def load_item_features(ctx: RunContext) -> ItemFeatures | None:
+    """The run's item attributes as model inputs, or None when the tenant has no catalog."""
+    if not ctx.config.catalog:
+        return None
+    from pipeline.models.base import ItemFeatures  # lazily: the models package imports torch
+
+    table = pq.read_table(pa.BufferReader(ctx.store.get(ctx.key(STAGE, ITEM_FEATURES))))
+    return ItemFeatures(
+        category=table.column("category").to_numpy().astype(np.int64),
+        tags=_csr(table.column("tags")),
+        tokens=_csr(table.column("tokens"), TOKEN_BUCKETS),
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +150,7 @@ class Features:
 
 def features(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    df = extract.load(ctx).dropna(subset=["user_id", "item_id", "timestamp"])
+    df = validate.load(ctx).dropna(subset=["user_id", "item_id", "timestamp"])
     user_idx, user_ids = pd.factorize(df["user_id"], sort=True)
     item_idx, item_ids = pd.factorize(df["item_id"], sort=True)
     cfg = ctx.config.features
@@ -91,6 +160,10 @@ def features(ctx: RunContext) -> dict[str, Any]:
             f"too few to train: {len(user_ids)} users (features.min_users={cfg.min_users}), "
             f"{len(item_ids)} items (features.min_items={cfg.min_items})",
         )
+    catalog = extract.load_catalog(ctx)
+    if catalog is not None:  # catalog items without events get an index too: models can still vector them
+        item_ids = pd.Index(item_ids).union(pd.Index(catalog["item_id"].dropna().unique()))
+        item_idx = item_ids.get_indexer(df["item_id"])
     ts = df["timestamp"].dt.tz_convert(None).to_numpy("datetime64[us]").astype(np.int64)
     holdout = temporal_holdout(user_idx, ts, item_idx, cfg.holdout_fraction)
     events = (
@@ -98,7 +171,7 @@ def features(ctx: RunContext) -> dict[str, Any]:
             {
                 "user_idx": user_idx.astype(np.int32),
                 "item_idx": item_idx.astype(np.int32),
-                "timestamp": df["timestamp"].to_numpy(),
+                "timestamp": df["timestamp"].array,  # keeps datetime64[us, UTC]; to_numpy() boxes every row
                 "rating": df["rating"].to_numpy(dtype=np.float64),
                 "holdout": holdout,
             }
@@ -135,11 +208,18 @@ def features(ctx: RunContext) -> dict[str, Any]:
             "no user has enough events for a holdout "
             f"(features.holdout_fraction={cfg.holdout_fraction}); cannot evaluate",
         )
-    for name, table in (("users.parquet", users), ("items.parquet", items), ("events.parquet", events)):
+    tables = {"users.parquet": users, "items.parquet": items, "events.parquet": events}
+    if catalog is not None:
+        tables[ITEM_FEATURES] = item_feature_table(items["item_id"], catalog)
+    # descriptive user/item statistics as of the interval end (offline; users' go online in Redis)
+    tables[USER_STATS] = feature_tables.user_features(df, ctx.interval_end, catalog)
+    tables[ITEM_STATS] = feature_tables.item_features(df, ctx.interval_end, catalog)
+    for name, table in tables.items():
         ctx.store.put(ctx.key(STAGE, name), codecs.parquet_bytes(table))
     result = {
         "users": n_u,
         "items": n_i,
+        "items_without_events": int((items["n_events"] == 0).sum()),
         "events": len(events),
         "train_events": int(tr.sum()),
         "holdout_events": int((~tr).sum()),

@@ -19,6 +19,17 @@ from pipeline.storage import ObjectStore, codecs, paths
 log = logging.getLogger(__name__)
 
 
+def blocking_failures(report: dict[str, Any]) -> list[str]:
+    """What stopped a run (warnings are listed apart); older reports only have `expectations`."""
+    if "failures" in report:
+        return list(report["failures"])
+    return [
+        e["expectation"] + (f" on {e['column']}" if e.get("column") else "")
+        for e in report.get("expectations", [])
+        if not e["success"]
+    ]
+
+
 def _children(store: ObjectStore, prefix: str) -> dict[str, list[str]]:
     """{child folder name: [keys]} directly below `prefix/`."""
     out: dict[str, list[str]] = {}
@@ -82,17 +93,14 @@ def quality_summary(store: ObjectStore, configs: list[TenantConfig], day: str) -
         if report is None:
             tenants[cfg.tenant] = {"status": "no validation yet"}
             continue
-        failed = [
-            e["expectation"] + (f" on {e['column']}" if e.get("column") else "")
-            for e in report["expectations"]
-            if not e["success"]
-        ]
+        failed = blocking_failures(report)
         tenants[cfg.tenant] = {
             "status": "pass" if report["success"] else "FAIL",
             "run_id": report["run_id"],
             "rows": report["rows"],
             "duplicate_rows": report["duplicate_rows"],
             "failed": failed,
+            "warnings": report.get("warnings", []),
             "data_docs": report.get("data_docs"),
         }
     key = f"reports/data_quality/{day}.json"

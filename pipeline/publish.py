@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import save as st_save
 
-from pipeline import extract, features, index, release, train
+from pipeline import extract, features, index, release, tracking, train
 from pipeline.context import RunContext
-from pipeline.storage import codecs
+from pipeline.storage import codecs, paths
 
 STAGE = "publish"
+# what the manifest keeps of the gate's decision (the run's gate/decision.json has all the evidence)
+GATE_FIELDS = ("publish", "reason", "checks", "metric", "basis", "champion_release_id", "ci")
 
 
 def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +65,8 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         "popular.npy": codecs.npy_bytes(popular),
         "items.faiss": ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
     }
+    for name in (features.USER_STATS, features.ITEM_STATS):  # offline feature tables travel with the release
+        files[name] = ctx.store.get(ctx.key(features.STAGE, name))
     attributes = _item_attributes(ctx, feats)
     if attributes is not None:
         files["item_attributes.parquet"] = attributes
@@ -73,6 +77,57 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         "model": model.kind,
     }
     return files, info
+
+
+def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
+    """MLflow registry step, after the pointer: a model version for the live release, alias `champion` on it.
+
+    Only a release that is live after this publish is registered (a backfill's or a race
+    loser's stays archived; rollback registers it if it ever goes live). Keyed on the
+    `release_id` tag, so a retry or an idempotent rerun ("already live") re-finds the same
+    version and re-asserts the alias instead of adding a second version.
+
+    MLflow being unreachable does NOT fail the task: the release is already written and live,
+    and failing here would make Airflow retry publish and hold back `refresh`, leaving Redis
+    serving the previous release while the artifact-store pointer names the new one. The
+    error is logged and the result says `registry: failed`; the next publish or a
+    `python -m pipeline rollback TENANT --to <live release>` re-syncs the registry.
+    """
+    if not live:
+        return {"registry": "skipped (release not live)"}
+    log = ctx.logger(STAGE)
+    run_id = (ctx.read_result("refit") or ctx.read_result("train") or {}).get("mlflow_run_id")
+    try:
+        out = tracking.register_release(
+            ctx.settings.mlflow_tracking_uri,
+            ctx.tenant,
+            release_id,
+            ctx.store.uri(f"{paths.releases_prefix(ctx.tenant)}/{release_id}"),
+            release.read_manifest(ctx.store, ctx.tenant, release_id),
+            run_id,
+            champion=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - any registry failure is reported, never fatal
+        log.error(
+            "registry: failed to register release %s in MLflow (%s: %s); the release IS live. "
+            "Re-sync later with: python -m pipeline rollback %s --to %s",
+            release_id,
+            type(exc).__name__,
+            exc,
+            ctx.tenant,
+            release_id,
+        )
+        return {"registry": "failed", "registry_error": f"{type(exc).__name__}: {exc}"[:1000]}
+    log.info(
+        "registry: %s version %s of %s (%s), alias %s %s",
+        release_id,
+        out["model_version"],
+        out["model_name"],
+        out["registry"],
+        tracking.CHAMPION_ALIAS,
+        out["champion_alias"],
+    )
+    return out
 
 
 def publish(ctx: RunContext) -> dict[str, Any]:
@@ -90,7 +145,7 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         **info,
         "model_config": ctx.config.model.model_dump(mode="json"),
         "metrics": evaluation.get("metrics", {}),
-        "gate": {k: gate.get(k) for k in ("publish", "reason", "checks")},
+        "gate": {k: gate.get(k) for k in GATE_FIELDS},
         "index": {k: v for k, v in idx.items() if k != "uri"},  # kind, recall, ef_search/nprobe, params
     }
     written = release.write_release(ctx.store, ctx.tenant, release_id, files, manifest)
@@ -104,14 +159,16 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         # lost a race: look again, so a newer release is not left behind an older winner
         moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
     current = release.read_pointer(ctx.store, ctx.tenant)
+    live = current[0]["release_id"] if current else None
     result = {
         "release_id": release_id,
         "written": written,
         "pointer_moved": moved,
         "pointer_reason": reason,
-        "live_release_id": current[0]["release_id"] if current else None,
+        "live_release_id": live,
         "files": len(files),
         "bytes": int(sum(len(b) for b in files.values())),
+        **register(ctx, release_id, live == release_id),
     }
     log.info(
         "publish: release %s (%s, %d files, %.1f MB); %s",

@@ -2,10 +2,13 @@
 
 Scores are dot products of user and item vectors, computed a block of users at a time so
 memory stays at block x n_items; excluded items (already seen, or unknown to a model) are
-masked to -inf before topk. This is the one ranking routine evaluation and the gate share.
+masked to -inf before topk. This is the one ranking routine evaluation and the gate share;
+`topk_scores` is the same loop for models that score a block of users directly (EASE, item-kNN).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,9 +28,28 @@ def topk_dot(
 
     Slots left when fewer than k items are allowed hold -1.
     """
-    n_users, n_items = len(user_vectors), len(item_vectors)
-    k = min(k, n_items)
     items = torch.as_tensor(np.ascontiguousarray(item_vectors), dtype=torch.float32, device=device)
+
+    def scores(start: int, stop: int) -> torch.Tensor:
+        users = torch.as_tensor(np.ascontiguousarray(user_vectors[start:stop]), dtype=torch.float32, device=device)
+        return users @ items.T
+
+    return topk_scores(scores, len(user_vectors), len(item_vectors), k, exclude, item_allowed, block, device)
+
+
+def topk_scores(
+    scores: Callable[[int, int], torch.Tensor | np.ndarray],
+    n_users: int,
+    n_items: int,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    item_allowed: np.ndarray | None = None,
+    block: int = 2048,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Like `topk_dot` for any scorer: `scores(start, stop)` is the dense [stop - start, n_items]
+    block of rows start:stop (e.g. EASE's X[rows] @ B). Same masking, ties and -1 padding."""
+    k = min(k, n_items)
     penalty = None
     if item_allowed is not None:
         penalty = torch.zeros(n_items, device=device)
@@ -36,16 +58,15 @@ def topk_dot(
     with torch.inference_mode():
         for start in range(0, n_users, block):
             stop = min(start + block, n_users)
-            users = torch.as_tensor(np.ascontiguousarray(user_vectors[start:stop]), dtype=torch.float32, device=device)
-            scores = users @ items.T
+            block_scores = torch.as_tensor(scores(start, stop), dtype=torch.float32, device=device)
             if penalty is not None:
-                scores += penalty
+                block_scores += penalty
             if exclude is not None:
                 sub = exclude[start:stop].tocoo()
-                scores[
+                block_scores[
                     torch.as_tensor(sub.row, device=device).long(), torch.as_tensor(sub.col, device=device).long()
                 ] = float("-inf")
-            best = torch.topk(scores, k, dim=1)
+            best = torch.topk(block_scores, k, dim=1)
             idx = best.indices.masked_fill(torch.isneginf(best.values), -1)  # fewer than k allowed
             out[start:stop] = idx.cpu().numpy()
     return out

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import release
+from pipeline import feature_tables, release
 from pipeline.context import RunContext
 from pipeline.embeddings import FLIP_SCRIPT, key
 
@@ -45,9 +45,21 @@ def write_release(r, prefix: str, rel: release.Release, batch: int | None = None
             pipe.set(key(prefix, t, rid, "seen", ids[row]), seen)
             written += len(vec) + len(seen)
         pipe.execute()
+    if rel.user_stats is not None:  # the online feature subset, float32 per user (names in meta)
+        stats = rel.user_stats.set_index("user_id").reindex(ids)
+        vectors = feature_tables.online_user_vectors(stats)
+        for start in range(0, len(ids), batch):
+            pipe = r.pipeline(transaction=False)
+            for row in range(start, min(start + batch, len(ids))):
+                pipe.set(key(prefix, t, rid, "uf", ids[row]), vectors[row].tobytes())
+                written += vectors.shape[1] * 4
+            pipe.execute()
     popular = rel.popular.astype(np.int32).tobytes()
     r.set(key(prefix, t, rid, "popular"), popular)
-    r.hset(key(prefix, t, rid, "meta"), mapping={"users": len(ids), "dim": rel.user_vectors.shape[1], "complete": 1})
+    meta = {"users": len(ids), "dim": rel.user_vectors.shape[1], "complete": 1}
+    if rel.user_stats is not None:
+        meta["user_features"] = ",".join(feature_tables.ONLINE_USER_FEATURES)
+    r.hset(key(prefix, t, rid, "meta"), mapping=meta)
     return written + len(popular)
 
 

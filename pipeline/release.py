@@ -36,7 +36,8 @@ FILES = (
     "popular.npy",
     "items.faiss",
 )
-OPTIONAL_FILES = ("item_attributes.parquet",)  # present when the tenant has a catalog
+# item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables
+OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet")
 
 
 class ReleaseError(RuntimeError):
@@ -171,6 +172,7 @@ class Release:
     item_tags: sp.csr_matrix | None = None  # items x tags, True where the item has the tag
     tags: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
     item_titles: np.ndarray | None = None  # object array of str/None, for human-readable reasons
+    user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
 
     def seen(self, user_row: int) -> np.ndarray:
         """The user's distinct items, most recent first."""
@@ -254,6 +256,7 @@ def _decode(tenant: str, release_id: str, manifest: dict[str, Any], get) -> Rele
         index_bytes=get("items.faiss"),
         model_meta=json.loads(get("model.json")),
         **_attributes(optional["item_attributes.parquet"], len(items)),
+        user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
     )
 
 

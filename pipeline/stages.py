@@ -36,6 +36,7 @@ def _registry() -> dict[str, StageFn]:
     from pipeline.index import index
     from pipeline.publish import publish
     from pipeline.refresh import refresh
+    from pipeline.select import select
     from pipeline.train import refit, train
     from pipeline.validate import validate
 
@@ -43,6 +44,7 @@ def _registry() -> dict[str, StageFn]:
         "extract": extract,
         "validate": validate,
         "features": features,
+        "select": select,
         "train": train,
         "evaluate": evaluate,
         "gate": gate,
@@ -57,6 +59,7 @@ STAGES: tuple[str, ...] = (
     "extract",
     "validate",
     "features",
+    "select",
     "train",
     "evaluate",
     "gate",

@@ -15,6 +15,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from pipeline import features, tracking
+from pipeline.config.models import ModelBase, model_config
 from pipeline.context import RunContext
 from pipeline.models import Recommender, TrainData, TrainingDiverged, build, build_by_kind, resolve_device
 
@@ -25,13 +26,14 @@ CONFIG = "model.json"
 def _fit(ctx: RunContext, stage: str, holdout: bool | None) -> dict[str, Any]:
     log = ctx.logger(stage)
     feats = features.load(ctx)
-    data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items)
-    cfg = ctx.config.model
+    item_features = features.load_item_features(ctx)
+    data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items, item_features)
+    cfg = chosen_config(ctx)
     device = resolve_device()
     model = build(cfg, device)
     losses: list[float] = []
     params = {
-        **cfg.model_dump(),
+        **cfg.model_dump(exclude={"search"}),
         "device": str(device),
         "events": len(data.user_idx),
         "users": data.n_users,
@@ -43,7 +45,9 @@ def _fit(ctx: RunContext, stage: str, holdout: bool | None) -> dict[str, Any]:
 
         def progress(it: int, values: dict[str, float]) -> None:
             losses.append(values["loss"])
-            log.info("%s %s iteration %d/%d loss=%.6f", stage, cfg.kind, it, cfg.iterations, values["loss"])
+            total = getattr(cfg, "iterations", None) or getattr(cfg, "epochs", "?")
+            extra = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
+            log.info("%s %s iteration %d/%s loss=%.6f %s", stage, cfg.kind, it, total, values["loss"], extra)
             mlflow.log_metrics(values, step=it)
 
         try:
@@ -53,7 +57,8 @@ def _fit(ctx: RunContext, stage: str, holdout: bool | None) -> dict[str, Any]:
             raise ctx.error(stage, f"training diverged: {exc}") from exc
         seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", seconds)
-    meta = {"kind": cfg.kind, "config": cfg.model_dump(mode="json"), "users": data.n_users, "items": data.n_items}
+    config = cfg.model_dump(mode="json", exclude={"search"})
+    meta = {"kind": cfg.kind, "config": config, "users": data.n_users, "items": data.n_items}
     ctx.store.put(ctx.key(stage, WEIGHTS), st_save(model.state(), metadata={"kind": cfg.kind}))
     ctx.store.put(ctx.key(stage, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
     result = {
@@ -77,6 +82,14 @@ def _fit(ctx: RunContext, stage: str, holdout: bool | None) -> dict[str, Any]:
     return ctx.write_result(stage, result)
 
 
+def chosen_config(ctx: RunContext) -> ModelBase:
+    """The model configuration this run trains: the select stage's choice, else `model`."""
+    chosen = ctx.read_result("select")
+    if chosen and chosen.get("config"):
+        return model_config(chosen["config"])
+    return ctx.config.model
+
+
 def train(ctx: RunContext) -> dict[str, Any]:
     """Fit on the train split only: what evaluate and the gate judge."""
     return _fit(ctx, "train", holdout=False)
@@ -90,7 +103,5 @@ def refit(ctx: RunContext) -> dict[str, Any]:
 def load_model(ctx: RunContext, stage: str) -> Recommender:
     meta = json.loads(ctx.store.get(ctx.key(stage, CONFIG)))
     tensors = st_load(ctx.store.get(ctx.key(stage, WEIGHTS)))
-    from pipeline.config.tenant import ALSConfig
-
-    model = build_by_kind(meta["kind"], ALSConfig.model_validate(meta["config"]) if meta["kind"] == "als" else None)
+    model = build_by_kind(meta["kind"], meta.get("config") if meta["kind"] != "popularity" else None)
     return model.load_state({k: np.asarray(v) for k, v in tensors.items()})

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     artifact_root: str = Field(default="", description="A folder or s3://bucket/prefix. Default: {home}/artifacts.")
     data_root: Path = Field(default=PROJECT_ROOT, description="Base for relative tenant source paths.")
     tenants_dir: Path = Field(default=PROJECT_ROOT / "include" / "tenants")
+    expectations_dir: Path | None = Field(
+        default=None,
+        description="Validation suite files (_default.yaml, {tenant}.yaml). Default: expectations/ beside tenants_dir.",
+    )
     redis_url: str | None = Field(default=None, description="Unset: the embedded store (release files).")
     redis_prefix: str = "recsys"
     redis_grace_seconds: int = Field(default=86_400, ge=0, description="How long a replaced release stays in Redis.")
@@ -33,7 +37,7 @@ class Settings(BaseSettings):
     auth_disabled: bool = Field(default=False, description="RECSYS_AUTH_DISABLED=1: no API keys (local demos only).")
     api_keys_file: Path | None = Field(default=None, description="YAML {tenant: [sha256 hex of each key]}.")
 
-    @field_validator("api_keys_file", mode="before")
+    @field_validator("api_keys_file", "expectations_dir", mode="before")
     @classmethod
     def _empty_path(cls, value):
         return None if value == "" else value
@@ -57,6 +61,8 @@ class Settings(BaseSettings):
         # frozen model: fill derived defaults through object.__setattr__ once, at construction.
         if not self.artifact_root:
             object.__setattr__(self, "artifact_root", str(self.home / "artifacts"))
+        if self.expectations_dir is None:
+            object.__setattr__(self, "expectations_dir", self.tenants_dir.parent / "expectations")
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
         for name in ("redis_url", "alert_webhook_url"):  # docker-compose passes unset vars as ""

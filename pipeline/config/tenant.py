@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
@@ -26,8 +28,26 @@ def is_valid_tenant_id(value: str) -> bool:
     return bool(_TENANT_RE.fullmatch(value))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_BIND = {name: re.compile(rf"(?<![:\w]):{name}\b") for name in ("start", "end")}
+FileFormat = Literal["auto", "csv", "parquet", "jsonl"]
+
+
+def is_sql_url(uri: str) -> bool:
+    """A SQLAlchemy URL (`postgresql+psycopg://...`, `sqlite:///...`) rather than a path or s3://."""
+    m = _URL_SCHEME.match(uri)
+    return bool(m) and m.group(1).split("+", 1)[0].lower() not in ("s3", "file", "http", "https")
+
+
+def _check_sql(uri: str, query: str | None, need_binds: bool) -> None:
+    if query is not None and not is_sql_url(uri):
+        raise ValueError("query is only for SQL sources: uri must be a SQLAlchemy URL (postgresql+psycopg://...)")
+    if is_sql_url(uri):
+        if not query:
+            raise ValueError(f"uri {uri.split('://', 1)[0]}://... is a database URL: give a query too")
+        missing = [f":{n}" for n, rx in _BIND.items() if need_binds and not rx.search(query)]
+        if missing:
+            raise ValueError(f"query must bind the data interval with {' and '.join(missing)}")
 
 
 class ColumnMap(_Strict):
@@ -37,16 +57,61 @@ class ColumnMap(_Strict):
     item_id: str = "item_id"
     timestamp: str = "timestamp"
     rating: str | None = None
+    event_type: str | None = Field(default=None, description="Column naming the event type (view, click, ...).")
 
 
 class SourceConfig(_Strict):
-    uri: str = Field(description="A .csv/.parquet file or a folder of them; relative paths are under RECSYS_DATA_ROOT.")
-    format: Literal["auto", "csv", "parquet"] = "auto"
+    uri: str = Field(
+        description="A .csv/.parquet/.jsonl file (optionally .gz), a folder or s3:// prefix of them (Hive-style "
+        "dt=YYYY-MM-DD/ partitions are read only for the days a run needs), or a SQLAlchemy URL with `query`; "
+        "relative paths are under RECSYS_DATA_ROOT; ${VAR} in a URL is read from the environment."
+    )
+    format: FileFormat = "auto"
+    query: str | None = Field(
+        default=None, description="SQL sources: a query binding :start and :end (UTC) to the window a run reads."
+    )
     columns: ColumnMap = ColumnMap()
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     timestamp_unit: Literal["s", "ms", "us", "ns"] = Field(
         default="s", description="Unit of numeric timestamps; strings are parsed as ISO 8601."
     )
+    partition_key: str = Field(
+        default="dt", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Hive partition folders: {key}=YYYY-MM-DD."
+    )
+    event_types: dict[str, float] = Field(
+        default={},
+        description="Confidence weight per event type ({view: 1, click: 2, purchase: 8}); empty: every event "
+        "weighs 1. Matched case-insensitively; events without a type are 'interaction' (weight 1 unless listed).",
+    )
+    unknown_event_types: Literal["drop", "error"] = Field(
+        default="drop", description="Event types not in event_types (when it is set): drop them, or fail the run."
+    )
+    rating_threshold: float | None = Field(
+        default=None, description="Events with a rating below this are not positives and are left out of training."
+    )
+    lookback_days: int = Field(
+        default=2, ge=0, le=366, description="Each run also rewrites this many earlier days (late events)."
+    )
+
+    @field_validator("event_types")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for name, weight in value.items():
+            key = str(name).strip().lower()
+            if not key:
+                raise ValueError("event type names must not be empty")
+            if key in out:
+                raise ValueError(f"event type {key!r} is listed twice (names are case-insensitive)")
+            if not weight >= 0 or weight == float("inf"):
+                raise ValueError(f"weight of {key!r} must be a finite number >= 0 (0: ignore the type), got {weight}")
+            out[key] = float(weight)
+        return out
+
+    @model_validator(mode="after")
+    def _sql(self) -> SourceConfig:
+        _check_sql(self.uri, self.query, need_binds=True)
+        return self
 
 
 class CatalogColumns(_Strict):
@@ -62,17 +127,48 @@ class CatalogConfig(_Strict):
     """Item attributes (optional): serving filters and diversifies on category and tags."""
 
     uri: str = Field(description="A .csv/.parquet file or a folder of them; relative paths are under RECSYS_DATA_ROOT.")
-    format: Literal["auto", "csv", "parquet"] = "auto"
+    format: FileFormat = "auto"
     columns: CatalogColumns = CatalogColumns()
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     tags_separator: str = Field(default="|", min_length=1)
 
 
+class UserColumns(_Strict):
+    user_id: str = "user_id"
+    attributes: dict[str, str] | None = Field(
+        default=None, description="Output name -> source column; None: every other column under its own name."
+    )
+
+
+class UsersConfig(_Strict):
+    """User attributes (optional): stored per run as runs/{run}/extract/users.parquet, one row per user."""
+
+    uri: str = Field(description="A file, folder or s3:// prefix like source.uri, or a SQLAlchemy URL with `query`.")
+    format: FileFormat = "auto"
+    query: str | None = Field(default=None, description="SQL: the attribute table's query (:end may be bound).")
+    columns: UserColumns = UserColumns()
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+    @model_validator(mode="after")
+    def _sql(self) -> UsersConfig:
+        _check_sql(self.uri, self.query, need_binds=False)
+        return self
+
+
 class ValidationConfig(_Strict):
-    min_rows: int = Field(default=100, ge=1)
-    min_timestamp: datetime = datetime(1990, 1, 1, tzinfo=UTC)
-    max_duplicate_fraction: float = Field(default=0.01, ge=0, le=1, description="(user,item,timestamp) repeats.")
-    rating_range: tuple[float, float] | None = None
+    """Shorthands for the validation suite; the full form (every check, its severity, the
+    tenant's own GX expectations) is include/expectations/{tenant}.yaml, which wins over these
+    (see pipeline/config/expectations.py and include/expectations/_default.yaml)."""
+
+    min_rows: int = Field(default=100, ge=1, description="= row_count.min")
+    min_timestamp: datetime = Field(default=datetime(1990, 1, 1, tzinfo=UTC), description="= old_timestamps.min")
+    max_duplicate_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="= duplicates.max_fraction: interval events sharing (user, item, timestamp, event type).",
+    )
+    rating_range: tuple[float, float] | None = Field(default=None, description="= rating_range.min/max")
 
 
 class FeaturesConfig(_Strict):
@@ -81,50 +177,60 @@ class FeaturesConfig(_Strict):
     min_items: int = Field(default=10, ge=2)
 
 
-class ALSConfig(_Strict):
-    """Implicit ALS with recency-graded targets, ALS-WR regularisation and a recency fold-in.
+class SelectionConfig(_Strict):
+    """Model choice per tenant: candidates with fixed parameters or search ranges.
 
-    Defaults were tuned on MovieLens-100K (per-user temporal 80/20 split) against a
-    validation split carved from the training events; see pipeline/models/als.py.
+    A budgeted Optuna search runs on a validation split carved from the TRAIN events (the
+    last `validation_fraction` of each user's train events), never on the holdout; the best
+    configuration is then trained, evaluated, gated and refit like `model`.
     """
 
-    kind: Literal["als"] = "als"
-    factors: int = Field(default=64, ge=1, le=1024)
-    iterations: int = Field(default=10, ge=1, le=200)
-    regularization: float = Field(default=0.1, ge=0, description="lambda; scaled by n ** reg_exponent per row.")
-    reg_exponent: float = Field(default=1.0, ge=0, le=2, description="1 = ALS-WR (lambda * n_u), 0 = plain lambda.")
-    alpha: float = Field(default=1.0, ge=0, description="Confidence = 1 + alpha * log2(1 + events of the pair).")
-    recency_half_life: float | None = Field(
-        default=50.0, gt=0, description="Target halves per this many newer events of the user (None: all 1)."
-    )
-    recency_floor: float = Field(default=0.1, ge=0, le=1)
-    fold_in_half_life: float | None = Field(
-        default=5.0, gt=0, description="After training, re-solve users with this sharper recency (None: skip)."
-    )
-    fold_in_floor: float = Field(default=0.05, ge=0, le=1)
-    fold_in_regularization: float = Field(default=0.3, ge=0)
-    init_std: float = Field(default=0.1, gt=0, description="Initial factors ~ N(0, (init_std / sqrt(factors))^2).")
-    seed: int = 42
-
-
-# One kind today; more kinds become a union discriminated on `kind` (defaulting to "als").
-ModelConfig = ALSConfig
+    candidates: list[ModelConfig] = Field(default=[], description="Empty: just `model`, no search.")
+    trials: int = Field(default=12, ge=1, le=1000, description="Optuna trials per candidate that has search ranges.")
+    timeout_seconds: float | None = Field(default=1800, gt=0, description="Budget per candidate's search.")
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)
+    metric: Literal["ndcg", "recall", "map", "precision", "hit_rate"] = "ndcg"
+    seed: int = 0
 
 
 class EvaluationConfig(_Strict):
     k: int = Field(default=10, ge=1, le=100)
+    ease_max_items: int = Field(
+        default=20_000, ge=0, description="EASE baseline only up to this many items (dense n^2 matrix, n^3 solve)."
+    )
 
 
 class GateConfig(_Strict):
+    """Promotion policy; every check and its defaults are described in pipeline/gate.py."""
+
     metric: Literal["ndcg", "recall", "map", "precision", "hit_rate"] = "ndcg"
-    tolerance: float = Field(default=0.01, ge=0, description="Absolute drop allowed vs the live release.")
+    tolerance: float = Field(
+        default=0.01, ge=0, description="Drop allowed vs the live release: the CI's lower bound must be >= -tolerance."
+    )
     min_users: int = Field(default=50, ge=1, description="Fewer comparable users: champion check inconclusive.")
     require_beat_popularity: bool = True
-
-
-# Celery/Kubernetes queue per model family: CPU workers take the matrix factorisations, GPU
-# workers the neural models. LocalExecutor ignores queues.
-MODEL_QUEUES = {"popularity": "cpu", "als": "cpu", "bpr": "cpu", "two_tower": "gpu", "graphsage": "gpu"}
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Two-sided bootstrap confidence level.")
+    bootstrap_resamples: int = Field(default=1000, ge=100, le=100_000)
+    seed: int = Field(default=0, description="Bootstrap seed: the same evidence always gives the same decision.")
+    min_coverage_ratio: float = Field(
+        default=0.5, ge=0, le=1, description="Catalog coverage must stay >= this x the live release's."
+    )
+    min_coverage: float = Field(default=0.0, ge=0, le=1, description="Absolute coverage floor (0: none).")
+    head_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Head = this share of items, most popular in train; the rest is long tail."
+    )
+    cold_item_max_users: int = Field(
+        default=5, ge=1, description="Cold items: fewer than this many distinct users in the train split."
+    )
+    max_cold_recall_drop: float = Field(
+        default=0.02, ge=0, le=1, description="Absolute drop allowed vs the live release."
+    )
+    max_long_tail_recall_drop: float = Field(
+        default=0.02, ge=0, le=1, description="Absolute drop allowed vs the live release."
+    )
+    min_group_relevant: int = Field(
+        default=30, ge=1, description="Fewer relevant pairs in a group: that guardrail is skipped (not enough data)."
+    )
 
 
 class TrainingConfig(_Strict):
@@ -133,8 +239,10 @@ class TrainingConfig(_Strict):
     pool: str = "training"
     queue: str | None = Field(default=None, description="Celery/K8s queue; default by model family (cpu/gpu).")
 
-    def queue_for(self, kind: str) -> str:
-        return self.queue or MODEL_QUEUES.get(kind, "cpu")
+    def queue_for(self, *kinds: str) -> str:
+        """The configured queue, else `gpu` if any of the kinds is a GPU family, else `cpu`."""
+        queues = {MODEL_QUEUES.get(k, "cpu") for k in kinds}
+        return self.queue or ("gpu" if "gpu" in queues else "cpu")
 
 
 class RetentionConfig(_Strict):
@@ -187,9 +295,11 @@ class TenantConfig(_Strict):
     )
     source: SourceConfig
     catalog: CatalogConfig | None = None
+    users: UsersConfig | None = None
     validation: ValidationConfig = ValidationConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ALSConfig()
+    selection: SelectionConfig = SelectionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
@@ -197,6 +307,10 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+
+    def model_kinds(self) -> list[str]:
+        """Every kind this tenant may train: `model` and the selection candidates."""
+        return sorted({self.model.kind, *(c.kind for c in self.selection.candidates)})
 
     @field_validator("schedule")
     @classmethod
@@ -208,8 +322,11 @@ class TenantConfig(_Strict):
 
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = [f"invalid tenant config {path}:"]
+    kinds = {c.model_fields["kind"].default for c in MODEL_CONFIGS}
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(file)"
+        # a discriminated union puts the kind into the path (model.als.factors); the file says model.factors
+        loc = [p for p in e["loc"] if p not in kinds]
+        field = ".".join(str(p) for p in loc) or "(file)"
         lines.append(f"  field {field!r}: {e['msg']}")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config.tenant import ALSConfig
+from pipeline.config.models import ALSConfig
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
 
 
@@ -135,11 +135,19 @@ class ALS:
         b_all = (side.target if target is None else target) @ F
         reg = side.reg if reg is None else reg
         out = torch.empty((side.n_rows, f), device=F.device)
+        # Z tables (y_i y_i^T, upper triangle) are reused across row tiles while they fit in 8 tiles' memory
+        keep_z = F.shape[0] * len(iu) <= 8 * self.block_floats
+        z_tables: dict[int, torch.Tensor] = {}
         for r0, r1, parts in side.tiles:
             tri = torch.zeros((r1 - r0, len(iu)), device=F.device)
             for c0, c1, M in parts:  # sum_i (c_ui - 1) y_i y_i^T, upper triangle only
-                Fc = F[c0:c1]
-                tri += M @ (Fc[:, iu] * Fc[:, ju])
+                Z = z_tables.get(c0)
+                if Z is None:
+                    Fc = F[c0:c1]
+                    Z = Fc[:, iu] * Fc[:, ju]
+                    if keep_z:
+                        z_tables[c0] = Z
+                tri += M @ Z
             A = torch.zeros((r1 - r0, f, f), device=F.device)
             A[:, iu, ju] = tri
             A[:, ju, iu] = tri

@@ -11,6 +11,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 # Called after each epoch/iteration with (iteration, {"loss": ..., ...}); may raise to stop.
 ProgressCallback = Callable[[int, dict[str, float]], None]
@@ -21,8 +22,21 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ItemFeatures:
+    """Catalog attributes aligned with item_idx (features stage); items may have none of them."""
+
+    category: np.ndarray  # int64 [n_items]: category code, -1 = none
+    tags: sp.csr_matrix  # [n_items, n_tags] binary
+    tokens: sp.csr_matrix  # [n_items, buckets] binary: hashed title tokens
+
+
+@dataclass(frozen=True)
 class TrainData:
-    """Indexed training events. Timestamps are epoch seconds; rating is NaN when absent."""
+    """Indexed training events. Timestamps are epoch seconds; rating is NaN when absent.
+
+    Items may have no events at all (catalog items); `item_features` is set when the tenant
+    has a catalog, for the models that use attributes (two-tower, graph models).
+    """
 
     n_users: int
     n_items: int
@@ -30,9 +44,12 @@ class TrainData:
     item_idx: np.ndarray
     timestamp: np.ndarray
     rating: np.ndarray
+    item_features: ItemFeatures | None = None
 
     @classmethod
-    def from_events(cls, events: pd.DataFrame, n_users: int, n_items: int) -> TrainData:
+    def from_events(
+        cls, events: pd.DataFrame, n_users: int, n_items: int, item_features: ItemFeatures | None = None
+    ) -> TrainData:
         stamps = events["timestamp"]
         if getattr(stamps.dt, "tz", None) is not None:
             stamps = stamps.dt.tz_convert(None)
@@ -44,6 +61,7 @@ class TrainData:
             item_idx=events["item_idx"].to_numpy(dtype=np.int64),
             timestamp=ts,
             rating=events["rating"].to_numpy(dtype=np.float64),
+            item_features=item_features,
         )
 
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
@@ -71,13 +74,22 @@ class RateLimiter:
         self._parse = limits.parse_many
         self.default = self._parse(default) if default else []
         self.overrides = {t: self._parse(v) if v else [] for t, v in overrides.items()}
-        options = {"key_prefix": key_prefix} if storage_uri.startswith("redis") else {}
+        # short timeouts: the check runs on the event loop, and a slow Redis must not stall it
+        options = (
+            {"key_prefix": key_prefix, "socket_timeout": 0.05, "socket_connect_timeout": 0.2}
+            if storage_uri.startswith("redis")
+            else {}
+        )
         self.limiter = SlidingWindowCounterRateLimiter(storage_from_string(storage_uri, **options))
 
     def check(self, tenant: str) -> float | None:
-        """None when allowed; else seconds until the tenant may retry."""
-        for item in self.overrides.get(tenant, self.default):
-            if not self.limiter.hit(item, "tenant", tenant):
-                stats = self.limiter.get_window_stats(item, "tenant", tenant)
-                return max(stats.reset_time - time.time(), 0.0)
+        """None when allowed; else seconds until the tenant may retry. Fails open: if the
+        limiter's store is unreachable the request is served (and the error logged)."""
+        try:
+            for item in self.overrides.get(tenant, self.default):
+                if not self.limiter.hit(item, "tenant", tenant):
+                    stats = self.limiter.get_window_stats(item, "tenant", tenant)
+                    return max(stats.reset_time - time.time(), 0.0)
+        except Exception as exc:  # redis down or slow: availability over strict limits
+            log.warning("rate limiter unavailable for tenant %s (%s); request allowed", tenant, exc)
         return None

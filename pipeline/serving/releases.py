@@ -24,6 +24,20 @@ from pipeline.serving import rerank
 from pipeline.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+_thread = threading.local()
+
+
+def _one_faiss_thread() -> None:
+    """OpenMP's thread count is per thread: set it to 1 in every request thread, once.
+
+    Parallelism comes from concurrent requests; a 2-thread FAISS search inside a threadpool
+    worker measured 4x slower than a 1-thread one (benchmarks/serving.py).
+    """
+    if not getattr(_thread, "faiss_single", False):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        _thread.faiss_single = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class LiveRelease:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows and scores per query row, never fewer than k while enough items are eligible."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        _one_faiss_thread()
         return faiss_index.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
 
 
@@ -126,6 +141,13 @@ class ReleaseCache:
                 return rid, self.redis_users
         doc = rel.read_pointer(self.store, tenant)
         return (doc[0]["release_id"], EmbeddedStore(self.max_folded)) if doc else None
+
+    def fresh(self, tenant: str) -> LiveRelease | None:
+        """The live release if its pointer was checked within the poll period (no I/O, no lock)."""
+        live = self._live.get(tenant)
+        if live is not None and self.clock() - self._checked.get(tenant, -1e18) < self.poll_seconds:
+            return live
+        return None
 
     def get(self, tenant: str) -> LiveRelease | None:
         now = self.clock()

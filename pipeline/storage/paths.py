@@ -25,3 +25,7 @@ def pointer_key(tenant: str) -> str:
 
 def events_prefix(tenant: str) -> str:
     return f"tenants/{tenant}/events"
+
+
+def history_prefix(tenant: str) -> str:
+    return f"tenants/{tenant}/history"

@@ -24,7 +24,7 @@ def test_tenant_dag_shape(dagbag):
     for t in dag.tasks:
         assert t.retries == 2 and t.retry_exponential_backoff and t.execution_timeout is not None
         assert t.on_failure_callback
-    for stage in ("train", "refit"):
+    for stage in ("select", "train", "refit"):
         assert dag.get_task(stage).pool == "training" and dag.get_task(stage).queue == "cpu"
     assert dag.get_task("extract").pool == "default_pool"
     assert '"tenant": "acme"' in dag.doc_md  # the effective config, defaults included

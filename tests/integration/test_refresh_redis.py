@@ -38,6 +38,11 @@ def test_refresh_writes_versioned_keys_then_flips(redis_ctx, redis_prefix):
         assert np.array_equal(vec, rel.user_vectors[row])
         seen = np.frombuffer(r.get(key(redis_prefix, "acme", rid, "seen", user)), dtype=np.int32)
         assert np.array_equal(seen, rel.seen(row))
+        # the online feature subset: float32 in the order meta names, equal to the offline table
+        online = np.frombuffer(r.get(key(redis_prefix, "acme", rid, "uf", user)), dtype=np.float32)
+        names = r.hget(key(redis_prefix, "acme", rid, "meta"), "user_features").decode().split(",")
+        offline = rel.user_stats.set_index("user_id").loc[user, names].to_numpy(dtype=np.float32)
+        np.testing.assert_array_equal(online, offline)
     assert np.array_equal(np.frombuffer(r.get(key(redis_prefix, "acme", rid, "popular")), np.int32), rel.popular)
     # rerun: same keys, nothing flips
     again = refresh.refresh(redis_ctx)

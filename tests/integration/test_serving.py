@@ -320,6 +320,7 @@ def test_fuzzed_tenant_ids_are_422_before_any_storage_call(served, raw, monkeypa
     from pipeline.serving.releases import ReleaseCache
 
     monkeypatch.setattr(ReleaseCache, "get", lambda self, tenant: calls.append(tenant))
+    monkeypatch.setattr(ReleaseCache, "fresh", lambda self, tenant: calls.append(tenant))
     with TestClient(create_app(settings)) as c:
         # the exact bytes a server hands over (HTTP clients would normalise `..` away first)
         for method, path in (
@@ -395,3 +396,11 @@ def test_cross_tenant_access_never_leaks(served, tmp_path):
             assert r.status_code in (403, 404), (owner, target, kind, r.status_code)
             assert rel.release_id not in r.text and "items" not in r.json()
     assert not store.list("tenants/beta/events") and not store.list("tenants/acme/events/dt=2026")
+
+
+def test_rate_limiter_fails_open_when_its_redis_is_down(caplog):
+    from pipeline.serving.auth import RateLimiter
+
+    limiter = RateLimiter("1/minute", {}, "redis://127.0.0.1:1/0", "test:ratelimit")
+    assert limiter.check("acme") is None and limiter.check("acme") is None
+    assert "rate limiter unavailable" in caplog.text

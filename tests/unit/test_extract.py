@@ -89,3 +89,93 @@ def test_unparseable_timestamps_are_kept_for_validation(settings):
     ctx = _ctx(settings, cfg)
     extract.extract(ctx)
     assert extract.load(ctx)["timestamp"].isna().sum() == 1
+
+
+def test_event_types_weights_and_rating_threshold(settings):
+    df = pd.DataFrame(
+        {
+            "user_id": list("abcdef"),
+            "item_id": list("xxyyzz"),
+            "timestamp": [1736000000 + i for i in range(6)],
+            "rating": [5, 1, 4, 2, 5, 5],
+            "kind": ["View", "view", "purchase", "click", "like", None],
+        }
+    )
+    cfg = write_tenant(
+        settings,
+        "acme",
+        df,
+        source={
+            "columns": {"event_type": "kind", "rating": "rating"},
+            "event_types": {"view": 1, "click": 2, "purchase": 8},
+            "rating_threshold": 3,
+        },
+    )
+    ctx = _ctx(settings, cfg)
+    result = extract.extract(ctx)
+    out = extract.load(ctx)
+    assert out[["user_id", "event_type", "weight"]].values.tolist() == [
+        ["a", "view", 1.0],
+        ["c", "purchase", 8.0],
+        ["f", "interaction", 1.0],  # no type: "interaction", weight 1 unless listed
+    ]
+    assert result["dropped_unknown_event_types"] == {"like": 1}
+    assert result["dropped_below_rating_threshold"] == 2
+    assert result["event_types"] == {"interaction": 1, "purchase": 1, "view": 1}
+
+
+def test_epoch_source_and_api_events_both_keep_their_timestamps(settings):
+    from pipeline import event_log
+
+    df = pd.DataFrame({"user_id": ["a"], "item_id": ["x"], "timestamp": [1736000000], "rating": [1.0]})
+    cfg = write_tenant(settings, "acme", df)
+    ctx = _ctx(settings, cfg)
+    event_log.append(
+        ctx.store, "acme", pd.DataFrame({"user_id": ["b"], "item_id": ["y"], "timestamp": ["2025-01-08T10:00:00Z"]})
+    )
+    extract.extract(ctx)
+    out = extract.load(ctx)
+    assert out["timestamp"].notna().all() and out["user_id"].tolist() == ["a", "b"]
+
+
+def test_window_plan_bootstrap_lookback_catch_up_and_rerun():
+    from datetime import date, timedelta
+
+    from pipeline import history
+
+    end = datetime(2025, 1, 10, 2, tzinfo=UTC)
+    start = end - timedelta(days=1)
+    days = [date(2025, 1, d) for d in range(1, 10)]
+    w = history.plan([], start, end, 2)
+    assert w.bootstrap and w.start is None and w.end_day == date(2025, 1, 10)
+    w = history.plan(days, start, end, 2)  # days 7, 8, 9 are rewritten
+    assert w.first_day == date(2025, 1, 7) and not w.caught_up
+    assert [d for d in days if w.rewrites(d)] == days[-3:]
+    w = history.plan(days[:3], start, end, 2)  # the last partition is day 3: catch up from day 4
+    assert w.first_day == date(2025, 1, 4) and w.caught_up
+    w = history.plan(days, datetime(2025, 1, 4, 2, tzinfo=UTC), datetime(2025, 1, 5, 2, tzinfo=UTC), 0)
+    assert w.first_day == date(2025, 1, 4) and [d for d in days if w.rewrites(d)] == [date(2025, 1, 4)]
+    assert w.last_source_day == date(2025, 1, 5)
+    midnight = history.plan(days, datetime(2025, 1, 4, tzinfo=UTC), datetime(2025, 1, 5, tzinfo=UTC), 0)
+    assert midnight.last_source_day == date(2025, 1, 4)
+
+
+def test_interval_start_given_or_from_the_schedule():
+    from pipeline.history import interval_start
+
+    end = datetime(2025, 4, 1, tzinfo=UTC)
+    assert interval_start("0 2 * * *", end) == datetime(2025, 3, 31, 2, tzinfo=UTC)
+    assert interval_start("@hourly", end) == datetime(2025, 3, 31, 23, tzinfo=UTC)
+    assert interval_start("0 2 * * *", end, datetime(2025, 3, 20, tzinfo=UTC)) == datetime(2025, 3, 20, tzinfo=UTC)
+    assert interval_start("0 2 * * *", end, end) == datetime(2025, 3, 31, 2, tzinfo=UTC)  # manual run: empty
+    assert interval_start("@once", end) == datetime(2025, 3, 31, tzinfo=UTC)
+
+
+def test_partition_dates_in_paths():
+    from datetime import date
+
+    from pipeline.sources import partition_date
+
+    assert partition_date("dt=2025-01-02/part-0.parquet", "dt") == date(2025, 1, 2)
+    assert partition_date("region=eu/dt=2025-01-02/x.csv", "dt") == date(2025, 1, 2)
+    assert partition_date("dt=2025-01-02.csv", "dt") is None and partition_date("dt=latest/x.csv", "dt") is None

@@ -52,3 +52,40 @@ def test_too_few_users_is_a_clear_error(settings):
     extract.extract(ctx)
     with pytest.raises(StageError, match=r"too few to train: 2 users \(features.min_users=10\)"):
         features.features(ctx)
+
+
+def test_catalog_items_without_events_are_indexed_with_their_attributes(settings, small_df):
+    items = sorted(small_df["item_id"].unique())
+    catalog = pd.DataFrame(
+        {
+            "sku": [*items, "zz-new"],
+            "section": ["a" if n % 2 else "b" for n in range(len(items))] + ["b"],
+            "labels": ["x|y"] * len(items) + ["y|z"],
+            "name": [f"Item {n}" for n in range(len(items))] + ["Brand new item"],
+        }
+    )
+    path = settings.data_root / "catalog.csv"
+    catalog.to_csv(path, index=False)
+    columns = {"item_id": "sku", "category": "section", "tags": "labels", "title": "name"}
+    cfg = write_tenant(settings, "acme", small_df, catalog={"uri": str(path), "columns": columns})
+    ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    extract.extract(ctx)
+    result = features.features(ctx)
+    feats, attrs = features.load(ctx), features.load_item_features(ctx)
+    assert result["items"] == len(items) + 1 and result["items_without_events"] == 1
+    new = feats.items.set_index("item_id").loc["zz-new"]
+    assert new["n_events"] == 0 and feats.items["item_id"].is_monotonic_increasing
+    row = int(new["item_idx"])
+    assert attrs.category[row] == 1  # sorted categories: a=0, b=1
+    assert attrs.category[0] == 1 and attrs.category[1] == 0
+    assert attrs.tags.shape == (feats.n_items, 3) and attrs.tags[row].indices.tolist() == [1, 2]  # x=0, y=1, z=2
+    assert attrs.tags[0].indices.tolist() == [0, 1]
+    new_tokens = set(attrs.tokens[row].indices)
+    assert len(new_tokens) == 3 and attrs.tokens.shape[1] == features.TOKEN_BUCKETS
+    assert new_tokens & set(attrs.tokens[0].indices)  # both titles have the word "item"
+
+
+def test_no_catalog_means_no_item_features(ctx):
+    extract.extract(ctx)
+    features.features(ctx)
+    assert features.load_item_features(ctx) is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import evaluate, features
-from pipeline.config.tenant import ALSConfig
+from pipeline.config.models import ALSConfig
 from pipeline.data import synthetic
 from pipeline.models import TrainData, TrainingDiverged
 from pipeline.models.als import ALS, recency_target, training_pairs

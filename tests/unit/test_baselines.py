@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import scipy.sparse as sp
+
+from pipeline import evaluate, ranking
+from pipeline.config.models import EASEConfig, ItemKNNConfig
+from pipeline.models import TrainData
+from pipeline.models.ease import EASE
+from pipeline.models.itemknn import ItemKNN
+from pipeline.storage import codecs
+
+# 4 users x 4 items, checkable by hand
+X = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]], dtype=np.float64)
+
+
+def _data(x: np.ndarray, repeat_first: bool = True) -> TrainData:
+    u, i = np.nonzero(x)
+    if repeat_first:  # a repeated event counts once (binary matrix)
+        u, i = np.append(u, u[0]), np.append(i, i[0])
+    return TrainData(x.shape[0], x.shape[1], u, i, np.zeros(len(u), np.int64), np.ones(len(u)))
+
+
+def test_ease_matches_the_closed_form():
+    model = EASE(EASEConfig(regularization=0.5)).fit(_data(X))
+    P = np.linalg.inv(X.T @ X + 0.5 * np.eye(4))
+    B = np.eye(4) - P / np.diag(P)  # column j divided by P_jj
+    np.fill_diagonal(B, 0.0)
+    assert np.allclose(model.B, B, atol=1e-6)
+    assert np.allclose(model.score_block(np.array([2, 0])), X[[2, 0]] @ B, atol=1e-5)
+
+
+def test_item_knn_is_cosine_with_top_k_neighbours():
+    counts = X.sum(0)
+    cosine = (X.T @ X) / np.sqrt(np.outer(counts, counts))
+    np.fill_diagonal(cosine, 0.0)
+    full = ItemKNN(ItemKNNConfig(neighbours=10)).fit(_data(X))
+    assert np.allclose(full.S.toarray(), cosine, atol=1e-6)
+    # item 1's neighbours: items 0 and 2 (2/3 each) beat item 3 (1/sqrt(3)); block_floats forces tiling
+    top2 = ItemKNN(ItemKNNConfig(neighbours=2), block_floats=5).fit(_data(X)).S.toarray()
+    assert np.allclose(top2[1], [2 / 3, 0, 2 / 3, 0], atol=1e-6)
+    assert (np.count_nonzero(top2, axis=1) <= 2).all()
+    shrunk = ItemKNN(ItemKNNConfig(neighbours=10, shrinkage=3.0)).fit(_data(X)).S.toarray()
+    assert np.isclose(shrunk[0, 1], 2 / (3 + 3.0))
+    assert np.allclose(full.score_block(np.arange(4)), X @ cosine, atol=1e-5)
+
+
+def test_items_and_users_without_events_score_zero():
+    x = np.zeros((3, 5))
+    x[0, [0, 1]] = x[1, [1, 2]] = 1  # user 2 and items 3, 4 have no events
+    for model in (EASE().fit(_data(x)), ItemKNN().fit(_data(x))):
+        scores = model.score_block(np.arange(3))
+        assert np.isfinite(scores).all() and not scores[2].any() and not scores[:, 3:].any()
+
+
+def test_topk_scores_agrees_with_topk_dot_and_masks():
+    rng = np.random.default_rng(0)
+    U, V = rng.normal(size=(7, 3)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    exclude = sp.csr_matrix((np.ones(3), ([0, 0, 4], [1, 2, 5])), shape=(7, 6))
+    by_dot = ranking.topk_dot(U, V, 4, exclude=exclude, block=3)
+    by_fn = ranking.topk_scores(lambda s, e: U[s:e] @ V.T, 7, 6, 4, exclude=exclude, block=3)
+    assert np.array_equal(by_dot, by_fn)
+    assert not ({1, 2} & set(by_fn[0]))
+    allowed = np.array([True, True, False, False, False, False])
+    short = ranking.topk_scores(lambda s, e: U[s:e] @ V.T, 7, 6, 3, exclude=exclude, item_allowed=allowed)
+    assert list(short[0]) == [0, -1, -1]  # item 1 is excluded for user 0: one item left
+    assert set(short[1][:2]) == {0, 1} and short[1][2] == -1
+
+
+def test_evaluate_scorer_equals_evaluate_vectors_for_a_dot_product():
+    rng = np.random.default_rng(1)
+    U, V = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(15, 4)).astype(np.float32)
+    rel = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
+    exc = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
+    a = evaluate.evaluate_vectors(U, V, rel, exc, 5)
+    b = evaluate.evaluate_scorer(lambda rows: U[rows] @ V.T, rel, exc, 5)
+    assert a[0] == b[0] and np.array_equal(a[2], b[2])
+
+
+def test_evaluate_reports_every_baseline(ctx):
+    from pipeline.stages import run_all
+
+    results = run_all(ctx, until="evaluate")
+    ev = results["evaluate"]
+    model = ev["model"]
+    assert list(ev["metrics"]) == [model, "popularity", "item_knn", "ease"]
+    for vals in ev["metrics"].values():
+        assert 0.0 <= vals["ndcg@10"] <= 1.0 and vals["users"] == ev["users"]
+    stored = json.loads(ctx.store.get(ctx.key("evaluate", "metrics.json")))
+    assert stored["metrics"] == ev["metrics"]
+    per_user = codecs.read_parquet(ctx.store.get(ctx.key("evaluate", "per_user.parquet")))
+    for name in ("popularity", "item_knn", "ease", model):
+        assert f"{name}_ndcg" in per_user.columns
+    assert np.isclose(per_user["ease_ndcg"].mean(), ev["metrics"]["ease"]["ndcg@10"])
+
+
+def test_evaluate_skips_ease_above_the_item_limit(settings, small_df):
+    from pipeline.context import RunContext
+    from pipeline.stages import run_all
+    from tests.conftest import INTERVAL_END, write_tenant
+
+    cfg = write_tenant(settings, "big", small_df, evaluation={"ease_max_items": 10})
+    ev = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings), until="evaluate")["evaluate"]
+    assert "ease" not in ev["metrics"] and "item_knn" in ev["metrics"]
