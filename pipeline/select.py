@@ -26,7 +26,9 @@ from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
 STAGE = "select"
 
 
-def validation_split(feats: features.Features, fraction: float) -> tuple[TrainData, sp.csr_matrix, sp.csr_matrix]:
+def validation_split(
+    feats: features.Features, fraction: float, item_features=None
+) -> tuple[TrainData, sp.csr_matrix, sp.csr_matrix]:
     """(fit data, relevant validation pairs, pairs to exclude) from the train events only."""
     train = feats.split(False)
     stamps = train["timestamp"]
@@ -46,7 +48,7 @@ def validation_split(feats: features.Features, fraction: float) -> tuple[TrainDa
     fit, held = binary(~val), binary(val)
     relevant = held - fit.multiply(held)
     relevant.eliminate_zeros()
-    data = TrainData.from_events(train[~val], feats.n_users, feats.n_items)
+    data = TrainData.from_events(train[~val], feats.n_users, feats.n_items, item_features)
     return data, sp.csr_matrix(relevant), fit
 
 
@@ -86,7 +88,7 @@ def select(ctx: RunContext) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(logging.WARNING)
     feats = features.load(ctx)
-    data, relevant, exclude = validation_split(feats, sel.validation_fraction)
+    data, relevant, exclude = validation_split(feats, sel.validation_fraction, features.load_item_features(ctx))
     if relevant.nnz == 0:
         raise ctx.error(STAGE, f"selection.validation_fraction={sel.validation_fraction} leaves no validation events")
     k, metric, device = ctx.config.evaluation.k, sel.metric, resolve_device()

@@ -160,6 +160,12 @@ class TwoTowerConfig(ModelBase):
     hidden: int = Field(default=0, ge=0, le=4096, description="Residual MLP width on each tower (0: none).")
     init_std: float = Field(default=0.1, gt=0)
 
+    @model_validator(mode="after")
+    def _user_tower_has_input(self) -> TwoTowerConfig:
+        if not self.history and not self.user_id:
+            raise ValueError("the user tower needs history > 0 or user_id: true")
+        return self
+
 
 class GraphSAGEConfig(ModelBase):
     """GraphSAGE over the user-item graph, trained on sampled neighbourhoods (pipeline/models/graphsage.py).

@@ -213,3 +213,19 @@ def test_trains_on_cuda(kind, data):
     }
     model = build_by_kind(kind, cfg[kind].model_dump(), device=torch.device("cuda")).fit(data)
     assert np.isfinite(model.user_vectors()).all() and _in_cluster_share(model, data) > 0.25
+
+
+@pytest.mark.parametrize("kind", ["two_tower", "graphsage", "lightgcn"])
+def test_tenant_files_choose_the_neural_kinds(kind):
+    from pipeline.config import TenantConfig
+    from pipeline.config.models import MODEL_QUEUES
+
+    doc = {"tenant": "acme", "source": {"uri": "x.csv"}, "model": {"kind": kind, "epochs": 3}}
+    cfg = TenantConfig.model_validate(doc)
+    assert cfg.model.kind == kind and cfg.model.epochs == 3 and MODEL_QUEUES[kind] == "gpu"
+
+
+def test_two_tower_user_tower_needs_an_input():
+    with pytest.raises(ValueError, match="history > 0 or user_id"):
+        TwoTowerConfig(history=0)
+    assert GraphSAGEConfig.model_validate({"fanouts": [5, 5, 5]}).fanouts == (5, 5, 5)
