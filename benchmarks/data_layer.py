@@ -93,6 +93,7 @@ def run_stages(root: Path, source: Path) -> dict:
         out["stages"][stage] = {
             "seconds": round(time.perf_counter() - t, 2),
             "rows": result.get("rows") or result.get("events"),
+            "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
     out["total_seconds"] = round(time.perf_counter() - total, 2)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -150,7 +150,8 @@ class Features:
 
 def features(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    df = validate.load(ctx).dropna(subset=["user_id", "item_id", "timestamp"])
+    df = validate.load(ctx)[["user_id", "item_id", "timestamp", "rating"]]
+    df = df.dropna(subset=["user_id", "item_id", "timestamp"])
     user_idx, user_ids = pd.factorize(df["user_id"], sort=True)
     item_idx, item_ids = pd.factorize(df["item_id"], sort=True)
     cfg = ctx.config.features
@@ -179,6 +180,7 @@ def features(ctx: RunContext) -> dict[str, Any]:
         .sort_values(["user_idx", "timestamp", "item_idx"], kind="stable")
         .reset_index(drop=True)
     )
+    del df, user_idx, item_idx, ts, holdout  # the string-keyed table is the largest thing held: free it early
     n_u, n_i = len(user_ids), len(item_ids)
     tr = ~events["holdout"].to_numpy()
     uidx, iidx = events["user_idx"].to_numpy(), events["item_idx"].to_numpy()
@@ -212,8 +214,7 @@ def features(ctx: RunContext) -> dict[str, Any]:
     if catalog is not None:
         tables[ITEM_FEATURES] = item_feature_table(items["item_id"], catalog)
     # descriptive user/item statistics as of the interval end (offline; users' go online in Redis)
-    tables[USER_STATS] = feature_tables.user_features(df, ctx.interval_end, catalog)
-    tables[ITEM_STATS] = feature_tables.item_features(df, ctx.interval_end, catalog)
+    tables[USER_STATS], tables[ITEM_STATS] = _stats(events, users, items, catalog, ctx.interval_end)
     for name, table in tables.items():
         ctx.store.put(ctx.key(STAGE, name), codecs.parquet_bytes(table))
     result = {
@@ -236,6 +237,23 @@ def features(ctx: RunContext) -> dict[str, Any]:
         holdout_users,
     )
     return ctx.write_result(STAGE, result)
+
+
+def _stats(events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, catalog, as_of) -> tuple:
+    """feature_tables on the integer indices (no string-keyed groupbys over every event), ids mapped back."""
+    ev = events[["user_idx", "item_idx", "timestamp", "rating"]].rename(
+        columns={"user_idx": "user_id", "item_idx": "item_id"}
+    )
+    cat = None
+    if catalog is not None:
+        idx = pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].astype(str).to_numpy())
+        cat = catalog.assign(item_id=catalog["item_id"].astype(str).map(idx)).dropna(subset=["item_id"])
+        cat["item_id"] = cat["item_id"].astype(np.int64)
+    u = feature_tables.user_features(ev, as_of, cat)
+    i = feature_tables.item_features(ev, as_of, cat)
+    u["user_id"] = users["user_id"].to_numpy()[u["user_id"].to_numpy()]
+    i["item_id"] = items["item_id"].to_numpy()[i["item_id"].to_numpy()]
+    return u, i
 
 
 def load(ctx: RunContext) -> Features:
