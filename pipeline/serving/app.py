@@ -12,21 +12,30 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import numpy as np
 import pandas as pd
 from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import event_log
 from pipeline.config import Settings, get_settings
-from pipeline.embeddings import InvalidUserData
-from pipeline.serving import auth, rerank
+from pipeline.serving import auth
+from pipeline.serving.answers import (
+    Metrics,
+    candidates_wanted,
+    fold_in_events,
+    one_user,
+    recommend_many,
+    rejected_events,
+    rerank_rows,
+    scored,
+)
 from pipeline.serving.deps import EntityId, Live, TenantId
 from pipeline.serving.middleware import TenantPathGuard
-from pipeline.serving.releases import LiveRelease, ReleaseCache
+from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.schemas import (
     BatchRecommendations,
     BatchRequest,
@@ -38,10 +47,7 @@ from pipeline.serving.schemas import (
     Ranked,
     RankRequest,
     Readiness,
-    Reason,
     Recommendations,
-    RejectedEvent,
-    ScoredItem,
     SimilarItems,
 )
 from pipeline.storage import open_store
@@ -55,38 +61,6 @@ ERRORS = {
     429: {"model": Error, "description": "The tenant's rate limit is exceeded; see Retry-After."},
 }
 POST_ERRORS = {400: {"model": Error, "description": "The body is not valid JSON."}, **ERRORS}
-MAX_FUTURE_SKEW = timedelta(hours=1)  # events stamped further ahead are refused (clock bugs)
-MIN_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)  # as validation's default min_timestamp
-REASON_SEEN_ITEMS = 200  # reasons look at the user's most recent items only
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.latency = Histogram(
-            "recsys_request_seconds",
-            "Request latency",
-            ["tenant", "endpoint"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
-        )
-        self.fallbacks = Counter(
-            "recsys_fallbacks_total", "Users served the fallback list", ["tenant", "reason"], registry=self.registry
-        )
-        self.live = Gauge(
-            "recsys_live_release",
-            "1 for the release each tenant serves",
-            ["tenant", "release_id"],
-            registry=self.registry,
-        )
-        self.rate_limited = Counter("recsys_rate_limited_total", "429 answers", ["tenant"], registry=self.registry)
-        self.events = Counter("recsys_events_total", "Events accepted", ["tenant"], registry=self.registry)
-        self.fold_ins = Counter("recsys_fold_ins_total", "User vectors folded in", ["tenant"], registry=self.registry)
-
-    def swapped(self, tenant: str, old: str | None, new: str) -> None:
-        if old is not None:
-            self.live.remove(tenant, old)
-        self.live.labels(tenant, new).set(1)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -160,94 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def observe(tenant: str, endpoint: str, started: float) -> None:
         metrics.latency.labels(tenant, endpoint).observe(time.perf_counter() - started)
 
-    def scored(
-        live: LiveRelease, rows: np.ndarray, scores: np.ndarray, because: np.ndarray | None = None
-    ) -> list[ScoredItem]:
-        ids, titles = live.release.item_ids, live.release.item_titles
-        out = []
-        for j, (r, s) in enumerate(zip(rows, scores, strict=True)):  # the k items of one response
-            reason = None
-            if because is not None and because[j] >= 0:
-                seen_id = ids[int(because[j])]
-                name = titles[int(because[j])] if titles is not None else None
-                reason = Reason(because_item_id=seen_id, text=f"because you interacted with {name or seen_id}")
-            out.append(ScoredItem(item_id=ids[int(r)], score=float(s), reason=reason))
-        return out
-
-    def rerank_rows(live: LiveRelease, rows: np.ndarray, scores: np.ndarray, opts: Options) -> np.ndarray:
-        """Positions of the final k among score-ordered candidates."""
-        pos = np.arange(len(rows))
-        if opts.max_per_category is not None:
-            pos = rerank.cap_per_category(rows, live.release.item_category, len(rows), opts.max_per_category)
-        if opts.diversity > 0:
-            pos = pos[rerank.mmr(rows[pos], scores[pos], live.release.item_vectors, opts.k, opts.diversity)]
-        return pos[: opts.k]
-
-    def fallback_items(live: LiveRelease, opts: Options, allowed: np.ndarray | None, excluded: np.ndarray):
-        eligible = None
-        if allowed is not None or len(excluded):
-            eligible = np.ones(live.n_items, dtype=bool) if allowed is None else allowed.copy()
-            eligible[excluded] = False
-        pop = live.release.item_popularity
-        want = opts.k * 5 if opts.reranks else opts.k
-        rows = rerank.popular_topk(pop, want, eligible)
-        scores = (pop[rows] / max(float(pop.max()), 1.0)).astype(np.float32)
-        pos = rerank_rows(live, rows, scores, opts)
-        return rows[pos], scores[pos]
-
-    def recommend_many(live: LiveRelease, tenant: str, user_ids: list[str], opts: Options) -> list[Recommendations]:
-        allowed = live.allowed(opts.filters())
-        excluded, _ = live.rows_of(opts.exclude)
-        users = live.users.users(live.release, user_ids)
-        known = [j for j, u in enumerate(users) if isinstance(u, tuple)]
-        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if known:
-            vectors = np.stack([users[j][0] for j in known])
-            exclude = [np.concatenate((users[j][1], excluded)) for j in known]
-            want = min(max(opts.k * 5, 50), live.n_items) if opts.reranks else opts.k
-            rows, scores = live.search(vectors, want, exclude=exclude, allowed=allowed)
-            for n, j in enumerate(known):
-                ok = rows[n] >= 0
-                found[j] = (rows[n][ok], scores[n][ok])
-        filtered = allowed is not None
-        out = []
-        for j, user_id in enumerate(user_ids):  # the users of one request
-            because = None
-            if j in found:
-                rows, scores = found[j]
-                pos = rerank_rows(live, rows, scores, opts)
-                rows, scores = rows[pos], scores[pos]
-                if opts.explain:
-                    because = rerank.reasons(rows, users[j][1][:REASON_SEEN_ITEMS], live.release.item_vectors)
-                reason = None
-            else:
-                rows, scores = fallback_items(live, opts, allowed, excluded)
-                if isinstance(users[j], InvalidUserData):
-                    log.error("tenant %s: %s; serving the fallback", tenant, users[j])
-                    reason = "invalid_user_data"
-                else:
-                    reason = "unknown_user_matched_on_attributes" if filtered else "unknown_user"
-                metrics.fallbacks.labels(tenant, reason).inc()
-            out.append(
-                Recommendations(
-                    tenant=tenant,
-                    user_id=user_id,
-                    release_id=live.release_id,
-                    recommendation_id=uuid.uuid4().hex,
-                    fallback=reason is not None,
-                    fallback_reason=reason,
-                    items=scored(live, rows, scores, because),
-                )
-            )
-        return out
-
-    def one_user(live: LiveRelease, tenant: str, user_id: str):
-        try:
-            return live.users.user(live.release, user_id)
-        except InvalidUserData as exc:
-            log.error("tenant %s: %s; serving the fallback", tenant, exc)
-            return None
-
     @app.get(
         "/v1/tenants/{tenant}/users/{user_id}/recommendations",
         response_model=Recommendations,
@@ -261,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         than `k` while enough items qualify; `diversity` (MMR) or `max_per_category` re-rank.
         """
         started = time.perf_counter()
-        body = recommend_many(live, tenant, [user_id], opts)[0]
+        body = recommend_many(live, tenant, [user_id], opts, metrics)[0]
         observe(tenant, "recommendations", started)
         return body
 
@@ -277,10 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if row < 0:
             raise HTTPException(404, f"unknown item {item_id!r} for tenant {tenant!r}")
         excluded, _ = live.rows_of(opts.exclude)
-        want = min(max(opts.k * 5, 50), live.n_items) if opts.reranks else opts.k
         rows, scores = live.search(
             live.release.item_vectors[row],
-            want,
+            candidates_wanted(live, opts),
             exclude=[np.concatenate(([row], excluded))],
             allowed=live.allowed(opts.filters()),
         )
@@ -337,7 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def batch(tenant: TenantId, live: Live, body: BatchRequest) -> BatchRecommendations:
         """One index search for all users, all answered from the same release."""
         started = time.perf_counter()
-        results = recommend_many(live, tenant, body.user_ids, body.options)
+        results = recommend_many(live, tenant, body.user_ids, body.options, metrics)
         observe(tenant, "batch", started)
         return BatchRecommendations(tenant=tenant, release_id=live.release_id, results=results)
 
@@ -357,13 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         now = datetime.now(UTC)
         stamps = [e.timestamp or now for e in body.events]
         stamps = [s if s.tzinfo else s.replace(tzinfo=UTC) for s in stamps]
-        rejected = [
-            RejectedEvent(index=i, reason=f"timestamp more than {MAX_FUTURE_SKEW} in the future")
-            if s > now + MAX_FUTURE_SKEW
-            else RejectedEvent(index=i, reason=f"timestamp before {MIN_EVENT_TIME.date()}")
-            for i, s in enumerate(stamps)
-            if s > now + MAX_FUTURE_SKEW or s < MIN_EVENT_TIME
-        ]
+        rejected = rejected_events(stamps, now)
         bad = {r.index for r in rejected}
         keep = [i for i in range(len(body.events)) if i not in bad]
         df = pd.DataFrame(
@@ -389,22 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.events.labels(tenant).inc(len(df))
         rows = live.release.item_ids.get_indexer(df["item_id"].to_numpy())
         unknown = sorted(set(df.loc[rows < 0, "item_id"]))
-        folded = 0
-        if live.can_fold_in:
-            known = df.assign(row=rows)[rows >= 0].sort_values("timestamp", ascending=False, kind="stable")
-            for user_id, part in known.groupby("user_id", sort=True):  # the users of one request
-                new_rows = part["row"].to_numpy()
-                new_counts = pd.Series(new_rows).value_counts(sort=False)
-                current = one_user(live, tenant, str(user_id))
-                old = current[1] if current is not None else np.empty(0, dtype=np.int32)
-                history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
-                counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
-                vector = rerank.fold_in(
-                    live.release.item_vectors, live.gram, history, counts, live.release.model_meta.get("config", {})
-                )
-                live.users.fold(live.release, str(user_id), vector, history.astype(np.int32))
-                folded += 1
-            metrics.fold_ins.labels(tenant).inc(folded)
+        folded = fold_in_events(live, tenant, df, rows, metrics)
         observe(tenant, "events", started)
         return EventsAccepted(
             tenant=tenant,

@@ -133,20 +133,9 @@ def flip_byte(store, k: str, pos: int | None = None) -> bytes:
 # --------------------------------------------------------------------------- stores
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_env(moto_endpoint, monkeypatch) -> str:
+def s3_env(s3_endpoint, monkeypatch) -> str:
+    moto_endpoint = s3_endpoint
     for k, v in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -117,17 +117,6 @@ def test_hive_partitions_read_only_the_days_the_run_needs(settings):
         extract.extract(ctx)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch):
     import boto3

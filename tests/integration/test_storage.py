@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import threading
 import uuid
 
@@ -10,10 +11,11 @@ import pytest
 from pipeline.storage import LocalStore, PreconditionFailed, StoreError
 
 
-class ObjectStoreContract:
+class ObjectStoreContract(abc.ABC):
     @pytest.fixture
-    def store(self):  # pragma: no cover - supplied by subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def store(self):
+        """The store under test, supplied by each subclass."""
 
     def test_put_get_exists_list_delete(self, store):
         store.put("a/b/one.bin", b"1")
@@ -75,17 +77,6 @@ class TestLocalStore(ObjectStoreContract):
     @pytest.fixture
     def store(self, tmp_path):
         return LocalStore(tmp_path / "root")
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.mark.integration

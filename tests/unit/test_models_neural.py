@@ -7,6 +7,8 @@ catalog items (clusters 0 and 1) have no events at all.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -79,13 +81,13 @@ def _in_cluster_share(model, data: TrainData, k: int = 3) -> float:
     return float((ITEM_CLUSTER[top] == (np.arange(data.n_users) // USERS_PER)[:, None]).mean())
 
 
-class NeuralContract:
+class NeuralContract(abc.ABC):
     """What every neural model must do; a subclass supplies `make(seed)` and `learns` (the bar)."""
 
     learns = 0.8
 
-    def make(self, seed: int = 0):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make(self, seed: int = 0): ...
 
     @pytest.fixture(scope="class")
     def fitted(self, data):
