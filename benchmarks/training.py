@@ -8,9 +8,10 @@ popularity, log-normal user activity, taste clusters), generated vectorised and 
 under var/cache/. `--quick`: 50k x 5k, ~850k pairs.
 
 Jobs (each in its own subprocess, so peak RSS is per model):
-  als               our ALS (exact Cholesky solves), `--als-iterations` (15), 64 factors
+  als               our ALS, default config (3 CG steps per solve), `--als-iterations` (15), 64 factors
+  als_cholesky      the same with exact Cholesky solves (not run unless named in --only: ~35 min)
   implicit_als      implicit 0.7 AlternatingLeastSquares, same (its default: 3 CG steps per solve)
-  implicit_als_exact  the same with use_cg=False (Cholesky, like ours)
+  implicit_als_exact  the same with use_cg=False (Cholesky)
   bpr               our BPR, `--bpr-epochs` (100) epochs, 64 factors, default config otherwise
   bpr_compiled      the same with `compile: true` (torch.compile'd step)
   implicit_bpr      implicit 0.7 BayesianPersonalizedRanking, the same epochs
@@ -144,12 +145,13 @@ def _ours(name: str, d, users: int, items: int, epochs_other: int, bpr_epochs: i
     data = TrainData(users, items, d["user"], d["item"], d["timestamp"], np.full(len(d["user"]), np.nan))
     overrides = {
         "als": {"factors": 64, "iterations": als_iterations},
+        "als_cholesky": {"factors": 64, "iterations": als_iterations, "solver": "cholesky"},
         "bpr": {"factors": 64, "epochs": bpr_epochs},
         "bpr_compiled": {"factors": 64, "epochs": bpr_epochs, "compile": True},
     }.get(name, {})
-    cfg = model_config({"kind": name.removesuffix("_compiled"), **overrides})
+    cfg = model_config({"kind": name.removesuffix("_compiled").removesuffix("_cholesky"), **overrides})
     model = build(cfg, torch.device("cpu"))
-    limit = None if name in ("als", "bpr", "bpr_compiled") else epochs_other
+    limit = None if name in ("als", "als_cholesky", "bpr", "bpr_compiled") else epochs_other
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -236,7 +238,7 @@ def jobs(only: list[str] | None) -> list[str]:
 
     names = ["als", "implicit_als", "implicit_als_exact", "bpr", "bpr_compiled", "implicit_bpr"]
     names += [k for k in KINDS if k not in ("popularity", "als", "bpr")]  # new kinds appear here by themselves
-    return [n for n in names if not only or n in only]
+    return [n for n in names if not only or n in only] + [n for n in ("als_cholesky",) if n in (only or [])]
 
 
 def main() -> None:

@@ -81,6 +81,11 @@ class ALSConfig(ModelBase):
     )
     fold_in_floor: float = Field(default=0.05, ge=0, le=1)
     fold_in_regularization: float = Field(default=0.3, ge=0)
+    solver: Literal["cg", "cholesky"] = Field(
+        default="cg", description="cg: a few warm-started conjugate-gradient steps per row; cholesky: exact solves."
+    )
+    cg_steps: int = Field(default=3, ge=1, le=64, description="CG steps per row and half-iteration.")
+    fold_in_cg_steps: int = Field(default=5, ge=1, le=64, description="CG steps of the final user re-solve.")
     init_std: float = Field(default=0.1, gt=0, description="Initial factors ~ N(0, (init_std / sqrt(factors))^2).")
 
 

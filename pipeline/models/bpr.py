@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from pipeline.config.models import BPRConfig
-from pipeline.models.als import recency_target, training_pairs
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
+from pipeline.models.pairs import recency_target, training_pairs
 
 _EPS = 1e-10
 

@@ -37,8 +37,8 @@ from torch_geometric.nn import SAGEConv
 
 from pipeline.config.models import GraphSAGEConfig, LightGCNConfig
 from pipeline.models._neural import Adam, ItemAttributes, batches, check_finite, chunked, seeded
-from pipeline.models.als import recency_target, training_pairs
 from pipeline.models.base import ItemFeatures, ProgressCallback, TrainData
+from pipeline.models.pairs import recency_target, training_pairs
 
 
 class Graph:
