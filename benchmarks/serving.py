@@ -82,31 +82,17 @@ P99_TARGET_MS = 20.0
 
 
 def _index_bytes(item_vectors, user_vectors, kind: str | None):
-    """FAISS index bytes and info through pipeline.index, the way the index stage builds them.
-
-    Works with both signatures: build_index(x) -> index and build_index(x, cfg, queries) -> (index, info).
-    """
+    """FAISS index bytes and info, built and tuned the way the index stage builds them."""
     import numpy as np
 
+    from pipeline import ann
     from pipeline import index as faiss_index
+    from pipeline.config.tenant import IndexConfig
 
-    kwargs = {}
-    index_config = getattr(faiss_index, "IndexConfig", None)  # the config class index.py itself uses
-    if index_config is not None:
-        rng = np.random.default_rng(0)
-        probes = user_vectors[np.sort(rng.choice(len(user_vectors), size=min(256, len(user_vectors)), replace=False))]
-        kwargs = {"cfg": index_config(kind=kind) if kind else index_config(), "queries": probes}
-    elif kind not in (None, "auto", "flat"):
-        raise SystemExit(f"--index-kind {kind}: this pipeline.index builds exact (flat) indexes only")
-    try:
-        built = faiss_index.build_index(item_vectors, **kwargs)
-    except TypeError:
-        built = faiss_index.build_index(item_vectors)
-    info = {}
-    if isinstance(built, tuple):
-        built, info = built[0], (dict(built[1]) if len(built) > 1 and isinstance(built[1], dict) else {})
-    info.setdefault("kind", type(built).__name__)
-    return faiss_index.serialize(built), info
+    rng = np.random.default_rng(0)
+    probes = user_vectors[np.sort(rng.choice(len(user_vectors), size=min(256, len(user_vectors)), replace=False))]
+    built, info = faiss_index.build_index(item_vectors, IndexConfig(kind=kind or "auto"), queries=probes)
+    return ann.serialize(built), info
 
 
 def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None = None, seed: int = 0):
@@ -114,9 +100,8 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
-    from safetensors.numpy import save as st_save
 
-    from pipeline.storage import codecs
+    from pipeline import release
 
     rng = np.random.default_rng(seed)
     # clustered unit-ish vectors, roughly what an ALS model gives
@@ -138,14 +123,10 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
     seen.sort_indices()
     indptr, indices = seen.indptr.astype(np.int64), seen.indices.astype(np.int32)
 
-    n_users_per_item = np.bincount(indices, minlength=n_items)
-    order = np.lexsort((np.arange(n_items), -n_users_per_item))
-    popular = order[:200].astype(np.int32)
     items = pd.DataFrame(
         {
             "item_id": pd.array([f"i{i}" for i in range(n_items)], dtype="string"),
             "item_idx": np.arange(n_items, dtype=np.int32),
-            "n_users": n_users_per_item.astype(np.int64),
         }
     )
     users = pd.DataFrame(
@@ -156,20 +137,19 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
     )
     index_bytes, index_info = _index_bytes(item_vectors, user_vectors, index_kind)
     model_meta = {"kind": "als", "config": {"factors": dim, "synthetic": True}, "users": n_users, "items": n_items}
-    files = {
-        "model.safetensors": st_save(
-            {"user_factors": user_vectors, "item_factors": item_vectors}, metadata={"kind": "als"}
-        ),
-        "model.json": json.dumps(model_meta, indent=2, sort_keys=True).encode(),
-        "user_vectors.npy": codecs.npy_bytes(user_vectors),
-        "item_vectors.npy": codecs.npy_bytes(item_vectors),
-        "users.parquet": codecs.parquet_bytes(users),
-        "items.parquet": codecs.parquet_bytes(items),
-        "seen_indptr.npy": codecs.npy_bytes(indptr),
-        "seen_indices.npy": codecs.npy_bytes(indices),
-        "popular.npy": codecs.npy_bytes(popular),
-        "items.faiss": index_bytes,
-    }
+    files = release.assemble_files(
+        model_state={"user_factors": user_vectors, "item_factors": item_vectors},
+        model_kind="als",
+        model_json=json.dumps(model_meta, indent=2, sort_keys=True).encode(),
+        user_vectors=user_vectors,
+        item_vectors=item_vectors,
+        users=users,
+        items=items,
+        seen_indptr=indptr,
+        seen_indices=indices,
+        popular_items=200,
+        index_bytes=index_bytes,
+    )
     lens = np.diff(indptr)
     stats = {
         "seen_per_user": {

@@ -13,7 +13,8 @@ Jobs (each in its own subprocess, so peak RSS is per model):
   implicit_als      implicit 0.7 AlternatingLeastSquares, same (its default: 3 CG steps per solve)
   implicit_als_exact  the same with use_cg=False (Cholesky)
   bpr               our BPR, `--bpr-epochs` (100) epochs, 64 factors, default config otherwise
-  bpr_compiled      the same with `compile: true` (torch.compile'd step)
+                    (compile: auto, so torch.compile'd on the CPU at this size when a C++ compiler exists)
+  bpr_eager         the same with `compile: false`
   implicit_bpr      implicit 0.7 BayesianPersonalizedRanking, the same epochs
                     (BPR rows also carry projected_100_epochs_seconds: setup + 100 x per epoch)
   <every other kind in pipeline.models.registry.KINDS> (two_tower, graphsage, ...): default
@@ -147,11 +148,11 @@ def _ours(name: str, d, users: int, items: int, epochs_other: int, bpr_epochs: i
         "als": {"factors": 64, "iterations": als_iterations},
         "als_cholesky": {"factors": 64, "iterations": als_iterations, "solver": "cholesky"},
         "bpr": {"factors": 64, "epochs": bpr_epochs},
-        "bpr_compiled": {"factors": 64, "epochs": bpr_epochs, "compile": True},
+        "bpr_eager": {"factors": 64, "epochs": bpr_epochs, "compile": False},
     }.get(name, {})
-    cfg = model_config({"kind": name.removesuffix("_compiled").removesuffix("_cholesky"), **overrides})
+    cfg = model_config({"kind": name.removesuffix("_eager").removesuffix("_cholesky"), **overrides})
     model = build(cfg, torch.device("cpu"))
-    limit = None if name in ("als", "als_cholesky", "bpr", "bpr_compiled") else epochs_other
+    limit = None if name in ("als", "als_cholesky", "bpr", "bpr_eager") else epochs_other
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -236,7 +237,7 @@ def _partial(stdout: bytes | str | None) -> dict:
 def jobs(only: list[str] | None) -> list[str]:
     from pipeline.models.registry import KINDS
 
-    names = ["als", "implicit_als", "implicit_als_exact", "bpr", "bpr_compiled", "implicit_bpr"]
+    names = ["als", "implicit_als", "implicit_als_exact", "bpr", "bpr_eager", "implicit_bpr"]
     names += [k for k in KINDS if k not in ("popularity", "als", "bpr")]  # new kinds appear here by themselves
     return [n for n in names if not only or n in only] + [n for n in ("als_cholesky",) if n in (only or [])]
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from safetensors.numpy import save as st_save
 
 from pipeline import extract, features, index, release, tracking, train
 from pipeline.context import RunContext
@@ -42,29 +40,19 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     feats = features.load(ctx)
     model = train.load_model(ctx, "refit")
     indptr, indices = _seen_csr(feats)
-    n_users_per_item = np.bincount(indices, minlength=feats.n_items)
-    order = np.lexsort((np.arange(feats.n_items), -n_users_per_item))
-    popular = order[: ctx.config.serving.popular_items].astype(np.int32)
-    items = pd.DataFrame(
-        {
-            "item_id": feats.items["item_id"],
-            "item_idx": feats.items["item_idx"],
-            "n_users": n_users_per_item.astype(np.int64),
-        }
+    files = release.assemble_files(
+        model_state=model.state(),
+        model_kind=model.kind,
+        model_json=ctx.store.get(ctx.key("refit", train.CONFIG)),
+        user_vectors=model.user_vectors(),
+        item_vectors=model.item_vectors(),
+        users=feats.users,
+        items=feats.items,
+        seen_indptr=indptr,
+        seen_indices=indices,
+        popular_items=ctx.config.serving.popular_items,
+        index_bytes=ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
     )
-    users = feats.users[["user_id", "user_idx"]]
-    files = {
-        "model.safetensors": st_save(model.state(), metadata={"kind": model.kind}),
-        "model.json": ctx.store.get(ctx.key("refit", train.CONFIG)),
-        "user_vectors.npy": codecs.npy_bytes(model.user_vectors().astype(np.float32)),
-        "item_vectors.npy": codecs.npy_bytes(model.item_vectors().astype(np.float32)),
-        "users.parquet": codecs.parquet_bytes(users),
-        "items.parquet": codecs.parquet_bytes(items),
-        "seen_indptr.npy": codecs.npy_bytes(indptr),
-        "seen_indices.npy": codecs.npy_bytes(indices),
-        "popular.npy": codecs.npy_bytes(popular),
-        "items.faiss": ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
-    }
     for name in (features.USER_STATS, features.ITEM_STATS):  # offline feature tables travel with the release
         files[name] = ctx.store.get(ctx.key(features.STAGE, name))
     attributes = _item_attributes(ctx, feats)

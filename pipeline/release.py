@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from safetensors.numpy import save as st_save
 
 from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
 
@@ -38,6 +39,46 @@ FILES = (
 )
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables
 OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet")
+
+
+def assemble_files(
+    *,
+    model_state: dict[str, np.ndarray],
+    model_kind: str,
+    model_json: bytes,
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    seen_indptr: np.ndarray,
+    seen_indices: np.ndarray,
+    popular_items: int,
+    index_bytes: bytes,
+) -> dict[str, bytes]:
+    """The required files of a release (FILES, in order): publish, tests and benchmarks all
+    build releases here, so a format change cannot leave one of them writing the old one.
+
+    users: user_id, user_idx; items: item_id, item_idx (n_users is derived from the seen
+    lists, and so is the popularity list: most distinct users first, ties by item index).
+    """
+    n_items = len(items)
+    n_users_per_item = np.bincount(seen_indices, minlength=n_items)
+    popular = np.lexsort((np.arange(n_items), -n_users_per_item))[:popular_items].astype(np.int32)
+    items = items[["item_id", "item_idx"]].assign(n_users=n_users_per_item.astype(np.int64))
+    files = {
+        "model.safetensors": st_save(model_state, metadata={"kind": model_kind}),
+        "model.json": model_json,
+        "user_vectors.npy": codecs.npy_bytes(np.asarray(user_vectors, dtype=np.float32)),
+        "item_vectors.npy": codecs.npy_bytes(np.asarray(item_vectors, dtype=np.float32)),
+        "users.parquet": codecs.parquet_bytes(users[["user_id", "user_idx"]]),
+        "items.parquet": codecs.parquet_bytes(items),
+        "seen_indptr.npy": codecs.npy_bytes(seen_indptr),
+        "seen_indices.npy": codecs.npy_bytes(seen_indices),
+        "popular.npy": codecs.npy_bytes(popular),
+        "items.faiss": index_bytes,
+    }
+    assert tuple(files) == FILES
+    return files
 
 
 class ReleaseError(RuntimeError):

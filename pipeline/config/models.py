@@ -116,8 +116,10 @@ class BPRConfig(ModelBase):
     )
     recency_floor: float = Field(default=0.02, ge=0, le=1)
     init_std: float = Field(default=0.1, gt=0, description="Initial factors ~ N(0, (init_std / sqrt(factors))^2).")
-    compile: bool = Field(
-        default=False, description="torch.compile the training step (needs a C++ compiler on CPU; faster on big data)."
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="torch.compile the training step. auto: on the CPU when a C++ compiler is present and the run "
+        "(pairs x epochs) is big enough to repay the ~1 min compile; 1.5x faster per epoch at 8.5M pairs.",
     )
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import index as faiss_index
+from pipeline import ann
 from pipeline import release as rel
 from pipeline.embeddings import EmbeddedStore, UserStore
 from pipeline.serving import rerank
@@ -111,7 +111,7 @@ class LiveRelease:
         """Top-k rows and scores per query row, never fewer than k while enough items are eligible."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         _one_faiss_thread()
-        return faiss_index.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
+        return ann.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
 
 
 class ReleaseCache:
@@ -176,9 +176,7 @@ class ReleaseCache:
                 return live
             try:
                 loaded = rel.load_release(self.store, tenant, rid)
-                new = LiveRelease(
-                    loaded, faiss_index.deserialize(loaded.index_bytes, loaded.manifest.get("index")), users
-                )
+                new = LiveRelease(loaded, ann.deserialize(loaded.index_bytes, loaded.manifest.get("index")), users)
             except Exception as exc:  # checksum, missing file, bad bytes, faiss: never swap to it
                 log.error(
                     "tenant %s: cannot load release %s (%s); keeping %s",

@@ -34,8 +34,8 @@ from urllib.parse import urlparse, urlunparse
 import numpy as np
 import pandas as pd
 import pytest
-from safetensors.numpy import save as st_save
 
+from pipeline import ann
 from pipeline import index as faiss_index
 from pipeline import release as rel
 from pipeline.embeddings import RedisStore, key
@@ -58,39 +58,25 @@ def day(n: int) -> str:
 
 
 def make_files(seed: int, n_users: int = 40, n_items: int = 30, dim: int = DIM) -> dict[str, bytes]:
-    """Every file of `pipeline.release.FILES`, written the way publish.build_files writes them."""
+    """Every file of `pipeline.release.FILES`, through the same assembly as publish."""
     rng = np.random.default_rng(seed)
     user_vectors = rng.standard_normal((n_users, dim)).astype(np.float32)
     item_vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
     counts = rng.integers(0, 6, n_users)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    indices = rng.integers(0, n_items, int(indptr[-1])).astype(np.int32)
-    n_users_per_item = np.bincount(indices, minlength=n_items)
-    popular = np.lexsort((np.arange(n_items), -n_users_per_item))[:10].astype(np.int32)
-    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(n_users)], "user_idx": np.arange(n_users)})
-    items = pd.DataFrame(
-        {
-            "item_id": [f"i{j}" for j in range(n_items)],
-            "item_idx": np.arange(n_items),
-            "n_users": n_users_per_item.astype(np.int64),
-        }
+    return rel.assemble_files(
+        model_state={"user": user_vectors, "item": item_vectors},
+        model_kind="test",
+        model_json=codecs.json_bytes({"kind": "test", "seed": seed}),
+        user_vectors=user_vectors,
+        item_vectors=item_vectors,
+        users=pd.DataFrame({"user_id": [f"u{i}" for i in range(n_users)], "user_idx": np.arange(n_users)}),
+        items=pd.DataFrame({"item_id": [f"i{j}" for j in range(n_items)], "item_idx": np.arange(n_items)}),
+        seen_indptr=indptr,
+        seen_indices=rng.integers(0, n_items, int(indptr[-1])).astype(np.int32),
+        popular_items=10,
+        index_bytes=ann.serialize(faiss_index.build_index(item_vectors)[0]),
     )
-    built = faiss_index.build_index(item_vectors)
-    idx = built[0] if isinstance(built, tuple) else built  # build_index may return (index, info)
-    files = {
-        "model.safetensors": st_save({"user": user_vectors, "item": item_vectors}, metadata={"kind": "test"}),
-        "model.json": codecs.json_bytes({"kind": "test", "seed": seed}),
-        "user_vectors.npy": codecs.npy_bytes(user_vectors),
-        "item_vectors.npy": codecs.npy_bytes(item_vectors),
-        "users.parquet": codecs.parquet_bytes(users),
-        "items.parquet": codecs.parquet_bytes(items),
-        "seen_indptr.npy": codecs.npy_bytes(indptr),
-        "seen_indices.npy": codecs.npy_bytes(indices),
-        "popular.npy": codecs.npy_bytes(popular),
-        "items.faiss": faiss_index.serialize(idx),
-    }
-    assert tuple(files) == rel.FILES
-    return files
 
 
 def write(store, files: dict[str, bytes], run_id: str, interval_end: str) -> str:

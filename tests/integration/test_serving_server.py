@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import index, refresh, release
+from pipeline import ann, index, refresh, release
 from pipeline.context import RunContext
 from pipeline.data import synthetic
 from pipeline.serving.app import create_app
@@ -70,7 +70,7 @@ def two_releases(tmp_path_factory, mlflow_uri):
     files = {n: store.get(f"tenants/acme/releases/{a.release_id}/{n}") for n in a.manifest["files"]}
     other = np.roll(a.item_vectors, 17, axis=0) * np.float32(1.5)
     files["item_vectors.npy"] = codecs.npy_bytes(other)
-    files["items.faiss"] = index.serialize(index.build_index(other)[0])
+    files["items.faiss"] = ann.serialize(index.build_index(other)[0])
     b_id = release.release_id_for("20250402T000000Z", files)
     release.write_release(store, "acme", b_id, files, {"data_interval_end": "2025-04-02T00:00:00+00:00"})
     b = release.load_release(store, "acme", b_id)

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from pipeline import metrics
 from pipeline.config.tenant import GateConfig
-from pipeline.gate import ChallengerEvidence, ChampionEvidence, GroupRecall, decide, format_table
+from pipeline.gate_policy import ChallengerEvidence, ChampionEvidence, GroupRecall, decide, format_table
 
 POLICY = GateConfig(tolerance=0.01)
 

@@ -3,7 +3,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import index, release
+from pipeline import ann, index, release
 from pipeline.config.tenant import IndexConfig
 from pipeline.context import RunContext, StageError
 from pipeline.storage import LocalStore
@@ -30,7 +30,7 @@ def test_flat_index_round_trips_and_matches_exact_search():
     vectors = rng.normal(size=(500, 16)).astype(np.float32)
     built, info = index.build_index(vectors)
     assert info["kind"] == "flat" and info["recall_at_10_vs_exact"] == 1.0
-    idx = index.deserialize(index.serialize(built), info)
+    idx = ann.deserialize(ann.serialize(built), info)
     assert idx.ntotal == 500
     q = vectors[:5]
     _, got = idx.search(q, 10)
@@ -60,12 +60,12 @@ def test_ann_index_is_tuned_to_min_recall_and_keeps_its_knob(cfg, kind, knob):
     # started deliberately low: the knob was doubled until min_recall was met
     assert len(info["tuning"]) > 1 and info["tuning"][0][1] < 0.95 and info[knob] == info["tuning"][-1][0]
     assert info["params"] and info["build_seconds"] >= 0
-    data = index.serialize(built)
-    for restored in (index.deserialize(data), index.deserialize(data, info)):  # FAISS persists it too
-        assert index._knob(restored, kind) == info[knob]
+    data = ann.serialize(built)
+    for restored in (ann.deserialize(data), ann.deserialize(data, info)):  # FAISS persists it too
+        assert ann.knob_value(restored, kind) == info[knob]
         assert index.self_check(restored, ITEMS, probes=200) >= 0.95
     # the manifest is authoritative over whatever the bytes say
-    assert index._knob(index.deserialize(data, {**info, knob: 3}), kind) == 3
+    assert ann.knob_value(ann.deserialize(data, {**info, knob: 3}), kind) == 3
 
 
 def test_ivf_list_count_leaves_enough_points_per_centroid():
@@ -85,7 +85,7 @@ def test_unreachable_recall_raises_index_quality_error(monkeypatch):
 def test_builds_are_deterministic():
     for cfg in (IndexConfig(kind="hnsw"), IndexConfig(kind="ivf"), IndexConfig(kind="flat")):
         (a, info_a), (b, info_b) = (index.build_index(ITEMS, cfg, queries=USERS) for _ in range(2))
-        assert index.serialize(a) == index.serialize(b)  # same bytes -> same release id on a rerun
+        assert ann.serialize(a) == ann.serialize(b)  # same bytes -> same release id on a rerun
         assert {**info_a, "build_seconds": 0} == {**info_b, "build_seconds": 0}
 
 
@@ -101,7 +101,7 @@ def test_search_returns_k_despite_many_excluded(any_index):
     # exclude each query's own top 500: every one of the index's first answers is filtered out
     top = np.argsort(-(q @ ITEMS.T), axis=1)
     exclude = [np.concatenate([top[i, :480], rng.integers(0, 2000, 20)]) for i in range(len(q))]
-    ids, scores = index.search(any_index, ITEMS, q, 10, exclude=exclude)
+    ids, scores = ann.search(any_index, ITEMS, q, 10, exclude=exclude)
     assert ids.shape == (20, 10) and ids.dtype == np.int64 and scores.dtype == np.float32
     assert (ids >= 0).all() and (np.diff(scores, axis=1) <= 0).all()
     hits = 0
@@ -111,14 +111,14 @@ def test_search_returns_k_despite_many_excluded(any_index):
         exact = _exact_topk(q[i : i + 1], ITEMS, 10, eligible)[0]
         hits += int((scores[i] >= exact[-1] - 1e-4).sum())
     # the kept items sit at rank ~500, deeper than the recall the knob was tuned for at 10
-    assert hits / (10 * len(q)) >= (1.0 if index._kind_and_knob(any_index)[0] == "flat" else 0.9)
+    assert hits / (10 * len(q)) >= (1.0 if ann._kind_and_knob(any_index)[0] == "flat" else 0.9)
 
 
 def test_search_with_tiny_allowed_set_returns_them_then_padding(any_index):
     allowed = np.zeros(2000, dtype=bool)
     allowed[[7, 1500, 42]] = True
     q = USERS[:4]
-    ids, scores = index.search(
+    ids, scores = ann.search(
         any_index, ITEMS, q, 10, exclude=[None, np.array([42]), None, [7, 42, 1500]], allowed=allowed
     )
     for i in (0, 2):
@@ -129,16 +129,16 @@ def test_search_with_tiny_allowed_set_returns_them_then_padding(any_index):
     assert (ids[3] == -1).all() and np.isneginf(scores[3]).all()
 
 
-@pytest.mark.parametrize("exact_scoring_max", [index.EXACT_SCORING_MAX, 0], ids=["numpy", "index"])
+@pytest.mark.parametrize("exact_scoring_max", [ann.EXACT_SCORING_MAX, 0], ids=["numpy", "index"])
 def test_search_with_large_allowed_set_matches_exact_top_k(any_index, exact_scoring_max, monkeypatch):
-    monkeypatch.setattr(index, "EXACT_SCORING_MAX", exact_scoring_max)  # 0: through the index, filtered
+    monkeypatch.setattr(ann, "EXACT_SCORING_MAX", exact_scoring_max)  # 0: through the index, filtered
     rng = np.random.default_rng(5)
     allowed = rng.random(2000) < 0.4
     q = USERS[:50]
     exclude = [rng.integers(0, 2000, 200) for _ in range(len(q))]
-    ids, scores = index.search(any_index, ITEMS, q, 10, exclude=exclude, allowed=allowed)
+    ids, scores = ann.search(any_index, ITEMS, q, 10, exclude=exclude, allowed=allowed)
     assert (ids >= 0).all() and allowed[ids].all() and (np.diff(scores, axis=1) <= 0).all()
-    exact_expected = exact_scoring_max > 0 or index._kind_and_knob(any_index)[0] == "flat"
+    exact_expected = exact_scoring_max > 0 or ann._kind_and_knob(any_index)[0] == "flat"
     hits = 0
     for i in range(len(q)):
         assert not np.isin(ids[i], exclude[i]).any() and len(set(ids[i])) == 10
@@ -152,10 +152,10 @@ def test_search_with_large_allowed_set_matches_exact_top_k(any_index, exact_scor
 def test_search_exact_flat_equals_numpy_and_pads_small_catalogs():
     built, _ = index.build_index(ITEMS)
     allowed = np.random.default_rng(6).random(2000) < 0.4
-    ids, scores = index.search(built, ITEMS, USERS[:30], 10, allowed=allowed)
+    ids, scores = ann.search(built, ITEMS, USERS[:30], 10, allowed=allowed)
     np.testing.assert_allclose(scores, _exact_topk(USERS[:30], ITEMS, 10, allowed), rtol=1e-5, atol=1e-5)
     few, _ = index.build_index(ITEMS[:6])
-    ids, scores = index.search(few, None, USERS[:2], 10, exclude=[[0], None])
+    ids, scores = ann.search(few, None, USERS[:2], 10, exclude=[[0], None])
     assert list((ids >= 0).sum(axis=1)) == [5, 6] and (ids[:, 6:] == -1).all()
 
 
@@ -174,7 +174,7 @@ def test_index_stage_records_recall_and_fails_clearly(ctx, monkeypatch):
     assert result["kind"] == "ivf" and result["recall_at_10_vs_exact"] >= 0.95 and result["nprobe"] >= 1
     assert result["recall_probes"] == {"items": 200, "users": 200} and result["uri"]
     assert run.read_result("index") == result
-    restored = index.deserialize(run.store.get(run.key("index", index.OUTPUT)), result)
+    restored = ann.deserialize(run.store.get(run.key("index", index.OUTPUT)), result)
     assert restored.ntotal == 2000
 
     monkeypatch.setattr(index, "MAX_EF_SEARCH", 2)

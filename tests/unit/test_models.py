@@ -167,3 +167,16 @@ def test_popularity_counts_distinct_users_and_breaks_ties_by_index():
     pop = Popularity().fit(data)
     order = np.argsort(-pop.item_vectors()[:, 0], kind="stable")
     assert order.tolist() == [1, 0, 2]  # item1: 2 users; items 0 and 2: 1 user each -> index order
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_als_on_cuda_matches_cpu(split, solver):
+    feats, data = split
+    cfg = ALSConfig(factors=16, iterations=6).model_copy(update={"solver": solver})
+    cpu = ALS(cfg).fit(data)
+    gpu = ALS(cfg, device="cuda").fit(data)
+    assert gpu.X.device.type == "cuda" and np.isfinite(gpu.user_vectors()).all()
+    assert _ndcg(gpu, feats) == pytest.approx(_ndcg(cpu, feats), abs=0.01)
+    assert np.allclose(gpu.item_vectors(), cpu.item_vectors(), atol=1e-2)

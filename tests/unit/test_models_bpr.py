@@ -12,7 +12,7 @@ from pipeline.config.models import BPRConfig, model_config
 from pipeline.config.tenant import TenantConfig
 from pipeline.data import synthetic
 from pipeline.models import TrainData, build, build_by_kind
-from pipeline.models.bpr import BPR, bpr_step, is_positive
+from pipeline.models.bpr import BPR, bpr_step, is_positive, pick_negative, use_compile
 from pipeline.models.popularity import Popularity
 
 SMALL = {"factors": 16, "epochs": 25, "batch_size": 512, "learning_rate": 0.05}
@@ -104,6 +104,37 @@ def test_is_positive_matches_sets():
     assert np.array_equal(got.numpy(), want)
 
 
+def test_pick_negative_equals_masking_every_positive_candidate():
+    # dense rows (20 of 30 items positive) so most first picks are positives and need re-picks
+    rng = np.random.default_rng(2)
+    rows = [np.sort(rng.choice(30, 20 if k % 5 else 30, replace=False)) for k in range(40)]  # every 5th: all
+    items = torch.as_tensor(np.concatenate(rows).astype(np.int64))
+    indptr = torch.as_tensor(np.concatenate(([0], np.cumsum([len(r) for r in rows]))))
+    u = torch.as_tensor(rng.integers(0, 40, 500))
+    cand = torch.as_tensor(rng.integers(0, 30, (500, 4)))
+    scores = torch.as_tensor(rng.normal(size=(500, 4)), dtype=torch.float32)
+    rounds = int(np.ceil(np.log2(31)))
+    j, ok = pick_negative(scores, cand, u, indptr, items, rounds)
+    pos = is_positive(indptr, items, u, cand, rounds)
+    best = scores.masked_fill(pos, float("-inf")).argmax(1, keepdim=True)
+    assert torch.equal(ok, ~pos.all(1)) and 0 < int(ok.sum()) < 500
+    assert torch.equal(j[ok], cand.gather(1, best).squeeze(1)[ok])
+    assert torch.equal(j[~ok], cand[~ok, 0])
+    j1, ok1 = pick_negative(None, cand[:, :1], u, indptr, items, rounds)  # one candidate: no scores needed
+    assert torch.equal(j1, cand[:, 0]) and torch.equal(ok1, ~pos[:, 0])
+
+
+def test_compile_auto_only_for_big_cpu_runs(monkeypatch):
+    big, small = BPRConfig(epochs=100), BPRConfig(epochs=2)
+    assert not use_compile(small, 1_000_000, torch.device("cpu"))
+    assert not use_compile(big.model_copy(update={"compile": False}), 10_000_000, torch.device("cpu"))
+    assert not use_compile(big, 10_000_000, torch.device("cuda"))
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    assert not use_compile(big, 10_000_000, torch.device("cpu"))  # no C++ compiler: eager
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert use_compile(big, 10_000_000, torch.device("cpu"))
+
+
 def test_negatives_that_are_positives_are_skipped():
     # user 0 has items 0 and 1; a step whose only candidate is item 1 changes nothing
     P, Q, b = torch.ones(1, 2), torch.ones(3, 2), torch.zeros(3)
@@ -137,3 +168,12 @@ def test_compiled_step_matches_eager(split):
     eager = BPR(cfg).fit(data)
     compiled = BPR(cfg.model_copy(update={"compile": True})).fit(data)
     assert np.allclose(eager.item_vectors(), compiled.item_vectors(), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bpr_trains_on_cuda(split):
+    feats, data = split
+    bpr = BPR(BPRConfig(**SMALL), device="cuda").fit(data)
+    assert bpr.P.device.type == "cuda" and np.isfinite(bpr.user_vectors()).all()
+    assert _ndcg(bpr, feats) > _ndcg(Popularity().fit(data), feats) * 1.1
