@@ -984,29 +984,24 @@ def find_max_rate(server, base_spec, fixed, steps, search_duration, warmup, redi
     lo = best["target_rps"] if best else 0.0
     hi = min((r["target_rps"] for r in bad if r["target_rps"] > lo), default=None)
     search = []
-    n = 0
-    while hi is None and n < steps:  # everything passed: go up until something fails
-        rate = lo * 2 if lo else 100.0
-        res = measure(server, {**base_spec, "seed": 1000 + n}, rate, search_duration, warmup, redis_url)
+
+    def probe(rate: float) -> None:
+        nonlocal lo, hi, best
+        res = measure(server, {**base_spec, "seed": 1000 + len(search)}, rate, search_duration, warmup, redis_url)
         search.append(res)
         print(fmt_row(res) + "   (search)", flush=True)
-        n += 1
         if res["passes_p99_target"]:
             lo, best = rate, res
         else:
             hi = rate
-    while hi is not None and n < steps and hi - lo > 10:
+
+    while hi is None and len(search) < steps:  # everything passed: go up until something fails
+        probe(lo * 2 if lo else 100.0)
+    while hi is not None and len(search) < steps and hi - lo > 10:
         rate = round((lo + hi) / 2 / 10) * 10
         if rate <= lo or rate >= hi:
             break
-        res = measure(server, {**base_spec, "seed": 1000 + n}, rate, search_duration, warmup, redis_url)
-        search.append(res)
-        print(fmt_row(res) + "   (search)", flush=True)
-        n += 1
-        if res["passes_p99_target"]:
-            lo, best = rate, res
-        else:
-            hi = rate
+        probe(rate)
     return best, search
 
 

@@ -16,63 +16,33 @@ the run's interactions.
    this run's read are kept too, for validation to report), with `event_type` and its
    confidence `weight` from `source.event_types`. Sorted: the same input gives the same bytes.
 
-Optional: the item catalog (`catalog.parquet`) and user attributes (`users.parquet`).
+Optional: the item catalog (`catalog.parquet`) and user attributes (`users.parquet`), read by
+pipeline/attributes.py.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline import event_log, history, sources
+from pipeline import attributes, event_log, history, sources
 from pipeline.context import RunContext
-from pipeline.sources import SourceError, is_sql_url
+from pipeline.sources import is_sql_url
 from pipeline.storage import codecs
 
 STAGE = "extract"
 OUTPUT = "interactions.parquet"
-CATALOG = "catalog.parquet"
-USERS = "users.parquet"
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
 COLUMNS = [*CANONICAL, "event_type", "weight"]
 # a SQL source's :start on the first run (bootstrap: everything before the interval end)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _READ_THREADS = 4
 
 
-def _source_error(ctx: RunContext, exc: SourceError):
-    return ctx.error(STAGE, str(exc))
-
-
-def _list(ctx: RunContext, uri: str, fmt: str, field: str, partition_key: str = "dt"):
-    try:
-        return sources.list_files(uri, fmt, ctx.settings.data_root, partition_key, field)
-    except SourceError as exc:
-        raise _source_error(ctx, exc) from None
-
-
-def source_files(ctx: RunContext, uri: str, fmt: str = "auto", field: str = "source.uri") -> list[tuple[str, bytes]]:
-    """(name, bytes) of every file of a source (file, folder, s3 object or prefix), sorted."""
-    files, _ = _list(ctx, uri, fmt, field)
-    return [(f.name, f.read()) for f in files]
-
-
-def _read_table(ctx: RunContext, name: str, data: bytes, fmt: str, delimiter: str, id_cols: list[str]) -> pd.DataFrame:
-    try:
-        return sources.read_table(name, data, fmt, delimiter, id_cols)
-    except SourceError as exc:
-        raise _source_error(ctx, exc) from None
-
-
-def _read_sql(ctx: RunContext, uri: str, query: str, params: dict[str, Any], field: str) -> pd.DataFrame:
-    try:
-        return sources.read_sql(uri, query, params, field)
-    except SourceError as exc:
-        raise _source_error(ctx, exc) from None
+def _reader(ctx: RunContext) -> sources.Reader:
+    return sources.Reader(ctx.settings.data_root, lambda message: ctx.error(STAGE, message))
 
 
 def _map(ctx: RunContext, name: str, df: pd.DataFrame) -> pd.DataFrame:
@@ -132,10 +102,11 @@ def _read_source(ctx: RunContext, window: history.Window) -> tuple[pd.DataFrame,
     """The source's rows for the window (plain files: all rows), mapped; and how it was read."""
     src = ctx.config.source
     if is_sql_url(src.uri):
-        params = {"start": window.start or EPOCH, "end": window.interval_end}
-        df = _read_sql(ctx, src.uri, src.query or "", params, "source")
+        params = {"start": window.start or sources.EPOCH, "end": window.interval_end}
+        df = _reader(ctx).sql(src.uri, src.query or "", params, "source")
         return _map(ctx, "query result", df), {"source_kind": "sql", "files": 0}
-    files, partitioned = _list(ctx, src.uri, src.format, "source.uri", src.partition_key)
+    read = _reader(ctx)
+    files, partitioned = read.list(src.uri, src.format, "source.uri", src.partition_key)
     if partitioned:
         files = [
             f
@@ -145,9 +116,7 @@ def _read_source(ctx: RunContext, window: history.Window) -> tuple[pd.DataFrame,
 
     def one(f: sources.SourceFile) -> pd.DataFrame:
         cols = src.columns
-        return _map(
-            ctx, f.name, _read_table(ctx, f.name, f.read(), src.format, src.delimiter, [cols.user_id, cols.item_id])
-        )
+        return _map(ctx, f.name, read.table(f.name, f.read(), src.format, src.delimiter, [cols.user_id, cols.item_id]))
 
     if len(files) > 1:
         with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
@@ -291,8 +260,8 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     key = ctx.key(STAGE, OUTPUT)
     ctx.store.put(key, codecs.parquet_bytes(out))
 
-    catalog = _catalog(ctx) if ctx.config.catalog else None
-    users = _users(ctx) if ctx.config.users else None
+    catalog = attributes.extract_catalog(ctx, _reader(ctx)) if ctx.config.catalog else None
+    users = attributes.extract_users(ctx, _reader(ctx)) if ctx.config.users else None
     valid_ts = out["timestamp"].dropna()
     dropped_after = int(after.sum())
     result = {
@@ -344,94 +313,6 @@ def extract(ctx: RunContext) -> dict[str, Any]:
         "" if catalog is None else f"; catalog {len(catalog)} items",
     )
     return ctx.write_result(STAGE, result)
-
-
-def _catalog(ctx: RunContext) -> pd.DataFrame:
-    """The item catalog: item_id, category (or null), tags (list of str), title; one row per item."""
-    cat = ctx.config.catalog
-    cols = cat.columns
-    frames = []
-    for name, data in source_files(ctx, cat.uri, cat.format, "catalog.uri"):
-        raw = _read_table(ctx, name, data, cat.format, cat.delimiter, [cols.item_id])
-        wanted = {"item_id": cols.item_id, "category": cols.category, "tags": cols.tags, "title": cols.title}
-        missing = [f"{c!r} (catalog.columns.{f})" for f, c in wanted.items() if c and c not in raw.columns]
-        if missing:
-            raise ctx.error(
-                STAGE, f"catalog file {name}: column {', '.join(missing)} not found; present: {list(raw.columns)}"
-            )
-        frames.append(pd.DataFrame({f: raw[c] if c else pd.NA for f, c in wanted.items()}))
-    df = pd.concat(frames, ignore_index=True)
-    df["item_id"] = df["item_id"].astype("string").str.strip()
-    df = df.dropna(subset=["item_id"]).drop_duplicates("item_id", keep="last")
-    df["category"] = df["category"].astype("string").str.strip().replace("", pd.NA)
-    df["title"] = df["title"].astype("string")
-    tags = (
-        df[["item_id"]]
-        .assign(tag=df["tags"].astype("string").str.split(cat.tags_separator, regex=False))
-        .explode("tag")
-        .assign(tag=lambda t: t["tag"].astype("string").str.strip())
-    )
-    tags = tags[tags["tag"].fillna("") != ""].drop_duplicates().sort_values(["item_id", "tag"])
-    df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
-    lists = tags.assign(tag=tags["tag"].astype(object)).groupby("item_id")["tag"].agg(list)
-    df["tags"] = df["item_id"].map(lists).astype(object)  # Parquet list<string>; null: no tags
-    ctx.store.put(ctx.key(STAGE, CATALOG), codecs.parquet_bytes(df))
-    return df
-
-
-def _users(ctx: RunContext) -> pd.DataFrame:
-    """User attributes: user_id (string) + the mapped attribute columns; one row per user (the
-    last one read wins), sorted by user_id."""
-    cfg = ctx.config.users
-    uid = cfg.columns.user_id
-    attrs = cfg.columns.attributes
-    if attrs is not None and "user_id" in attrs:
-        raise ctx.error(STAGE, "users.columns.attributes: 'user_id' is reserved for the user id column")
-    if is_sql_url(cfg.uri):
-        params = {"start": EPOCH, "end": ctx.interval_end}
-        raws = [("users query result", _read_sql(ctx, cfg.uri, cfg.query or "", params, "users"))]
-    else:
-        raws = [
-            (name, _read_table(ctx, name, data, cfg.format, cfg.delimiter, [uid]))
-            for name, data in source_files(ctx, cfg.uri, cfg.format, "users.uri")
-        ]
-    frames = []
-    for name, raw in raws:
-        wanted = {"user_id": uid, **(attrs if attrs is not None else {c: c for c in raw.columns if c != uid})}
-        missing = [
-            f"{c!r} (users.columns.{'user_id' if f == 'user_id' else 'attributes.' + f})"
-            for f, c in wanted.items()
-            if c not in raw.columns
-        ]
-        if missing:
-            raise ctx.error(
-                STAGE,
-                f"users file {name}: column {', '.join(missing)} not found; present: {list(map(str, raw.columns))}",
-            )
-        frames.append(pd.DataFrame({f: raw[c] for f, c in wanted.items()}))
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df["user_id"] = df["user_id"].astype("string").str.strip()
-    df = df.dropna(subset=["user_id"]).drop_duplicates("user_id", keep="last")
-    for col in df.columns:  # text attributes: one string dtype, whatever the reader produced
-        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
-            df[col] = df[col].astype("string")
-    df = df.sort_values("user_id", kind="stable").reset_index(drop=True)
-    ctx.store.put(ctx.key(STAGE, USERS), codecs.parquet_bytes(df))
-    return df
-
-
-def load_catalog(ctx: RunContext) -> pd.DataFrame | None:
-    """The run's catalog, or None when the tenant has none."""
-    if not ctx.config.catalog:
-        return None
-    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, CATALOG)))
-
-
-def load_users(ctx: RunContext) -> pd.DataFrame | None:
-    """The run's user attributes, or None when the tenant has none."""
-    if not ctx.config.users:
-        return None
-    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, USERS)))
 
 
 def load(ctx: RunContext) -> pd.DataFrame:

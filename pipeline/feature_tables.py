@@ -29,12 +29,18 @@ def _ages(ts: pd.Series, as_of: datetime) -> np.ndarray:
     return ((end - stamps).to_numpy("timedelta64[us]") / DAY).astype(np.float64)
 
 
-def user_features(events: pd.DataFrame, as_of: datetime, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per user_id: see the module docstring. `events` has user_id, item_id, timestamp, rating."""
-    df = events[["user_id", "item_id", "timestamp", "rating"]].copy()
+def _aged(events: pd.DataFrame, columns: list[str], as_of: datetime) -> pd.DataFrame:
+    """The columns plus each event's age in days and whether it falls in the 7/30-day windows."""
+    df = events[columns].copy()
     df["age"] = _ages(df["timestamp"], as_of)
     df["in_7d"] = df["age"] <= 7
     df["in_30d"] = df["age"] <= 30
+    return df
+
+
+def user_features(events: pd.DataFrame, as_of: datetime, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per user_id: see the module docstring. `events` has user_id, item_id, timestamp, rating."""
+    df = _aged(events, ["user_id", "item_id", "timestamp", "rating"], as_of)
     g = df.groupby("user_id", sort=True)
     out = pd.DataFrame(
         {
@@ -55,10 +61,7 @@ def user_features(events: pd.DataFrame, as_of: datetime, catalog: pd.DataFrame |
 
 def item_features(events: pd.DataFrame, as_of: datetime, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per item_id (catalog items without events included, with zero counts)."""
-    df = events[["user_id", "item_id", "timestamp"]].copy()
-    df["age"] = _ages(df["timestamp"], as_of)
-    df["in_7d"] = df["age"] <= 7
-    df["in_30d"] = df["age"] <= 30
+    df = _aged(events, ["user_id", "item_id", "timestamp"], as_of)
     g = df.groupby("item_id", sort=True)
     out = pd.DataFrame(
         {

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from pipeline import extract, feature_tables, validate
+from pipeline import attributes, feature_tables, validate
 from pipeline.context import RunContext
 from pipeline.storage import codecs
 
@@ -161,7 +161,7 @@ def features(ctx: RunContext) -> dict[str, Any]:
             f"too few to train: {len(user_ids)} users (features.min_users={cfg.min_users}), "
             f"{len(item_ids)} items (features.min_items={cfg.min_items})",
         )
-    catalog = extract.load_catalog(ctx)
+    catalog = attributes.load_catalog(ctx)
     if catalog is not None:  # catalog items without events get an index too: models can still vector them
         item_ids = pd.Index(item_ids).union(pd.Index(catalog["item_id"].dropna().unique()))
         item_idx = item_ids.get_indexer(df["item_id"])

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import extract, features, index, release, tracking, train
+from pipeline import attributes, features, index, release, tracking, train
 from pipeline.context import RunContext
 from pipeline.storage import codecs, paths
 
@@ -27,7 +27,7 @@ def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
 
 def _item_attributes(ctx: RunContext, feats: features.Features) -> bytes | None:
     """Category and tags per release item (row = item index), when the tenant has a catalog."""
-    catalog = extract.load_catalog(ctx)
+    catalog = attributes.load_catalog(ctx)
     if catalog is None:
         return None
     attrs = feats.items[["item_id", "item_idx"]].merge(

@@ -6,8 +6,8 @@ partitions they need (`SourceFile.date`, `SourceFile.read()`), so a nightly run 
 download the whole history. A SQL source is a SQLAlchemy URL plus a query whose `:start` and
 `:end` bind parameters receive the window a run reads (UTC-aware datetimes).
 
-Everything here raises `SourceError` naming the file or field; extract turns it into a
-StageError for the tenant and run.
+Everything here raises `SourceError` naming the file or field; a `Reader` turns it into the
+caller's error (a StageError for the tenant and run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import pandas as pd
 from pipeline.config.tenant import is_sql_url
 from pipeline.storage import codecs
 
-__all__ = ["SourceError", "SourceFile", "is_sql_url", "list_files", "read_sql", "read_table"]
+__all__ = ["EPOCH", "Reader", "SourceError", "SourceFile", "is_sql_url", "list_files", "read_sql", "read_table"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # the `:start` of a SQL read that wants everything
 
 FORMATS = ("csv", "parquet", "jsonl")
 SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -204,3 +206,34 @@ def read_sql(url: str, query: str, params: dict[str, Any], field_name: str = "so
         if df[col].dtype == object and len(values) and isinstance(values.iloc[0], datetime):
             df[col] = pd.to_datetime(df[col], utc=True)
     return df
+
+
+@dataclass(frozen=True)
+class Reader:
+    """These functions with `SourceError` raised as `error(message)` instead: one place where a
+    stage turns a bad source into its own error, naming the tenant and run."""
+
+    data_root: Path
+    error: Callable[[str], Exception]
+
+    def list(self, uri: str, fmt: str, field_name: str, partition_key: str = "dt") -> tuple[list[SourceFile], bool]:
+        try:
+            return list_files(uri, fmt, self.data_root, partition_key, field_name)
+        except SourceError as exc:
+            raise self.error(str(exc)) from None
+
+    def files(self, uri: str, fmt: str, field_name: str) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every file of a source (file, folder, s3 object or prefix), sorted."""
+        return [(f.name, f.read()) for f in self.list(uri, fmt, field_name)[0]]
+
+    def table(self, name: str, data: bytes, fmt: str, delimiter: str, id_cols: list[str]) -> pd.DataFrame:
+        try:
+            return read_table(name, data, fmt, delimiter, id_cols)
+        except SourceError as exc:
+            raise self.error(str(exc)) from None
+
+    def sql(self, url: str, query: str, params: dict[str, Any], field_name: str) -> pd.DataFrame:
+        try:
+            return read_sql(url, query, params, field_name)
+        except SourceError as exc:
+            raise self.error(str(exc)) from None

@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import extract, history
+from pipeline import attributes, extract, history
 from pipeline import validation_checks as checks
 from pipeline import validation_report as reporting
 from pipeline.config.expectations import SuiteConfig, load_suite_config
@@ -264,7 +264,7 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     spec, files, origins = load_suite_config(ctx.config, ctx.settings.expectations_dir)
     df = extract.load(ctx)
     extracted = ctx.read_result("extract") or {}
-    catalog = extract.load_catalog(ctx)
+    catalog = attributes.load_catalog(ctx)
     start, end = interval_of(ctx)
     in_interval = (df["timestamp"] >= start) & (df["timestamp"] < end)  # NaT: False
     history_ = previous_volumes(ctx, start, end, spec.volume.window)

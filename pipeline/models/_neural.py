@@ -108,3 +108,32 @@ def chunked(fn: Callable[[torch.Tensor], torch.Tensor], n: int, device: torch.de
     with torch.inference_mode():
         parts = [fn(torch.arange(s, min(s + chunk, n), device=device)).float().cpu() for s in range(0, n, chunk)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+class FittedVectors:
+    """Fitted vectors (numpy, float32) and their persistence, shared by the neural models."""
+
+    kind = ""
+    U: np.ndarray | None = None
+    V: np.ndarray | None = None
+
+    def user_vectors(self) -> np.ndarray:
+        assert self.U is not None, "fit first"
+        return self.U
+
+    def item_vectors(self) -> np.ndarray:
+        assert self.V is not None, "fit first"
+        return self.V
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"user_vectors": self.user_vectors(), "item_vectors": self.item_vectors()}
+
+    def load_state(self, state: dict[str, np.ndarray]):
+        self.U = np.asarray(state["user_vectors"], dtype=np.float32)
+        self.V = np.asarray(state["item_vectors"], dtype=np.float32)
+        return self
+
+    def _set(self, H: np.ndarray, n_users: int) -> None:
+        if not np.isfinite(H).all():
+            check_finite(float("nan"), self.kind, -1)
+        self.U, self.V = np.ascontiguousarray(H[:n_users]), np.ascontiguousarray(H[n_users:])

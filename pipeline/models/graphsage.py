@@ -36,7 +36,7 @@ from torch import nn
 from torch_geometric.nn import SAGEConv
 
 from pipeline.config.models import GraphSAGEConfig, LightGCNConfig
-from pipeline.models._neural import Adam, ItemAttributes, batches, check_finite, chunked, seeded
+from pipeline.models._neural import Adam, FittedVectors, ItemAttributes, batches, check_finite, chunked, seeded
 from pipeline.models.base import ItemFeatures, ProgressCallback, TrainData
 from pipeline.models.pairs import recency_target, training_pairs
 
@@ -168,36 +168,7 @@ def _fit_loop(model, n_pairs: int, batch_size: int, epochs: int, seed: int, step
             callback(epoch, {"loss": mean})
 
 
-class _Vectors:
-    """Fitted vectors and their persistence, shared by the graph models."""
-
-    kind = ""
-    U: np.ndarray | None = None
-    V: np.ndarray | None = None
-
-    def user_vectors(self) -> np.ndarray:
-        assert self.U is not None, "fit first"
-        return self.U
-
-    def item_vectors(self) -> np.ndarray:
-        assert self.V is not None, "fit first"
-        return self.V
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"user_vectors": self.user_vectors(), "item_vectors": self.item_vectors()}
-
-    def load_state(self, state: dict[str, np.ndarray]):
-        self.U = np.asarray(state["user_vectors"], dtype=np.float32)
-        self.V = np.asarray(state["item_vectors"], dtype=np.float32)
-        return self
-
-    def _set(self, H: np.ndarray, n_users: int) -> None:
-        if not np.isfinite(H).all():
-            check_finite(float("nan"), self.kind, -1)
-        self.U, self.V = np.ascontiguousarray(H[:n_users]), np.ascontiguousarray(H[n_users:])
-
-
-class GraphSAGE(_Vectors):
+class GraphSAGE(FittedVectors):
     kind = "graphsage"
 
     def __init__(
@@ -277,7 +248,7 @@ def _normal(emb: nn.Embedding, std: float) -> nn.Embedding:
     return emb
 
 
-class LightGCN(_Vectors):
+class LightGCN(FittedVectors):
     kind = "lightgcn"
 
     def __init__(self, config: LightGCNConfig | None = None, device: str | torch.device = "cpu") -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.models import TwoTowerConfig
-from pipeline.models._neural import Adam, ItemAttributes, batches, check_finite, chunked, seeded
+from pipeline.models._neural import Adam, FittedVectors, ItemAttributes, batches, check_finite, chunked, seeded
 from pipeline.models.base import ItemFeatures, ProgressCallback, TrainData
 
 
@@ -102,7 +102,7 @@ class _Events:
         )
 
 
-class TwoTower:
+class TwoTower(FittedVectors):
     kind = "two_tower"
 
     def __init__(self, config: TwoTowerConfig | None = None, device: str | torch.device = "cpu") -> None:
@@ -183,20 +183,3 @@ class TwoTower:
         self.U = chunked(users, n_users, self.device, chunk=8192)
         if not (np.isfinite(self.U).all() and np.isfinite(self.V).all()):
             check_finite(float("nan"), self.kind, self.config.epochs)
-
-    # --- vectors and persistence -----------------------------------------------------------
-    def user_vectors(self) -> np.ndarray:
-        assert self.U is not None, "fit first"
-        return self.U
-
-    def item_vectors(self) -> np.ndarray:
-        assert self.V is not None, "fit first"
-        return self.V
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"user_vectors": self.user_vectors(), "item_vectors": self.item_vectors()}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> TwoTower:
-        self.U = np.asarray(state["user_vectors"], dtype=np.float32)
-        self.V = np.asarray(state["item_vectors"], dtype=np.float32)
-        return self

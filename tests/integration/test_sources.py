@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
-from pipeline import extract, history
+from pipeline import attributes, extract, history
 from pipeline.config import TenantConfig
 from pipeline.context import RunContext, StageError
 
@@ -153,7 +153,7 @@ def test_s3_object_prefix_and_partitions(settings, bucket):
     nightly = extract.extract(ctx)
     assert nightly["files"] == 3 and nightly["rows"] == 24  # days 3..5: interval day 5 + 2 lookback days
     assert nightly["user_attributes"] == 2
-    users = extract.load_users(ctx)
+    users = attributes.load_users(ctx)
     assert users.to_dict("list") == {"user_id": ["00000", "00001"], "country": ["AT", "FR"]}  # last row wins
 
     flat = _cfg({"uri": f"s3://{name}/flat/one.csv", "columns": COLUMNS}, tenant="flat")
@@ -243,7 +243,7 @@ def test_sql_source_on_postgres_reads_only_the_window(settings, pg_table, monkey
     out = extract.load(ctx)
     assert len(out) == 24 and out["item_id"].isin(["0", "1", "2"]).all()  # bigint ids -> strings
     assert set(out["weight"]) == {1.0, 3.0, 9.0}
-    users = extract.load_users(ctx)
+    users = attributes.load_users(ctx)
     assert users["user_id"].tolist() == ["00000", "00001"] and users["age"].tolist() == [31, 40]
 
     # a query on load time returns late events too: inside the lookback window they land in

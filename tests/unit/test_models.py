@@ -1,39 +1,13 @@
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from pipeline import evaluate, features
+from pipeline import evaluate
 from pipeline.config.models import ALSConfig
-from pipeline.data import synthetic
 from pipeline.models import TrainData, TrainingDiverged
 from pipeline.models.als import ALS
 from pipeline.models.pairs import recency_target, training_pairs
 from pipeline.models.popularity import Popularity
-
-
-@pytest.fixture(scope="module")
-def split():
-    df = synthetic.interactions(n_users=300, n_items=150, mean_events=20, seed=3)
-    u, _ = pd.factorize(df["user_id"], sort=True)
-    i, _ = pd.factorize(df["item_id"], sort=True)
-    ts = pd.to_datetime(df["timestamp"], unit="s", utc=True)
-    hold = features.temporal_holdout(u, df["timestamp"].to_numpy(), i, 0.2)
-    events = pd.DataFrame(
-        {
-            "user_idx": u.astype(np.int32),
-            "item_idx": i.astype(np.int32),
-            "timestamp": ts,
-            "rating": df["rating"],
-            "holdout": hold,
-        }
-    )
-    feats = features.Features(
-        users=pd.DataFrame({"user_idx": np.arange(u.max() + 1)}),
-        items=pd.DataFrame({"item_idx": np.arange(i.max() + 1)}),
-        events=events,
-    )
-    return feats, TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
 
 
 def _ndcg(model, feats):
