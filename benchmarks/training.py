@@ -13,8 +13,7 @@ Jobs (each in its own subprocess, so peak RSS is per model):
   implicit_als      implicit 0.7 AlternatingLeastSquares, same (its default: 3 CG steps per solve)
   implicit_als_exact  the same with use_cg=False (Cholesky)
   bpr               our BPR, `--bpr-epochs` (100) epochs, 64 factors, default config otherwise
-                    (compile: auto, so torch.compile'd on the CPU at this size when a C++ compiler exists)
-  bpr_eager         the same with `compile: false`
+                    (on the CPU: the compiled per-pair loop; `threads: --threads`, Hogwild above 1)
   implicit_bpr      implicit 0.7 BayesianPersonalizedRanking, the same epochs
                     (BPR rows also carry projected_100_epochs_seconds: setup + 100 x per epoch)
   <every other kind in pipeline.models.registry.KINDS> (two_tower, graphsage, ...): default
@@ -132,12 +131,14 @@ def run_job(name: str, data_path: Path, threads: int, epochs_other: int, bpr_epo
     if name.startswith("implicit_"):
         row.update(_implicit(name, d, users, items, threads, bpr_epochs, als_iterations))
     else:
-        row.update(_ours(name, d, users, items, epochs_other, bpr_epochs, als_iterations))
+        row.update(_ours(name, d, users, items, threads, epochs_other, bpr_epochs, als_iterations))
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return row
 
 
-def _ours(name: str, d, users: int, items: int, epochs_other: int, bpr_epochs: int, als_iterations: int) -> dict:
+def _ours(
+    name: str, d, users: int, items: int, threads: int, epochs_other: int, bpr_epochs: int, als_iterations: int
+) -> dict:
     import torch
 
     from pipeline.config.models import model_config
@@ -147,12 +148,11 @@ def _ours(name: str, d, users: int, items: int, epochs_other: int, bpr_epochs: i
     overrides = {
         "als": {"factors": 64, "iterations": als_iterations},
         "als_cholesky": {"factors": 64, "iterations": als_iterations, "solver": "cholesky"},
-        "bpr": {"factors": 64, "epochs": bpr_epochs},
-        "bpr_eager": {"factors": 64, "epochs": bpr_epochs, "compile": False},
+        "bpr": {"factors": 64, "epochs": bpr_epochs, "threads": threads},
     }.get(name, {})
-    cfg = model_config({"kind": name.removesuffix("_eager").removesuffix("_cholesky"), **overrides})
+    cfg = model_config({"kind": name.removesuffix("_cholesky"), **overrides})
     model = build(cfg, torch.device("cpu"))
-    limit = None if name in ("als", "als_cholesky", "bpr", "bpr_eager") else epochs_other
+    limit = None if name in ("als", "als_cholesky", "bpr") else epochs_other
     stamps: list[float] = []
     losses: list[float] = []
 
@@ -237,7 +237,7 @@ def _partial(stdout: bytes | str | None) -> dict:
 def jobs(only: list[str] | None) -> list[str]:
     from pipeline.models.registry import KINDS
 
-    names = ["als", "implicit_als", "implicit_als_exact", "bpr", "bpr_eager", "implicit_bpr"]
+    names = ["als", "implicit_als", "implicit_als_exact", "bpr", "implicit_bpr"]
     names += [k for k in KINDS if k not in ("popularity", "als", "bpr")]  # new kinds appear here by themselves
     return [n for n in names if not only or n in only] + [n for n in ("als_cholesky",) if n in (only or [])]
 

@@ -90,7 +90,9 @@ class ALSConfig(ModelBase):
 
 
 class BPRConfig(ModelBase):
-    """Bayesian Personalised Ranking (Rendle et al. 2009): mini-batch SGD over sampled triples.
+    """Bayesian Personalised Ranking (Rendle et al. 2009): SGD over sampled triples.
+
+    Pair by pair on the CPU (compiled loop), mini-batches of `batch_size` on CUDA.
 
     Defaults were tuned on MovieLens-100K against a validation split carved from the training
     events (never the holdout): dynamic negative sampling (5 candidates) and a recency weight
@@ -103,7 +105,9 @@ class BPRConfig(ModelBase):
     epochs: int = Field(default=60, ge=1, le=2000)
     learning_rate: float = Field(default=0.03, gt=0)
     regularization: float = Field(default=0.02, ge=0, description="L2 on the rows a triple touches.")
-    batch_size: int = Field(default=8192, ge=1, description="Positive pairs per step.")
+    batch_size: int = Field(
+        default=8192, ge=1, description="Positive pairs per step on CUDA; the CPU loop updates pair by pair."
+    )
     negatives: int = Field(
         default=5, ge=1, le=64, description="Uniform negative candidates per positive; the highest scored is used."
     )
@@ -116,10 +120,12 @@ class BPRConfig(ModelBase):
     )
     recency_floor: float = Field(default=0.02, ge=0, le=1)
     init_std: float = Field(default=0.1, gt=0, description="Initial factors ~ N(0, (init_std / sqrt(factors))^2).")
-    compile: bool | Literal["auto"] = Field(
-        default="auto",
-        description="torch.compile the training step. auto: on the CPU when a C++ compiler is present and the run "
-        "(pairs x epochs) is big enough to repay the ~1 min compile; 1.5x faster per epoch at 8.5M pairs.",
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="CPU threads of the training loop. 1 is reproducible; more run Hogwild (lock-free shared "
+        "updates): faster, but results vary from run to run.",
     )
 
 

@@ -1,40 +1,41 @@
-"""Bayesian Personalised Ranking (Rendle et al. 2009) in PyTorch: vectorised mini-batch SGD.
+"""Bayesian Personalised Ranking (Rendle et al. 2009): SGD over sampled triples, CPU and CUDA.
 
 Maximises, over sampled triples (u, i, j) with i a training item of u and j a negative,
     sum w_ui * ln sigmoid(x_uij) - reg/2 * (|p_u|^2 + |q_i|^2 + |q_j|^2),
     x_uij = p_u . (q_i - q_j) + b_i - b_j.
-Each epoch visits every unique training pair once, in a seeded random order, `batch_size`
-pairs per step. For each pair `negatives` items are drawn uniformly; candidates that are
-positives of the user are masked out (a fixed number of vectorised binary-search rounds
-inside the user's sorted row, no data-dependent shapes) and the highest-scored remaining one
-is used: with `negatives` > 1 that is dynamic negative sampling (Zhang et al. 2013), harder
-negatives and better rankings. A pair whose candidates are all positives is skipped.
+Each epoch visits every unique training pair once, in a seeded random order. For each pair
+`negatives` items are drawn uniformly; candidates that are positives of the user are
+skipped (binary search in the user's sorted row) and the highest-scored remaining one is
+used: with `negatives` > 1 that is dynamic negative sampling (Zhang et al. 2013), harder
+negatives and better rankings. A pair whose candidates are all positives gets weight 0.
+`adagrad` is row-wise Adagrad (one accumulator of mean squared gradient per row), so
+popular items take proportionally smaller steps. w_ui is an optional recency weight as in
+ALS (a user's newest pairs count most).
 
-The step is written by hand (no autograd) as one function of tensors: gathers, a few fused
-element-wise ops, and `index_add_` into the touched rows only. `adagrad` is row-wise
-Adagrad (one accumulator of mean squared gradient per row, updated with the whole batch
-before the step), so popular items, which appear many times in a big batch, take
-proportionally smaller steps. `compile` runs the step through torch.compile (needs a C++
-compiler on CPU; ~1 min to compile once per process); "auto" (the default) does so for big
-CPU runs only. At 8.5M pairs, 64 factors, 1 thread: 11.9 s per epoch eager, 7.9 compiled.
-Row gathers use index_select (4-5x faster than advanced indexing on CPU) and int64 indices
-(index_add_ and index_select take slow paths with int32).
-w_ui is an optional recency weight as in ALS (a user's newest pairs count most). No Python
-loop over users or items; the device is chosen by the caller; on the CPU, eager, a run is
-bit-for-bit deterministic given the seed.
+Two loops, one objective:
+* CPU: pair by pair, in compiled code with prefetching (pipeline/models/bpr_kernel.py):
+  memory latency, not arithmetic, bounds BPR on a CPU, and a fused loop touches each row
+  once. At 8.5M pairs, 64 factors, 1 thread: ~4 s per epoch (torch.compile'd mini-batches
+  took 7.7). `threads` > 1 splits each epoch over threads that share the rows without locks
+  (Hogwild): faster, no longer reproducible, so 1 is the default.
+* CUDA: mini-batches of `batch_size` pairs written by hand as tensor ops (no autograd):
+  gathers, fused element-wise ops, and `index_add_` into the touched rows; each batch's
+  squares reach the Adagrad accumulators before its step. With batch_size 1 it computes
+  the CPU loop's updates, which a test checks.
+Both are deterministic given the seed on their device (the CPU with one thread); no Python
+loop over users or items.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import torch
 
 from pipeline.config.models import BPRConfig
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
-from pipeline.models.pairs import recency_target, training_pairs
+from pipeline.models.pairs import Pairs, recency_target, training_pairs
 
 _EPS = 1e-10
 
@@ -81,7 +82,6 @@ def pick_negative(
     return _repick(scores, cand, u, indptr, items, rounds, j, is_positive(indptr, items, u, j, rounds))
 
 
-@torch.compiler.disable  # data-dependent shapes: would recompile per batch
 def _repick(scores, cand, u, indptr, items, rounds: int, j, positive) -> tuple[torch.Tensor, torch.Tensor]:
     """For the pairs whose pick was a positive: every candidate checked at once, best non-positive."""
     ok = torch.ones_like(j, dtype=torch.bool)
@@ -167,26 +167,6 @@ def bpr_step(
     return loss
 
 
-_compiled: dict[str, object] = {}
-
-
-COMPILE_AUTO_MIN_WORK = 100_000_000  # pairs x epochs: ~1 min of eager steps at 8.5M pairs, what a compile costs
-
-
-def use_compile(cfg: BPRConfig, n_pairs: int, device: torch.device) -> bool:
-    """Whether to run the step through torch.compile; see BPRConfig.compile."""
-    if cfg.compile != "auto":
-        return bool(cfg.compile)
-    has_compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    return device.type == "cpu" and has_compiler and n_pairs * cfg.epochs >= COMPILE_AUTO_MIN_WORK
-
-
-def _compiled_step():
-    if "step" not in _compiled:
-        _compiled["step"] = torch.compile(bpr_step, dynamic=False)
-    return _compiled["step"]
-
-
 class BPR:
     kind = "bpr"
 
@@ -201,45 +181,77 @@ class BPR:
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> BPR:
         cfg, dev = self.config, self.device
         pairs = training_pairs(data)  # unique, sorted by (user, item)
-        n_pairs = len(pairs.user)
-        users = torch.as_tensor(pairs.user, device=dev)
-        items = torch.as_tensor(pairs.item, device=dev)
         counts = np.bincount(pairs.user, minlength=data.n_users)
-        indptr = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), device=dev)
-        rounds = math.ceil(math.log2(int(counts.max(initial=0)) + 1))
+        indptr = np.concatenate(([0], np.cumsum(counts)))
         if cfg.recency_half_life:
             w = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-            weight = torch.as_tensor(w / max(w.mean(), _EPS), dtype=torch.float32, device=dev)
+            weight = (w / max(w.mean(), _EPS)).astype(np.float32)
         else:
-            weight = torch.ones(n_pairs, device=dev)
-        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            weight = np.ones(len(pairs.user), np.float32)
         init = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / math.sqrt(cfg.factors)
-        P = (torch.randn(data.n_users, cfg.factors, generator=init) * std).to(dev)
-        Q = (torch.randn(data.n_items, cfg.factors, generator=init) * std).to(dev)
-        b = torch.zeros(data.n_items, device=dev)
-        acc_p, acc_q = torch.zeros(data.n_users, device=dev), torch.zeros(data.n_items, device=dev)
-        B = min(cfg.batch_size, max(n_pairs, 1))
-        fixed = (cfg.learning_rate, cfg.regularization, rounds, cfg.optimizer == "adagrad", cfg.item_bias)
-        fast = _compiled_step() if use_compile(cfg, n_pairs, dev) else bpr_step
+        P = torch.randn(data.n_users, cfg.factors, generator=init) * std
+        Q = torch.randn(data.n_items, cfg.factors, generator=init) * std
+        b = torch.zeros(data.n_items)
+        acc_p, acc_q = torch.zeros(data.n_users), torch.zeros(data.n_items)
+        params = [t.to(dev) for t in (P, Q, b, acc_p, acc_q)]
+        epochs = self._epochs_cpu if dev.type == "cpu" else self._epochs_torch
         with torch.no_grad():
-            for epoch in range(1, cfg.epochs + 1):
-                order = torch.randperm(n_pairs, generator=gen, device=dev)
-                u_all, i_all, w_all = (a.index_select(0, order) for a in (users, items, weight))
-                total = torch.zeros((), dtype=torch.float64, device=dev)
-                for start in range(0, n_pairs, B):
-                    u, i, w = u_all[start : start + B], i_all[start : start + B], w_all[start : start + B]
-                    cand = torch.randint(data.n_items, (len(u), cfg.negatives), generator=gen, device=dev)
-                    step = fast if len(u) == B else bpr_step  # compiled for the one full-batch shape
-                    args = (u, i, cand, w, indptr, items)
-                    total += step(P, Q, b, acc_p, acc_q, *args, *fixed)
-                loss = float(total) / max(n_pairs, 1)
+            for epoch, total in enumerate(epochs(pairs, indptr, weight, *params), start=1):
+                loss = total / max(len(pairs.user), 1)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"BPR loss is {loss} at epoch {epoch}")
                 if callback is not None:
                     callback(epoch, {"loss": loss})
-        self.P, self.Q, self.b = P, Q, b
+        self.P, self.Q, self.b = params[0], params[1], params[2]
         return self
+
+    def _epochs_cpu(self, pairs: Pairs, indptr: np.ndarray, weight: np.ndarray, *params: torch.Tensor):
+        """Yields each epoch's summed loss; the compiled per-pair loop of bpr_kernel."""
+        import numba
+
+        from pipeline.models.bpr_kernel import LOOKAHEAD, sgd_epoch, sgd_epoch_hogwild, shuffled  # compiled or cached
+
+        cfg, n, n_items = self.config, len(pairs.user), params[1].shape[0]
+        if max(n, n_items) >= 2**32:
+            raise ValueError(f"BPR's CPU loop draws 32-bit indices: {n} pairs and {n_items} items are too many")
+        index = np.int32 if max(n, n_items) < 2**31 else np.int64  # half the bytes to fetch
+        users, items, ptr = (a.astype(index) for a in (pairs.user, pairs.item, indptr))
+        arrays = tuple(t.numpy() for t in params)  # the tensors' memory, updated in place
+        data = (users, items, weight, ptr)
+        rule = (cfg.negatives, cfg.learning_rate, cfg.regularization, cfg.item_bias, cfg.optimizer == "adagrad")
+        rng = np.random.default_rng(cfg.seed)
+        threads = min(cfg.threads, numba.config.NUMBA_NUM_THREADS)
+        for _ in range(cfg.epochs):
+            order_seed, seed = (int(s) for s in rng.integers(1, 2**62, 2))
+            order = shuffled(n, order_seed, index)
+            if threads == 1:
+                no_cands = np.zeros((0, cfg.negatives), np.int64)
+                total, _ = sgd_epoch(arrays, data, order, rule, seed, LOOKAHEAD, no_cands)
+            else:
+                numba.set_num_threads(threads)
+                total, _ = sgd_epoch_hogwild(arrays, data, order, rule, rng.integers(1, 2**62, threads), LOOKAHEAD)
+            yield total
+
+    def _epochs_torch(self, pairs: Pairs, indptr: np.ndarray, weight: np.ndarray, *params: torch.Tensor):
+        """Yields each epoch's summed loss; mini-batches of tensor ops (the CUDA path)."""
+        cfg, dev, n = self.config, self.device, len(pairs.user)
+        users, items = torch.as_tensor(pairs.user, device=dev), torch.as_tensor(pairs.item, device=dev)
+        ptr, w = torch.as_tensor(indptr, device=dev), torch.as_tensor(weight, device=dev)
+        rounds = math.ceil(math.log2(int(np.diff(indptr).max(initial=0)) + 1))
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        B = min(cfg.batch_size, max(n, 1))
+        fixed = (cfg.learning_rate, cfg.regularization, rounds, cfg.optimizer == "adagrad", cfg.item_bias)
+        n_items = params[1].shape[0]
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen, device=dev)
+            u_all, i_all, w_all = (a.index_select(0, order) for a in (users, items, w))
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for start in range(0, n, B):
+                u, i, wb = u_all[start : start + B], i_all[start : start + B], w_all[start : start + B]
+                cand = torch.randint(n_items, (len(u), cfg.negatives), generator=gen, device=dev)
+                total += bpr_step(*params, u, i, cand, wb, ptr, items, *fixed)
+            yield float(total)
 
     # --- vectors and persistence -----------------------------------------------------------
     def user_vectors(self) -> np.ndarray:

@@ -1,5 +1,3 @@
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,8 @@ from pipeline import evaluate
 from pipeline.config.models import BPRConfig, model_config
 from pipeline.config.tenant import TenantConfig
 from pipeline.models import TrainData, build, build_by_kind
-from pipeline.models.bpr import BPR, bpr_step, is_positive, pick_negative, use_compile
+from pipeline.models.bpr import BPR, bpr_step, is_positive, pick_negative
+from pipeline.models.bpr_kernel import sgd_epoch, shuffled
 from pipeline.models.popularity import Popularity
 
 SMALL = {"factors": 16, "epochs": 25, "batch_size": 512, "learning_rate": 0.05}
@@ -27,6 +26,23 @@ def test_bpr_beats_popularity_and_loss_decreases(split):
     assert len(losses) == SMALL["epochs"]
     assert losses[-1] < 0.7 * losses[0]
     assert _ndcg(bpr, feats) > _ndcg(Popularity().fit(data), feats) * 1.1
+
+
+def test_the_cuda_mini_batch_loop_trains_too(split, monkeypatch):
+    # the tensor path runs on CUDA; here it runs on the CPU in place of the compiled loop
+    feats, data = split
+    monkeypatch.setattr(BPR, "_epochs_cpu", BPR._epochs_torch)
+    losses: list[float] = []
+    bpr = BPR(BPRConfig(**SMALL)).fit(data, callback=lambda _it, v: losses.append(v["loss"]))
+    assert losses[-1] < 0.7 * losses[0]
+    assert _ndcg(bpr, feats) > _ndcg(Popularity().fit(data), feats) * 1.1
+
+
+def test_hogwild_threads_train_as_well_as_one(split):
+    feats, data = split
+    one = _ndcg(BPR(BPRConfig(**SMALL)).fit(data), feats)
+    two = _ndcg(BPR(BPRConfig(**SMALL, threads=2)).fit(data), feats)
+    assert two > 0.9 * one and two > _ndcg(Popularity().fit(data), feats) * 1.1
 
 
 def test_bpr_learns_a_planted_structure():
@@ -99,17 +115,6 @@ def test_pick_negative_equals_masking_every_positive_candidate():
     assert torch.equal(j1, cand[:, 0]) and torch.equal(ok1, ~pos[:, 0])
 
 
-def test_compile_auto_only_for_big_cpu_runs(monkeypatch):
-    big, small = BPRConfig(epochs=100), BPRConfig(epochs=2)
-    assert not use_compile(small, 1_000_000, torch.device("cpu"))
-    assert not use_compile(big.model_copy(update={"compile": False}), 10_000_000, torch.device("cpu"))
-    assert not use_compile(big, 10_000_000, torch.device("cuda"))
-    monkeypatch.setattr(shutil, "which", lambda _name: None)
-    assert not use_compile(big, 10_000_000, torch.device("cpu"))  # no C++ compiler: eager
-    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert use_compile(big, 10_000_000, torch.device("cpu"))
-
-
 def test_negatives_that_are_positives_are_skipped():
     # user 0 has items 0 and 1; a step whose only candidate is item 1 changes nothing
     P, Q, b = torch.ones(1, 2), torch.ones(3, 2), torch.zeros(3)
@@ -135,14 +140,70 @@ def test_bpr_config_from_a_tenant_file_and_registry():
     assert isinstance(build(model_config({"kind": "bpr"}), torch.device("cpu")), BPR)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
-def test_compiled_step_matches_eager(split):
-    _, data = split
-    cfg = BPRConfig(factors=8, epochs=2, batch_size=1024, negatives=2)
-    eager = BPR(cfg).fit(data)
-    compiled = BPR(cfg.model_copy(update={"compile": True})).fit(data)
-    assert np.allclose(eager.item_vectors(), compiled.item_vectors(), atol=1e-4)
+def _dense_pairs(rng):
+    """30 users with sorted rows over 12 items: 3-10 positives each, user 0 owns every item."""
+    rows = [np.arange(12)] + [np.sort(rng.choice(12, rng.integers(3, 11), replace=False)) for _ in range(29)]
+    users = np.repeat(np.arange(30), [len(r) for r in rows])
+    return users, np.concatenate(rows), np.concatenate(([0], np.cumsum([len(r) for r in rows])))
+
+
+@pytest.mark.parametrize("adagrad", [True, False])
+def test_cpu_loop_equals_the_torch_step_one_pair_at_a_time(adagrad):
+    # the CPU loop (numba) and the CUDA path's tensor step share one objective: with batch size 1
+    # and the same candidates they must make the same updates, skips and re-picks included
+    rng = np.random.default_rng(3)
+    users, items, indptr = _dense_pairs(rng)
+    n, f = len(users), 8
+    weight = rng.uniform(0.2, 1.5, n).astype(np.float32)
+    order = rng.permutation(np.concatenate([np.arange(n)] * 3)).astype(np.int32)  # three epochs' worth
+    cands = rng.integers(0, 12, (len(order), 4))
+    P0, Q0 = (rng.normal(0, 0.3, (30, f)).astype(np.float32), rng.normal(0, 0.3, (12, f)).astype(np.float32))
+    b0 = rng.normal(0, 0.1, 12).astype(np.float32)
+    mine = (P0.copy(), Q0.copy(), b0.copy(), np.zeros(30, np.float32), np.zeros(12, np.float32))
+    data = (users.astype(np.int32), items.astype(np.int32), weight, indptr.astype(np.int32))
+    total, skipped = sgd_epoch(mine, data, order, (4, 0.05, 0.01, True, adagrad), 1, 4, cands)
+    theirs = [torch.tensor(a) for a in (P0, Q0, b0, np.zeros(30, np.float32), np.zeros(12, np.float32))]
+    ptr, row = torch.tensor(indptr), torch.tensor(items)
+    want = 0.0
+    for k, o in enumerate(order):
+        u, i, c = torch.tensor([users[o]]), torch.tensor([items[o]]), torch.tensor(cands[k : k + 1])
+        want += float(
+            bpr_step(*theirs, u, i, c, torch.tensor(weight[o : o + 1]), ptr, row, 0.05, 0.01, 4, adagrad, True)
+        )
+    owned = [set(items[indptr[users[o]] : indptr[users[o] + 1]]) for o in order]
+    assert skipped == sum(set(c) <= own for c, own in zip(cands, owned, strict=True)) > 36  # user 0: 36 pairs
+    assert sum(bool(set(c) & own) and not set(c) <= own for c, own in zip(cands, owned, strict=True)) > 100  # re-picks
+    assert total == pytest.approx(want, rel=1e-4)
+    for got, ref in zip(mine, theirs, strict=True):
+        assert np.allclose(got, ref.numpy(), atol=2e-5), np.abs(got - ref.numpy()).max()
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b, c = shuffled(1000, 5, np.int32), shuffled(1000, 5, np.int32), shuffled(1000, 6, np.int32)
+    assert a.dtype == np.int32 and np.array_equal(np.sort(a), np.arange(1000))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(shuffled(1000, 5, np.int64), a)
+    # no position keeps a fixed item or neighbour pattern: about 1 fixed point, like a uniform permutation
+    assert (a == np.arange(1000)).sum() < 6
+    assert len(shuffled(0, 1, np.int32)) == 0 and list(shuffled(1, 1, np.int32)) == [0]
+
+
+def test_cpu_loop_draws_the_same_candidates_whatever_the_lookahead():
+    rng = np.random.default_rng(4)
+    users, items, indptr = _dense_pairs(rng)
+    order = rng.permutation(len(users))
+    data, rule = (users, items, np.ones(len(users), np.float32), indptr), (3, 0.05, 0.01, True, True)
+    none = np.zeros((0, 3), np.int64)
+    runs = []
+    for lookahead in (0, 1, 4, 13):
+        arrays = (np.full((30, 4), 0.1, np.float32), np.full((12, 4), 0.1, np.float32), np.zeros(12, np.float32))
+        arrays += (np.zeros(30, np.float32), np.zeros(12, np.float32))
+        runs.append((sgd_epoch(arrays, data, order, rule, 99, lookahead, none), arrays))
+    for out, arrays in runs[1:]:
+        assert out == runs[0][0]
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, runs[0][1], strict=True))
+    with pytest.raises(ValueError, match="lookahead"):
+        sgd_epoch(arrays, data, order, rule, 99, 64, none)
 
 
 @pytest.mark.gpu
