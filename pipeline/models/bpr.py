@@ -213,23 +213,22 @@ class BPR:
         from pipeline.models.bpr_kernel import LOOKAHEAD, sgd_epoch, sgd_epoch_hogwild, shuffled  # compiled or cached
 
         cfg, n, n_items = self.config, len(pairs.user), params[1].shape[0]
-        if max(n, n_items) >= 2**32:
-            raise ValueError(f"BPR's CPU loop draws 32-bit indices: {n} pairs and {n_items} items are too many")
-        index = np.int32 if max(n, n_items) < 2**31 else np.int64  # half the bytes to fetch
-        users, items, ptr = (a.astype(index) for a in (pairs.user, pairs.item, indptr))
+        if max(n, n_items) >= 2**31:
+            raise ValueError(f"BPR's CPU loop indexes with int32: {n} pairs and {n_items} items are too many")
+        users, items, ptr = (a.astype(np.int32) for a in (pairs.user, pairs.item, indptr))  # half the bytes of int64
         arrays = tuple(t.numpy() for t in params)  # the tensors' memory, updated in place
         data = (users, items, weight, ptr)
         rule = (cfg.negatives, cfg.learning_rate, cfg.regularization, cfg.item_bias, cfg.optimizer == "adagrad")
         rng = np.random.default_rng(cfg.seed)
         threads = min(cfg.threads, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(threads)
+        no_cands = np.zeros((0, cfg.negatives), np.int64)
         for _ in range(cfg.epochs):
             order_seed, seed = (int(s) for s in rng.integers(1, 2**62, 2))
-            order = shuffled(n, order_seed, index)
+            order = shuffled(n, order_seed, np.int32)
             if threads == 1:
-                no_cands = np.zeros((0, cfg.negatives), np.int64)
                 total, _ = sgd_epoch(arrays, data, order, rule, seed, LOOKAHEAD, no_cands)
             else:
-                numba.set_num_threads(threads)
                 total, _ = sgd_epoch_hogwild(arrays, data, order, rule, rng.integers(1, 2**62, threads), LOOKAHEAD)
             yield total
 

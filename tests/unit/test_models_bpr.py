@@ -19,21 +19,15 @@ def _ndcg(model, feats) -> float:
     return evaluate.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)[0]["ndcg"]
 
 
-def test_bpr_beats_popularity_and_loss_decreases(split):
+@pytest.mark.parametrize("loop", ["cpu", "torch"])
+def test_bpr_beats_popularity_and_loss_decreases(split, monkeypatch, loop):
+    # "torch": the CUDA path's mini-batch tensor step, run here on the CPU in place of the compiled loop
     feats, data = split
+    if loop == "torch":
+        monkeypatch.setattr(BPR, "_epochs_cpu", BPR._epochs_torch)
     losses: list[float] = []
     bpr = BPR(BPRConfig(**SMALL)).fit(data, callback=lambda _it, v: losses.append(v["loss"]))
     assert len(losses) == SMALL["epochs"]
-    assert losses[-1] < 0.7 * losses[0]
-    assert _ndcg(bpr, feats) > _ndcg(Popularity().fit(data), feats) * 1.1
-
-
-def test_the_cuda_mini_batch_loop_trains_too(split, monkeypatch):
-    # the tensor path runs on CUDA; here it runs on the CPU in place of the compiled loop
-    feats, data = split
-    monkeypatch.setattr(BPR, "_epochs_cpu", BPR._epochs_torch)
-    losses: list[float] = []
-    bpr = BPR(BPRConfig(**SMALL)).fit(data, callback=lambda _it, v: losses.append(v["loss"]))
     assert losses[-1] < 0.7 * losses[0]
     assert _ndcg(bpr, feats) > _ndcg(Popularity().fit(data), feats) * 1.1
 
