@@ -34,16 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import evaluate, extract, features, select
 from pipeline.config import Settings, load_tenant_file
 from pipeline.config.models import ALSConfig, BPRConfig, SearchRange, model_config
 from pipeline.context import RunContext
-from pipeline.data import demo
+from pipeline.evaluation import evaluate
+from pipeline.features import stage as features
 from pipeline.models import TrainData, TrainingDiverged, build
 from pipeline.models.ease import EASE
 from pipeline.models.itemknn import ItemKNN
 from pipeline.models.popularity import Popularity
 from pipeline.models.registry import KINDS
+from pipeline.samples import demo, extract
+from pipeline.training import select
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)

@@ -7,9 +7,9 @@ What it does, end to end, with the product's own code:
 
 1. Writes a synthetic release (50k items, 64 dims, 100k users whose seen lists are long-tailed:
    median ~20 items, some users with hundreds) to a temporary artifact root with
-   `pipeline.release.write_release` + `try_flip`, the files built the way `publish.build_files`
-   builds them (FAISS index from `pipeline.index`), then copies it into Redis with
-   `pipeline.refresh.write_release` + `flip` under a unique key prefix in a dedicated db.
+   `pipeline.release.format.write_release` + `try_flip`, the files built the way `publish.build_files`
+   builds them (FAISS index from `pipeline.index.build`), then copies it into Redis with
+   `pipeline.release.refresh.write_release` + `flip` under a unique key prefix in a dedicated db.
 2. Starts `python -m uvicorn --factory pipeline.serving.app:create_app --workers N` (N defaults to
    os.cpu_count()) with RECSYS_REDIS_URL set and real API-key auth (a fresh key, its sha256 in a
    RECSYS_API_KEYS_FILE), waits for /readyz and warms every worker up.
@@ -85,9 +85,9 @@ def _index_bytes(item_vectors, user_vectors, kind: str | None):
     """FAISS index bytes and info, built and tuned the way the index stage builds them."""
     import numpy as np
 
-    from pipeline import ann
-    from pipeline import index as faiss_index
     from pipeline.config.tenant import IndexConfig
+    from pipeline.index import build as faiss_index
+    from pipeline.index import search as ann
 
     rng = np.random.default_rng(0)
     probes = user_vectors[np.sort(rng.choice(len(user_vectors), size=min(256, len(user_vectors)), replace=False))]
@@ -101,7 +101,7 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
     import pandas as pd
     import scipy.sparse as sp
 
-    from pipeline import release
+    from pipeline.release import format as release
 
     rng = np.random.default_rng(seed)
     # clustered unit-ish vectors, roughly what an ALS model gives
@@ -167,7 +167,7 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
 def publish_synthetic(
     artifact_root: str, n_items: int, dim: int, n_users: int, index_kind: str | None = None
 ) -> tuple[str, dict]:
-    from pipeline import release
+    from pipeline.release import format as release
     from pipeline.storage import open_store
 
     files, stats = synthetic_files(n_items, dim, n_users, index_kind)
@@ -196,11 +196,13 @@ def publish_synthetic(
 
 
 def load_into_redis(artifact_root: str, release_id: str, redis_url: str, prefix: str) -> dict:
-    from pipeline import refresh, release
+    from pipeline.release import format as release
+    from pipeline.release import refresh
     from pipeline.storage import open_store
+    from pipeline.storage.redis import redis_client
 
     rel = release.load_release(open_store(artifact_root), TENANT, release_id)
-    r = refresh.redis_client(redis_url)
+    r = redis_client(redis_url)
     try:
         started = time.perf_counter()
         written = refresh.write_release(r, prefix, rel)
@@ -213,9 +215,9 @@ def load_into_redis(artifact_root: str, release_id: str, redis_url: str, prefix:
 
 
 def delete_redis_keys(redis_url: str, prefix: str) -> int:
-    from pipeline import refresh
+    from pipeline.storage.redis import redis_client
 
-    r = refresh.redis_client(redis_url)
+    r = redis_client(redis_url)
     deleted = 0
     try:
         batch = []
@@ -332,9 +334,9 @@ class Server:
 
 def redis_cpu_seconds(redis_url: str) -> float | None:
     try:
-        from pipeline import refresh
+        from pipeline.storage.redis import redis_client
 
-        r = refresh.redis_client(redis_url)
+        r = redis_client(redis_url)
         try:
             info = r.info("cpu")
         finally:
@@ -717,9 +719,9 @@ def machine() -> dict:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
     with contextlib.suppress(Exception):
-        from pipeline import refresh
+        from pipeline.storage.redis import redis_client
 
-        r = refresh.redis_client(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"))
+        r = redis_client(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"))
         info["redis_version"] = r.info("server")["redis_version"]
         r.close()
     return info

@@ -1,6 +1,6 @@
 """Nightly maintenance across tenants: retention per tenant (mapped), then a data-quality summary.
 
-Wiring only: the work is in `pipeline.maintenance`.
+Wiring only: the work is in `pipeline.ops.maintenance`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def recsys_maintenance():
     @task
     def tenants() -> list[str]:
         from pipeline.config import get_settings
-        from pipeline.maintenance import valid_configs
+        from pipeline.ops.maintenance import valid_configs
 
         return [c.tenant for c in valid_configs(get_settings())]
 

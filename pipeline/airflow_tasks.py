@@ -71,7 +71,7 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
     from pipeline.context import RunContext, StageError
     from pipeline.stages import GateRejected
     from pipeline.stages import run_stage as run
-    from pipeline.validate import ValidationFailed
+    from pipeline.validation.stage import ValidationFailed
 
     mask_secrets()
     start, end = interval_of(context)
@@ -95,7 +95,7 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
 
 def on_failure(context: dict[str, Any]) -> None:
     """Failure callback: log tenant, run and reason; call the configured webhook, if any."""
-    from pipeline.alerts import notify_failure
+    from pipeline.ops.alerts import notify_failure
 
     ti = context.get("ti") or context.get("task_instance")
     dag_id = getattr(ti, "dag_id", "") or ""
@@ -122,7 +122,7 @@ def release_asset_uri(tenant: str) -> str:
 def export_release(tenant_file: str, **context: Any) -> dict[str, Any]:
     """Asset-triggered export: top-k per user of the release named by the triggering event."""
     from pipeline.config import get_settings, load_tenant_file
-    from pipeline.export import export_topk
+    from pipeline.release.export import export_topk
     from pipeline.storage import open_store
 
     cfg = load_tenant_file(tenant_file)
@@ -134,19 +134,20 @@ def export_release(tenant_file: str, **context: Any) -> dict[str, Any]:
 
 
 def apply_retention(tenant: str) -> dict[str, Any]:
-    from pipeline import maintenance, refresh
     from pipeline.config import get_settings, load_tenant
+    from pipeline.ops import maintenance
     from pipeline.storage import open_store
+    from pipeline.storage.redis import redis_client
 
     s = get_settings()
-    redis = refresh.redis_client(s.redis_url) if s.redis_url else None
+    redis = redis_client(s.redis_url) if s.redis_url else None
     cfg = load_tenant(tenant, s.tenants_dir)
     return maintenance.apply_retention(open_store(s.artifact_root), cfg, redis, s.redis_prefix, s.redis_grace_seconds)
 
 
 def quality_summary(day_end: datetime) -> dict[str, Any]:
-    from pipeline import maintenance
     from pipeline.config import get_settings
+    from pipeline.ops import maintenance
     from pipeline.storage import open_store
 
     s = get_settings()

@@ -38,8 +38,8 @@ def _load_config(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import TenantConfigError
     from pipeline.context import RunContext
+    from pipeline.ops.summary import print_summary
     from pipeline.stages import GateRejected, run_all
-    from pipeline.summary import print_summary
 
     try:
         cfg = _load_config(args)
@@ -75,7 +75,7 @@ def _latest_run_end(cfg) -> datetime | None:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline.context import RunContext
-    from pipeline.summary import print_summary
+    from pipeline.ops.summary import print_summary
 
     cfg = _load_config(args)
     end = _interval_end(args.interval_end) if args.interval_end else _latest_run_end(cfg)
@@ -97,8 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings, is_valid_tenant_id
-    from pipeline.release import ReleaseError
-    from pipeline.rollback import RollbackError, rollback
+    from pipeline.release.format import ReleaseError
+    from pipeline.release.rollback import RollbackError, rollback
 
     if not is_valid_tenant_id(args.tenant):
         print(f"error: invalid tenant id {args.tenant!r}", file=sys.stderr)
@@ -122,7 +122,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings
-    from pipeline.data import demo
+    from pipeline.samples import demo
 
     settings = get_settings()
     out = Path(args.out) if args.out else settings.data_root / "data" / "demo"

@@ -29,16 +29,16 @@ class GateRejected(Exception):
 
 def _registry() -> dict[str, StageFn]:
     # imported lazily so `import pipeline.stages` (e.g. at DAG parse time) stays cheap
-    from pipeline.evaluate import evaluate
-    from pipeline.extract import extract
-    from pipeline.features import features
-    from pipeline.gate import gate
-    from pipeline.index import index
-    from pipeline.publish import publish
-    from pipeline.refresh import refresh
-    from pipeline.select import select
-    from pipeline.train import refit, train
-    from pipeline.validate import validate
+    from pipeline.data.extract import extract
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.features.stage import features
+    from pipeline.gate.stage import gate
+    from pipeline.index.build import index
+    from pipeline.release.publish import publish
+    from pipeline.release.refresh import refresh
+    from pipeline.training.select import select
+    from pipeline.training.train import refit, train
+    from pipeline.validation.stage import validate
 
     return {
         "extract": extract,

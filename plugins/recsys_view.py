@@ -1,6 +1,6 @@
 """Airflow plugin: the per-tenant recsys dashboard inside the Airflow UI. Registration only.
 
-The app (pipeline.dashboard) is mounted on Airflow's API server under /recsys, behind
+The app (pipeline.ops.dashboard) is mounted on Airflow's API server under /recsys, behind
 Airflow's own authentication (the UI's JWT cookie or a bearer token); rolling a tenant back
 needs edit permission on that tenant's DAG. The nav entry and the per-DAG link open it in
 the UI (iframe).
@@ -12,7 +12,7 @@ from airflow.api_fastapi.core_api.security import get_user
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, HTTPException, Request
 
-from pipeline.dashboard import create_dashboard
+from pipeline.ops.dashboard import create_dashboard
 
 URL_PREFIX = "/recsys"
 

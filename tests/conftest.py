@@ -16,7 +16,7 @@ os.environ.setdefault("RECSYS_DEVICE", "cpu")
 
 from pipeline.config import Settings, TenantConfig  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
-from pipeline.data import synthetic  # noqa: E402
+from pipeline.samples import synthetic  # noqa: E402
 
 REDIS_URL = os.environ.get("RECSYS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 INTERVAL_END = datetime(2025, 4, 1, tzinfo=UTC)

@@ -1,1 +1,1 @@
-"""Data helpers: the MovieLens-100K demo tenant and synthetic tenants for tests and benchmarks."""
+"""Data in: the tenant's sources, the extract stage, the partitioned history, the API event log, attributes."""

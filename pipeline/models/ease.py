@@ -6,7 +6,7 @@
 X is the binary user x item training matrix. B is a dense n_items x n_items matrix, so
 EASE is an evaluation baseline for catalogs up to `evaluation.ease_max_items` (the inverse
 costs O(n^3) time and O(n^2) memory); it is not a dot-product model and is not published.
-It scores a block of users with `score_block`, which `pipeline.ranking.topk_scores` ranks.
+It scores a block of users with `score_block`, which `pipeline.evaluation.ranking.topk_scores` ranks.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pipeline.embeddings import InvalidUserData
 from pipeline.serving import rerank
-from pipeline.serving.releases import LiveRelease
+from pipeline.serving.live import LiveRelease
 from pipeline.serving.schemas import Options, Reason, Recommendations, RejectedEvent, ScoredItem
+from pipeline.serving.user_store import InvalidUserData
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import pandas as pd
 from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import event_log
 from pipeline.config import Settings, get_settings
+from pipeline.data import event_log
 from pipeline.serving import auth
 from pipeline.serving.answers import (
     Metrics,
@@ -34,8 +34,8 @@ from pipeline.serving.answers import (
     scored,
 )
 from pipeline.serving.deps import EntityId, Live, TenantId
+from pipeline.serving.live import ReleaseCache
 from pipeline.serving.middleware import TenantPathGuard
-from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.schemas import (
     BatchRecommendations,
     BatchRequest,
@@ -72,8 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis_users = None
         client = None
         if settings.redis_url:
-            from pipeline.embeddings import RedisStore
-            from pipeline.refresh import redis_client
+            from pipeline.serving.user_store import RedisStore
+            from pipeline.storage.redis import redis_client
 
             client = redis_client(settings.redis_url)
             redis_users = RedisStore(client, settings.redis_prefix)

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import TENANT_ID_PATTERN
 from pipeline.serving import auth
-from pipeline.serving.releases import LiveRelease
+from pipeline.serving.live import LiveRelease
 
 MAX_K = 100
 TenantId = Annotated[

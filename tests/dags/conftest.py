@@ -38,7 +38,7 @@ os.environ.update(ENV)
 
 
 def _write_tenants() -> None:
-    from pipeline.data import synthetic
+    from pipeline.samples import synthetic
 
     TENANTS.mkdir(parents=True, exist_ok=True)
     src = BASE / "sources"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import release
 from pipeline.config import get_settings
-from pipeline.export import export_key
+from pipeline.release import format as release
+from pipeline.release.export import export_key
 from pipeline.storage import codecs, open_store
 from tests.dags.conftest import ENV
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import release
 from pipeline.config import get_settings
+from pipeline.release import format as release
 from pipeline.storage import open_store
 from tests.dags.conftest import ROOT
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import release
 from pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 from pipeline.context import RunContext
+from pipeline.release import format as release
 from pipeline.serving.app import create_app
 from pipeline.stages import STAGES, GateRejected, run_all
 from pipeline.storage import codecs, paths

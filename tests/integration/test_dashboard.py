@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import release
 from pipeline.context import RunContext
-from pipeline.dashboard import create_dashboard, metrics_svg
+from pipeline.ops.dashboard import create_dashboard, metrics_svg
+from pipeline.release import format as release
 from pipeline.stages import run_all
 
 pytestmark = pytest.mark.integration

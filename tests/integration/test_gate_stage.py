@@ -9,8 +9,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline import release
 from pipeline.context import RunContext
+from pipeline.release import format as release
 from pipeline.stages import GateRejected, run_all, run_stage
 from pipeline.storage import codecs
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import event_log, extract, history
 from pipeline.config import TenantConfig
 from pipeline.context import RunContext
-from pipeline.data import synthetic
+from pipeline.data import event_log, extract, history
+from pipeline.samples import synthetic
 from tests.conftest import isolated_settings
 
 DAY0 = datetime(2025, 5, 1, tzinfo=UTC)

@@ -10,12 +10,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from pipeline import alerts, export, maintenance, refresh, release
 from pipeline.context import RunContext
-from pipeline.embeddings import key
-from pipeline.rollback import RollbackError, rollback
+from pipeline.ops import alerts, maintenance
+from pipeline.release import export
+from pipeline.release import format as release
+from pipeline.release.rollback import RollbackError, rollback
 from pipeline.stages import run_all
 from pipeline.storage import codecs, paths
+from pipeline.storage.redis import key, redis_client
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
@@ -55,7 +57,7 @@ def test_retention_keeps_newest_runs_and_releases_and_the_live_pair(published, r
     ids = [results["publish"]["release_id"], *_run_days(ctx, 3)]
     # a half-written (manifest-less) older release folder: a failed publish
     ctx.store.put(paths.release_key("acme", "19990101T000000Z-deadbeef00", "users.parquet"), b"partial")
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     for rid in ids:
         r.hset(key(redis_prefix, "acme", rid, "meta"), "complete", 1)
     out = maintenance.apply_retention(ctx.store, cfg, r, redis_prefix, grace_seconds=30)
@@ -94,7 +96,7 @@ def test_rollback_moves_pointer_and_redis_back(published, redis_prefix):
     assert out["registry"] in ("registered", "already registered")  # the MLflow alias follows (test_registry.py)
     pointer = release.read_pointer(ctx.store, "acme")[0]
     assert pointer["release_id"] == first and pointer["rolled_back_from"] == second
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     assert r.get(key(redis_prefix, "acme", "current")) == first.encode()
     with pytest.raises(RollbackError, match="nothing published"):
         rollback(settings, "nobody")

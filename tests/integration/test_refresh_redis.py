@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import refresh, release
 from pipeline.context import RunContext
-from pipeline.embeddings import RedisStore, key
+from pipeline.release import format as release
+from pipeline.release import refresh
 from pipeline.serving.app import create_app
+from pipeline.serving.user_store import RedisStore, key
 from pipeline.stages import run_all
+from pipeline.storage.redis import redis_client
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
@@ -29,7 +31,7 @@ def test_refresh_writes_versioned_keys_then_flips(redis_ctx, redis_prefix):
     rid = results["publish"]["release_id"]
     out = results["refresh"]
     assert out["store"] == "redis" and out["flipped"] and out["previous_release_id"] is None
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     assert r.get(key(redis_prefix, "acme", "current")) == rid.encode()
     rel = release.load_release(redis_ctx.store, "acme", rid)
     for row in (0, 7, len(rel.user_ids) - 1):
@@ -52,7 +54,7 @@ def test_refresh_writes_versioned_keys_then_flips(redis_ctx, redis_prefix):
 def test_flip_expires_previous_release_and_refuses_incomplete(redis_ctx, redis_prefix):
     run_all(redis_ctx)
     rid = release.read_pointer(redis_ctx.store, "acme")[0]["release_id"]
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     with pytest.raises(RuntimeError, match="incomplete"):
         refresh.flip(r, redis_prefix, "acme", "half-written", 60)
     assert r.get(key(redis_prefix, "acme", "current")) == rid.encode()
@@ -66,7 +68,7 @@ def test_flip_expires_previous_release_and_refuses_incomplete(redis_ctx, redis_p
 def test_refresh_killed_halfway_leaves_old_release_live(ctx, redis_ctx, redis_prefix, monkeypatch):
     run_all(ctx)  # published, but nothing in Redis yet
     rid = release.read_pointer(ctx.store, "acme")[0]["release_id"]
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     r.set(key(redis_prefix, "acme", "current"), b"old-release")
     real_pipeline, calls = r.pipeline, []
 
@@ -96,7 +98,7 @@ def test_serving_reads_user_vectors_from_redis(redis_ctx, redis_prefix):
     rel = release.load_release(redis_ctx.store, "acme", rid)
     user = rel.user_ids[5]
     # change the vector in Redis only: serving must use it (proves the Redis path is live)
-    r = refresh.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     target = rel.item_vectors[int(np.argmin(rel.item_popularity))]
     r.set(key(redis_prefix, "acme", rid, "u", user), (target * 100).astype(np.float32).tobytes())
     r.set(key(redis_prefix, "acme", rid, "seen", user), b"")

@@ -12,10 +12,11 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import release, tracking
 from pipeline.cli import EXIT_OK, main
 from pipeline.context import RunContext
-from pipeline.rollback import rollback
+from pipeline.ops import tracking
+from pipeline.release import format as release
+from pipeline.release.rollback import rollback
 from pipeline.serving.app import create_app
 from pipeline.stages import run_all, run_stage
 from pipeline.storage import paths

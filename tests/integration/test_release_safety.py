@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ann
-from pipeline import index as faiss_index
-from pipeline import release as rel
-from pipeline.embeddings import RedisStore, key
-from pipeline.serving.releases import ReleaseCache
+from pipeline.index import build as faiss_index
+from pipeline.index import search as ann
+from pipeline.release import format as rel
+from pipeline.serving.live import ReleaseCache
+from pipeline.serving.user_store import RedisStore, key
 from pipeline.storage import LocalStore, codecs, paths
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def day(n: int) -> str:
 
 
 def make_files(seed: int, n_users: int = 40, n_items: int = 30, dim: int = DIM) -> dict[str, bytes]:
-    """Every file of `pipeline.release.FILES`, through the same assembly as publish."""
+    """Every file of `pipeline.release.format.FILES`, through the same assembly as publish."""
     rng = np.random.default_rng(seed)
     user_vectors = rng.standard_normal((n_users, dim)).astype(np.float32)
     item_vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
@@ -92,7 +92,7 @@ def pointer_for(rid: str, interval_end: str) -> rel.Pointer:
 
 
 def publish(store, files: dict[str, bytes], run_id: str, interval_end: str) -> tuple[str, bool, str]:
-    """What pipeline.publish does: the release, then a conditional flip of the pointer."""
+    """What pipeline.release.publish does: the release, then a conditional flip of the pointer."""
     rid = write(store, files, run_id, interval_end)
     moved, reason = rel.try_flip(store, TENANT, pointer_for(rid, interval_end))
     return rid, moved, reason
@@ -228,7 +228,7 @@ def test_publish_dying_after_some_puts_leaves_old_release_live(store):
 CHILD = r"""
 import os, sys, time
 import boto3
-from pipeline import release as rel
+from pipeline.release import format as rel
 from pipeline.storage import s3
 from tests.integration.test_release_safety import make_files, publish
 
@@ -378,10 +378,10 @@ def test_damaged_manifest_is_refused_and_old_release_kept(store, damage, caplog)
     with pytest.raises(rel.ReleaseError):
         rel.load_release(store, TENANT, b)
     assert rel.try_flip(store, TENANT, pointer_for(b, day(2)))[0]
-    with caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
         assert cache.get(TENANT).release_id == a
     assert any(
-        r.name == "pipeline.serving.releases" and f"cannot load release {b}" in r.getMessage() for r in caplog.records
+        r.name == "pipeline.serving.live" and f"cannot load release {b}" in r.getMessage() for r in caplog.records
     )
 
 
@@ -399,10 +399,10 @@ def test_cache_keeps_serving_a_when_pointer_moves_to_corrupt_b_then_serves_good_
         rel.load_release(store, TENANT, b)
 
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
         for _ in range(3):  # every poll retries B, refuses it, and keeps A whole
             assert cache.get(TENANT) is live_a
-    errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.releases"]
+    errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.live"]
     assert len(errors) == 3 and all(f"cannot load release {b}" in m and f"keeping {a}" in m for m in errors)
     rows, _ = live_a.search(live_a.release.user_vectors[:1], 5)  # A still answers
     assert np.asarray(rows).size == 5
@@ -607,7 +607,7 @@ def test_pickle_planted_in_s3_release_with_valid_checksums_is_never_loaded(s3_st
             calls = forbid_unpickling(mp)
             with pytest.raises((ValueError, rel.ReleaseError), match="allow_pickle"):
                 rel.load_release(store, TENANT, b)
-            with caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
+            with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
                 assert cache.get(TENANT).release_id == a  # serving refuses B and keeps A
             assert calls == []
         assert f"cannot load release {b}" in caplog.text and "allow_pickle" in caplog.text
@@ -620,14 +620,14 @@ REDIS_PAYLOAD_SIZES = {"ragged": DIM * 4 - 3, "wrong-dim": DIM * 4 - 4, "one-vec
 
 @pytest.mark.parametrize("size", REDIS_PAYLOAD_SIZES.values(), ids=REDIS_PAYLOAD_SIZES.keys())
 def test_pickle_planted_in_redis_user_keys_is_never_unpickled(tmp_path, redis12, no_unpickling, size):
-    """A pickle planted in a user's `u:` and `seen:` keys (versioned layout of pipeline.embeddings).
+    """A pickle planted in a user's `u:` and `seen:` keys (versioned layout of pipeline.serving.user_store).
 
     RedisStore.user reads raw float32/int32 bytes (np.frombuffer) and never unpickles. It either
     refuses the value with a ValueError (embeddings.InvalidUserData: wrong length, non-finite
     numbers, seen indices out of range) or returns well-formed float32/int32 arrays of the
     release's dim (meaningless numbers, only that user's results change). No code runs.
     """
-    from pipeline import refresh
+    from pipeline.release import refresh
 
     r, prefix = redis12
     store = LocalStore(tmp_path / "artifacts")

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import event_log, extract, release
 from pipeline.context import RunContext
-from pipeline.data import synthetic
+from pipeline.data import event_log, extract
+from pipeline.release import format as release
+from pipeline.samples import synthetic
 from pipeline.serving import rerank
 from pipeline.serving.app import create_app
 from pipeline.serving.auth import hash_key
@@ -317,7 +318,7 @@ def test_cors_is_configurable(served):
 def test_fuzzed_tenant_ids_are_422_before_any_storage_call(served, raw, monkeypatch):
     settings, _ = served
     calls = []
-    from pipeline.serving.releases import ReleaseCache
+    from pipeline.serving.live import ReleaseCache
 
     monkeypatch.setattr(ReleaseCache, "get", lambda self, tenant: calls.append(tenant))
     monkeypatch.setattr(ReleaseCache, "fresh", lambda self, tenant: calls.append(tenant))

@@ -12,9 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ann, index, refresh, release
 from pipeline.context import RunContext
-from pipeline.data import synthetic
+from pipeline.index import build as index
+from pipeline.index import search as ann
+from pipeline.release import format as release
+from pipeline.release import refresh
+from pipeline.samples import synthetic
 from pipeline.serving.app import create_app
 from pipeline.stages import run_all
 from pipeline.storage import codecs, open_store

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
-from pipeline import attributes, extract, history
 from pipeline.config import TenantConfig
 from pipeline.context import RunContext, StageError
+from pipeline.data import attributes, extract, history
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DAY0 = datetime(2025, 3, 1, tzinfo=UTC)

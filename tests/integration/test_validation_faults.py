@@ -1,7 +1,7 @@
 """A seeded-fault corpus through the real stages: thirty clean daily partitions pass with no
 alarm at all; each seeded fault is caught, with a message a data engineer understands.
 
-The tenant: `pipeline.data.synthetic` (long-tailed items, log-normal users, ~800 events/day)
+The tenant: `pipeline.samples.synthetic` (long-tailed items, log-normal users, ~800 events/day)
 over 30 days, delivered as Hive partitions `source/dt=YYYY-MM-DD/part.csv`. Day d's partition
 arrives, then the run for [day d, day d+1) runs extract + validate, as the nightly DAG would,
 so the volume history is real. Each fault is seeded into day 10's partition of a copy of the
@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import extract, validate
 from pipeline.config import load_tenant_file
 from pipeline.context import RunContext, StageError
-from pipeline.data import synthetic
+from pipeline.data import extract
+from pipeline.samples import synthetic
 from pipeline.storage import codecs
+from pipeline.validation import stage as validate
 from tests.conftest import isolated_settings
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import features
-from pipeline.data import synthetic
+from pipeline.features import stage as features
 from pipeline.models import TrainData
+from pipeline.samples import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline import evaluate, ranking
 from pipeline.config.models import EASEConfig, ItemKNNConfig
+from pipeline.evaluation import evaluate, ranking
 from pipeline.models import TrainData
 from pipeline.models.ease import EASE
 from pipeline.models.itemknn import ItemKNN

@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from pipeline import extract
 from pipeline.context import RunContext, StageError
+from pipeline.data import extract
 from tests.conftest import write_tenant
 
 
@@ -125,7 +125,7 @@ def test_event_types_weights_and_rating_threshold(settings):
 
 
 def test_epoch_source_and_api_events_both_keep_their_timestamps(settings):
-    from pipeline import event_log
+    from pipeline.data import event_log
 
     df = pd.DataFrame({"user_id": ["a"], "item_id": ["x"], "timestamp": [1736000000], "rating": [1.0]})
     cfg = write_tenant(settings, "acme", df)
@@ -141,7 +141,7 @@ def test_epoch_source_and_api_events_both_keep_their_timestamps(settings):
 def test_window_plan_bootstrap_lookback_catch_up_and_rerun():
     from datetime import date, timedelta
 
-    from pipeline import history
+    from pipeline.data import history
 
     end = datetime(2025, 1, 10, 2, tzinfo=UTC)
     start = end - timedelta(days=1)
@@ -161,7 +161,7 @@ def test_window_plan_bootstrap_lookback_catch_up_and_rerun():
 
 
 def test_interval_start_given_or_from_the_schedule():
-    from pipeline.history import interval_start
+    from pipeline.data.history import interval_start
 
     end = datetime(2025, 4, 1, tzinfo=UTC)
     assert interval_start("0 2 * * *", end) == datetime(2025, 3, 31, 2, tzinfo=UTC)
@@ -174,7 +174,7 @@ def test_interval_start_given_or_from_the_schedule():
 def test_partition_dates_in_paths():
     from datetime import date
 
-    from pipeline.sources import partition_date
+    from pipeline.data.sources import partition_date
 
     assert partition_date("dt=2025-01-02/part-0.parquet", "dt") == date(2025, 1, 2)
     assert partition_date("region=eu/dt=2025-01-02/x.csv", "dt") == date(2025, 1, 2)

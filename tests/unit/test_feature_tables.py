@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import feature_tables as ft
+from pipeline.features import tables as ft
 
 AS_OF = datetime(2025, 4, 1, tzinfo=UTC)
 

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import extract, features
 from pipeline.context import RunContext, StageError
+from pipeline.data import extract
+from pipeline.features import stage as features
 from tests.conftest import write_tenant
 
 

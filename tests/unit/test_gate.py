@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline import metrics
 from pipeline.config.tenant import GateConfig
-from pipeline.gate_policy import ChallengerEvidence, ChampionEvidence, GroupRecall, decide, format_table
+from pipeline.evaluation import metrics
+from pipeline.gate.policy import ChallengerEvidence, ChampionEvidence, GroupRecall, decide, format_table
 
 POLICY = GateConfig(tolerance=0.01)
 

@@ -3,9 +3,11 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import ann, index, release
 from pipeline.config.tenant import IndexConfig
 from pipeline.context import RunContext, StageError
+from pipeline.index import build as index
+from pipeline.index import search as ann
+from pipeline.release import format as release
 from pipeline.storage import LocalStore
 
 

@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import ndcg_score
 
-from pipeline import metrics, ranking
+from pipeline.evaluation import metrics, ranking
 
 
 def _rel(rows_items: list[list[int]], n_items: int) -> sp.csr_matrix:

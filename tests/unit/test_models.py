@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate
 from pipeline.config.models import ALSConfig
+from pipeline.evaluation import evaluate
 from pipeline.models import TrainData, TrainingDiverged
 from pipeline.models.als import ALS
 from pipeline.models.pairs import recency_target, training_pairs

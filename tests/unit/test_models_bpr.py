@@ -4,9 +4,9 @@ import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline import evaluate
 from pipeline.config.models import BPRConfig, model_config
 from pipeline.config.tenant import TenantConfig
+from pipeline.evaluation import evaluate
 from pipeline.models import TrainData, build, build_by_kind
 from pipeline.models.bpr import BPR, bpr_step, is_positive, pick_negative
 from pipeline.models.bpr_kernel import sgd_epoch, shuffled

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import features, select, train
 from pipeline.config.models import ALSConfig, SearchRange
 from pipeline.config.tenant import TenantConfigError
 from pipeline.context import RunContext
+from pipeline.features import stage as features
 from pipeline.stages import run_all
+from pipeline.training import select, train
 from tests.conftest import INTERVAL_END, write_tenant
 
 

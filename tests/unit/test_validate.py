@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import extract, validate
 from pipeline.config.expectations import ExpectationsFileError, SuiteConfig, load_suite_config
 from pipeline.context import RunContext
+from pipeline.data import extract
 from pipeline.storage import codecs
+from pipeline.validation import stage as validate
 from tests.conftest import INTERVAL_END, write_tenant
 
 END = INTERVAL_END  # small_df's events run up to 2025-03-31 22:38: the interval holds its last day's

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline import ranking, release
 from pipeline.config import TenantConfig
+from pipeline.evaluation import ranking
+from pipeline.release import format as release
 from pipeline.storage import ObjectStore, codecs
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import metrics
 from pipeline.config.tenant import GateConfig
+from pipeline.evaluation import metrics
 
 EPS = 1e-12  # thresholds are inclusive; float noise at the boundary must not decide
 

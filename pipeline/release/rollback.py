@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import refresh, release, tracking
 from pipeline.config import Settings
+from pipeline.ops import tracking
+from pipeline.release import format as release
+from pipeline.release import refresh
 from pipeline.storage import ObjectStore, codecs, open_store, paths
+from pipeline.storage.redis import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str
     if not moved:
         raise RollbackError(f"tenant {tenant}: pointer not moved: {reason}")
     if settings.redis_url:
-        client = refresh.redis_client(settings.redis_url)
+        client = redis_client(settings.redis_url)
         refresh.write_release(client, settings.redis_prefix, rel)
         refresh.flip(client, settings.redis_prefix, tenant, target, settings.redis_grace_seconds)
     log.warning("rollback tenant=%s: %s -> %s", tenant, current, target)

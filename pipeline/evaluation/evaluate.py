@@ -18,11 +18,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline import features, metrics, ranking, tracking, train
 from pipeline.context import RunContext
+from pipeline.evaluation import metrics, ranking
+from pipeline.features import stage as features
 from pipeline.models import TrainData
 from pipeline.models.popularity import Popularity
+from pipeline.ops import tracking
 from pipeline.storage import codecs
+from pipeline.training import train
 
 STAGE = "evaluate"
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import train
-from pipeline.ann import SCORE_CHUNK, knob_value, serialize
 from pipeline.config.tenant import IndexConfig
 from pipeline.context import RunContext
+from pipeline.index.search import SCORE_CHUNK, knob_value, serialize
+from pipeline.training import train
 
 STAGE = "index"
 OUTPUT = "items.faiss"

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import feature_tables, release
 from pipeline.context import RunContext
-from pipeline.embeddings import FLIP_SCRIPT, key
+from pipeline.features import tables as feature_tables
+from pipeline.release import format as release
+from pipeline.storage.redis import FLIP_SCRIPT, key, redis_client
 
 STAGE = "refresh"
 BATCH = 2_000
@@ -22,12 +23,6 @@ BATCH = 2_000
 
 class RefreshFailed(RuntimeError):
     """Redis was unreachable or failed mid-way: transient, retry; the old release stays live."""
-
-
-def redis_client(url: str):
-    import redis
-
-    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, retry_on_timeout=True)
 
 
 def write_release(r, prefix: str, rel: release.Release, batch: int | None = None) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import release
 from pipeline.context import RunContext
+from pipeline.release import format as release
 from pipeline.stages import STAGES
 
 _ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage")

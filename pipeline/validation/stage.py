@@ -31,12 +31,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import attributes, extract, history
-from pipeline import validation_checks as checks
-from pipeline import validation_report as reporting
 from pipeline.config.expectations import SuiteConfig, load_suite_config
 from pipeline.context import RunContext
+from pipeline.data import attributes, extract, history
 from pipeline.storage import codecs
+from pipeline.validation import checks
+from pipeline.validation import report as reporting
 
 STAGE = "validate"
 REPORT = "report.json"

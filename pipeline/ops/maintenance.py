@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import release
 from pipeline.config import Settings, TenantConfig
-from pipeline.embeddings import key as redis_key
+from pipeline.release import format as release
 from pipeline.storage import ObjectStore, codecs, paths
+from pipeline.storage.redis import key as redis_key
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config.expectations import SuiteConfig
-from pipeline.validation_checks import EXTRACT_DROPPED_FUTURE, ORDER, _fmt_ts, check_config
+from pipeline.validation.checks import EXTRACT_DROPPED_FUTURE, ORDER, _fmt_ts, check_config
 
 _NULL_HINT = {
     "timestamp": " (timestamps that could not be parsed become null at extract: check the format/unit)",

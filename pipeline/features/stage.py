@@ -16,9 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from pipeline import attributes, feature_tables, validate
 from pipeline.context import RunContext
+from pipeline.data import attributes
+from pipeline.features import tables as feature_tables
 from pipeline.storage import codecs
+from pipeline.validation import stage as validate
 
 if TYPE_CHECKING:
     from pipeline.models.base import ItemFeatures

@@ -1,17 +1,8 @@
 """Where serving reads per-user data of a release: Redis (versioned keys) or the release itself.
 
-Redis layout (DESIGN.md), all values binary, never pickle:
-  {prefix}:{tenant}:current                  -> release id (flipped last, atomically)
-  {prefix}:{tenant}:{release}:u:{user_id}    -> float32 user vector
-  {prefix}:{tenant}:{release}:seen:{user_id} -> int32 item indices of the release
-  {prefix}:{tenant}:{release}:popular        -> int32 item indices, most popular first
-  {prefix}:{tenant}:{release}:meta           -> hash: users, dim, complete=1 (written last)
-  {prefix}:{tenant}:{release}:uf:{user_id}   -> float32 online user features (names in meta.user_features)
-  {prefix}:{tenant}:{release}:fu:{user_id}   -> float32 vector folded in from API events (serving)
-  {prefix}:{tenant}:{release}:fseen:{user_id} -> int32 item indices after those events, newest first
-The refresh never touches the fold-in keys, so rerunning it stays idempotent; they expire with
-their release. Values are checked (length, range) before use: a malformed value is reported
-as invalid user data, never interpreted.
+The Redis key layout is pipeline/storage/redis.py. The refresh never touches the fold-in keys,
+so rerunning it stays idempotent; they expire with their release. Values are checked (length,
+range) before use: a malformed value is reported as invalid user data, never interpreted.
 """
 
 from __future__ import annotations
@@ -23,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.release import Release
+from pipeline.release.format import Release
+from pipeline.storage.redis import key
 
 log = logging.getLogger(__name__)
 UserData = tuple[np.ndarray, np.ndarray]  # (float32 vector, int32 seen item rows, newest first)
@@ -51,20 +43,6 @@ def decode_user(release: Release, user_id: str, vec: bytes, seen: bytes | None) 
     if len(rows) and (rows.min() < 0 or rows.max() >= len(release.item_ids)):
         raise InvalidUserData(f"user {user_id!r}: seen item index out of range for release {release.release_id}")
     return vector, rows
-
-
-def key(prefix: str, tenant: str, *parts: str) -> str:
-    return ":".join((prefix, tenant, *parts))
-
-
-# Compare-and-set of the tenant pointer: Redis 7 has no SET IFEQ, so a tiny Lua script.
-FLIP_SCRIPT = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false then cur = '' end
-if cur ~= ARGV[2] then return {0, cur} end
-redis.call('SET', KEYS[1], ARGV[1])
-return {1, cur}
-"""
 
 
 class UserStore(Protocol):

@@ -60,11 +60,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import features, release, tracking, train
-from pipeline.champion import FreshComparison, compare_on_fresh_holdout, item_groups
 from pipeline.context import RunContext
-from pipeline.gate_policy import ChallengerEvidence, ChampionEvidence, Decision, decide, format_table
+from pipeline.features import stage as features
+from pipeline.gate.champion import FreshComparison, compare_on_fresh_holdout, item_groups
+from pipeline.gate.policy import ChallengerEvidence, ChampionEvidence, Decision, decide, format_table
+from pipeline.ops import tracking
+from pipeline.release import format as release
 from pipeline.storage import codecs
+from pipeline.training import train
 
 STAGE = "gate"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import sources
 from pipeline.context import RunContext
-from pipeline.sources import is_sql_url
+from pipeline.data import sources
+from pipeline.data.sources import is_sql_url
 from pipeline.storage import codecs
 
 STAGE = "extract"  # part of the extract stage's output

@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import ann
-from pipeline import release as rel
-from pipeline.embeddings import EmbeddedStore, UserStore
+from pipeline.index import search as ann
+from pipeline.release import format as rel
 from pipeline.serving import rerank
+from pipeline.serving.user_store import EmbeddedStore, UserStore
 from pipeline.storage import ObjectStore
 
 log = logging.getLogger(__name__)

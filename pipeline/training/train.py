@@ -14,10 +14,11 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline import features, tracking
 from pipeline.config.models import ModelBase, model_config
 from pipeline.context import RunContext
+from pipeline.features import stage as features
 from pipeline.models import Recommender, TrainData, TrainingDiverged, build, build_by_kind, resolve_device
+from pipeline.ops import tracking
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"

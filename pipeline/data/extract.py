@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import attributes, event_log, history, sources
 from pipeline.context import RunContext
-from pipeline.sources import is_sql_url
+from pipeline.data import attributes, event_log, history, sources
+from pipeline.data.sources import is_sql_url
 from pipeline.storage import codecs
 
 STAGE = "extract"

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline import features, metrics, ranking, release
 from pipeline.config.tenant import GateConfig
-from pipeline.gate_policy import GroupRecall
+from pipeline.evaluation import metrics, ranking
+from pipeline.features import stage as features
+from pipeline.gate.policy import GroupRecall
+from pipeline.release import format as release
 
 
 def item_groups(feats: features.Features, policy: GateConfig) -> dict[str, np.ndarray]:

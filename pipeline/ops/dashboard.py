@@ -19,9 +19,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from pipeline.config import TENANT_ID_PATTERN, Settings, TenantConfig, get_settings, load_tenant
-from pipeline.maintenance import blocking_failures
+from pipeline.ops.maintenance import blocking_failures
 
-# pipeline.release/storage (numpy, pandas, pyarrow) are imported inside functions: Airflow
+# pipeline.release.format/storage (numpy, pandas, pyarrow) are imported inside functions: Airflow
 # loads plugins in its components, and this module must stay cheap to import there.
 
 TenantId = Path(pattern=TENANT_ID_PATTERN)
@@ -36,7 +36,7 @@ def _runs_with(store, tenant: str, stage: str, name: str) -> list[str]:
 
 def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
     """Everything the dashboard shows for one tenant, as plain data (also served as JSON)."""
-    from pipeline import release
+    from pipeline.release import format as release
     from pipeline.storage import codecs, paths
 
     t = cfg.tenant
@@ -119,7 +119,7 @@ def metrics_svg(history: list[dict[str, Any]], width: int = 640, height: int = 2
 
 
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+    loader=jinja2.PackageLoader("pipeline.ops", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
 )
 
 
@@ -154,7 +154,7 @@ def create_dashboard(
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        from pipeline.maintenance import valid_configs
+        from pipeline.ops.maintenance import valid_configs
 
         s = store()
         overviews = [tenant_overview(s, cfg) for cfg in valid_configs(settings_provider())]
@@ -195,8 +195,8 @@ def create_dashboard(
     ) -> dict[str, Any]:
         if x_recsys_action != "rollback":
             raise HTTPException(403, "missing X-Recsys-Action: rollback header")
-        from pipeline import release
-        from pipeline.rollback import RollbackError, rollback
+        from pipeline.release import format as release
+        from pipeline.release.rollback import RollbackError, rollback
 
         config(tenant)
         try:

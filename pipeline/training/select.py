@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline import evaluate, features, tracking
 from pipeline.config.models import ModelBase, SearchRange
 from pipeline.context import RunContext
+from pipeline.evaluation import evaluate
+from pipeline.features import stage as features
 from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
+from pipeline.ops import tracking
 
 STAGE = "select"
 

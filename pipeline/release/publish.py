@@ -6,9 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import attributes, features, index, release, tracking, train
 from pipeline.context import RunContext
+from pipeline.data import attributes
+from pipeline.features import stage as features
+from pipeline.index import build as index
+from pipeline.ops import tracking
+from pipeline.release import format as release
 from pipeline.storage import codecs, paths
+from pipeline.training import train
 
 STAGE = "publish"
 # what the manifest keeps of the gate's decision (the run's gate/decision.json has all the evidence)
