@@ -37,7 +37,7 @@ import torch
 from pipeline.config import Settings, load_tenant_file
 from pipeline.config.models import ALSConfig, BPRConfig, SearchRange, model_config
 from pipeline.context import RunContext
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import scoring
 from pipeline.features import stage as features
 from pipeline.models import TrainData, TrainingDiverged, build
 from pipeline.models.ease import EASE
@@ -61,8 +61,8 @@ BPR_SEARCH = {
 
 
 def _score(name, model, feats, seconds, params=None):
-    summary, _, _ = evaluate.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
-    row = {"model": name, **evaluate.at_k(summary, 10), "fit_seconds": round(seconds, 2), "params": params or {}}
+    summary, _, _ = scoring.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
+    row = {"model": name, **scoring.at_k(summary, 10), "fit_seconds": round(seconds, 2), "params": params or {}}
     print(f"{name:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}  fit {seconds:.1f}s", flush=True)
     return row
 

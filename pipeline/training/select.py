@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from pipeline.config.models import ModelBase, SearchRange
 from pipeline.context import RunContext
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import scoring
 from pipeline.features import stage as features
 from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
 from pipeline.ops import tracking
@@ -74,7 +74,7 @@ def with_params(candidate: ModelBase, params: dict[str, Any]) -> ModelBase:
 
 def score(cfg: ModelBase, data: TrainData, relevant, exclude, k: int, metric: str, device) -> float:
     model = build(cfg, device).fit(data)
-    summary, _, _ = evaluate.evaluate_vectors(model.user_vectors(), model.item_vectors(), relevant, exclude, k)
+    summary, _, _ = scoring.evaluate_vectors(model.user_vectors(), model.item_vectors(), relevant, exclude, k)
     return float(summary[metric])
 
 

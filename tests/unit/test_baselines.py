@@ -4,7 +4,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from pipeline.config.models import EASEConfig, ItemKNNConfig
-from pipeline.evaluation import evaluate, ranking
+from pipeline.evaluation import ranking, scoring
 from pipeline.models import TrainData
 from pipeline.models.ease import EASE
 from pipeline.models.itemknn import ItemKNN
@@ -72,8 +72,8 @@ def test_evaluate_scorer_equals_evaluate_vectors_for_a_dot_product():
     U, V = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(15, 4)).astype(np.float32)
     rel = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
     exc = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
-    a = evaluate.evaluate_vectors(U, V, rel, exc, 5)
-    b = evaluate.evaluate_scorer(lambda rows: U[rows] @ V.T, rel, exc, 5)
+    a = scoring.evaluate_vectors(U, V, rel, exc, 5)
+    b = scoring.evaluate_scorer(lambda rows: U[rows] @ V.T, rel, exc, 5)
     assert a[0] == b[0] and np.array_equal(a[2], b[2])
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.config.models import ALSConfig
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import scoring
 from pipeline.models import TrainData, TrainingDiverged
 from pipeline.models.als import ALS
 from pipeline.models.pairs import recency_target, training_pairs
@@ -11,7 +11,7 @@ from pipeline.models.popularity import Popularity
 
 
 def _ndcg(model, feats):
-    summary, _, _ = evaluate.evaluate_vectors(
+    summary, _, _ = scoring.evaluate_vectors(
         model.user_vectors(), model.item_vectors(), feats.relevant(), feats.matrix(False), 10
     )
     return summary["ndcg"]

@@ -6,7 +6,7 @@ from safetensors.numpy import save as st_save
 
 from pipeline.config.models import BPRConfig, model_config
 from pipeline.config.tenant import TenantConfig
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import scoring
 from pipeline.models import TrainData, build, build_by_kind
 from pipeline.models.bpr import BPR, bpr_step, is_positive, pick_negative
 from pipeline.models.bpr_kernel import sgd_epoch, shuffled
@@ -16,7 +16,7 @@ SMALL = {"factors": 16, "epochs": 25, "batch_size": 512, "learning_rate": 0.05}
 
 
 def _ndcg(model, feats) -> float:
-    return evaluate.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)[0]["ndcg"]
+    return scoring.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)[0]["ndcg"]
 
 
 @pytest.mark.parametrize("loop", ["cpu", "torch"])
