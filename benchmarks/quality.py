@@ -10,7 +10,7 @@ evaluate: full ranking excluding training items). Rows:
 * every kind in `pipeline.models.registry.KINDS` with its default config (seeds 0, 1, 2 for
   als and bpr, seed 0 for the others): a newly registered kind appears here by itself;
 * ALS ablations (no recency; plain ALS);
-* "bpr (tuned)": the selection stage's Optuna search (pipeline/select.py) over BPR ranges
+* "bpr (tuned)": the selection stage's Optuna search (pipeline/training/select.py) over BPR ranges
   on a validation split carved from the TRAIN events, `--bpr-trials` trials, then the
   chosen config on the holdout (seeds 0, 1, 2);
 * `--implicit`: the `implicit` library's ALS and BPR over small grids scored on the SAME
@@ -38,6 +38,7 @@ from pipeline.config import Settings, load_tenant_file
 from pipeline.config.models import ALSConfig, BPRConfig, SearchRange, model_config
 from pipeline.context import RunContext
 from pipeline.evaluation import scoring
+from pipeline.features import dataset
 from pipeline.features import stage as features
 from pipeline.models import TrainData, TrainingDiverged, build
 from pipeline.models.ease import EASE
@@ -191,7 +192,7 @@ def main() -> None:
         ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
         extract.extract(ctx)
         features.features(ctx)
-        feats = features.load(ctx)
+        feats = dataset.Features.read(ctx)
     train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
     rows = []
     for name, model in (("popularity", Popularity()), ("item_knn", ItemKNN()), ("ease", EASE())):

@@ -64,13 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _latest_run_end(cfg) -> datetime | None:
     from pipeline.config import get_settings
-    from pipeline.storage import open_store
+    from pipeline.storage import open_store, paths
 
-    prefix = f"tenants/{cfg.tenant}/runs/"
-    runs = {k[len(prefix) :].split("/", 1)[0] for k in open_store(get_settings().artifact_root).list(prefix)}
-    if not runs:
-        return None
-    return datetime.strptime(max(runs), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    runs = paths.run_ids(open_store(get_settings().artifact_root).list(paths.runs_prefix(cfg.tenant)), cfg.tenant)
+    return paths.interval_end_of(runs[-1]) if runs else None
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

@@ -1,83 +1,79 @@
 """The stage chain, in order: what the DAG wires as tasks and `python -m pipeline run` calls.
 
-Each entry is a plain function `stage(ctx) -> small dict` (safe for XCom). Stages read
-their inputs from the artifact store under the same run, so tasks pass no data, only
-ordering.
+Each stage is a module with a function `stage(ctx) -> small dict` (safe for XCom) and an
+`IO` naming the run artifacts it reads and writes (pipeline/storage/paths.py). Stages pass
+no data, only ordering: each reads its inputs from the artifact store under the same run.
+`run_stage` gives the stage a context scoped to its IO, and the run's config snapshot.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # keep `import pipeline.stages` free of pandas/torch for DAG parsing
-    from pipeline.context import RunContext
+    from pipeline.context import RunContext, StageIO
 
 log = logging.getLogger(__name__)
 
 StageFn = Callable[["RunContext"], dict[str, Any]]
 
+# stage -> the module that runs it (a function of the stage's name, and `IO`)
+STAGE_MODULES: dict[str, str] = {
+    "extract": "pipeline.data.extract",
+    "validate": "pipeline.validation.stage",
+    "features": "pipeline.features.stage",
+    "select": "pipeline.training.select",
+    "train": "pipeline.training.train",
+    "evaluate": "pipeline.evaluation.evaluate",
+    "gate": "pipeline.gate.stage",
+    "refit": "pipeline.training.refit",
+    "index": "pipeline.index.build",
+    "publish": "pipeline.release.publish",
+    "refresh": "pipeline.release.refresh",
+}
+STAGES: tuple[str, ...] = tuple(STAGE_MODULES)
+
 
 class GateRejected(Exception):
-    """The gate decided not to publish: the run ends 'skipped', not failed."""
+    """The gate decided not to publish: the run ends 'skipped', not failed (raised by the gate)."""
 
     def __init__(self, decision: dict[str, Any]) -> None:
         super().__init__(decision.get("reason", "rejected by the gate"))
         self.decision = decision
 
 
-def _registry() -> dict[str, StageFn]:
-    # imported lazily so `import pipeline.stages` (e.g. at DAG parse time) stays cheap
-    from pipeline.data.extract import extract
-    from pipeline.evaluation.evaluate import evaluate
-    from pipeline.features.stage import features
-    from pipeline.gate.stage import gate
-    from pipeline.index.build import index
-    from pipeline.release.publish import publish
-    from pipeline.release.refresh import refresh
-    from pipeline.training.select import select
-    from pipeline.training.train import refit, train
-    from pipeline.validation.stage import validate
-
-    return {
-        "extract": extract,
-        "validate": validate,
-        "features": features,
-        "select": select,
-        "train": train,
-        "evaluate": evaluate,
-        "gate": gate,
-        "refit": refit,
-        "index": index,
-        "publish": publish,
-        "refresh": refresh,
-    }
+def stage(name: str) -> tuple[StageFn, StageIO]:
+    """The stage's function and declared IO (its module is imported here, on use)."""
+    if name not in STAGE_MODULES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    module = importlib.import_module(STAGE_MODULES[name])
+    return getattr(module, name), module.IO
 
 
-STAGES: tuple[str, ...] = (
-    "extract",
-    "validate",
-    "features",
-    "select",
-    "train",
-    "evaluate",
-    "gate",
-    "refit",
-    "index",
-    "publish",
-    "refresh",
-)
+def _run_config(name: str, ctx: RunContext) -> Any:
+    """The tenant config this stage runs with: the first stage snapshots the file's config for
+    the run; every later stage reads that snapshot, so a YAML edited mid-run cannot mix configs."""
+    from pipeline.config import TenantConfig
+    from pipeline.storage import codecs, paths
+
+    key = ctx.key(paths.RUN_CONFIG)
+    if name == STAGES[0]:
+        ctx.store.put(key, codecs.json_bytes(ctx.config.model_dump(mode="json")))
+        return ctx.config
+    if not ctx.store.exists(key):
+        raise ctx.error(
+            name, f"no run config snapshot at {ctx.store.uri(key)}: run {STAGES[0]} for this interval first"
+        )
+    return TenantConfig.model_validate(codecs.read_json(ctx.store.get(key)))
 
 
 def run_stage(name: str, ctx: RunContext) -> dict[str, Any]:
     """Run one stage; the gate raises GateRejected when it says no."""
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    result = _registry()[name](ctx)
-    if name == "gate" and not result.get("publish"):
-        raise GateRejected(result)
-    return result
+    fn, io = stage(name)
+    return fn(ctx.scoped(name, io, _run_config(name, ctx)))
 
 
 def run_all(ctx: RunContext, until: str | None = None) -> dict[str, dict[str, Any]]:

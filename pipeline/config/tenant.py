@@ -201,7 +201,7 @@ class EvaluationConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """Promotion policy; every check and its defaults are described in pipeline/gate.py."""
+    """Promotion policy; every check and its defaults are described in pipeline/gate/stage.py."""
 
     metric: Literal["ndcg", "recall", "map", "precision", "hit_rate"] = "ndcg"
     tolerance: float = Field(

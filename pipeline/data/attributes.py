@@ -1,7 +1,7 @@
 """The tenant's optional side tables: the item catalog and user attributes.
 
 Read by the extract stage from their own sources (`catalog:`, `users:`) and written beside its
-interactions (`runs/{run}/extract/catalog.parquet`, `users.parquet`), one row per item or
+interactions (`paths.CATALOG`, `paths.USER_ATTRIBUTES`), one row per item or
 user, sorted, so the same input gives the same bytes. validate, features and publish read
 them back with `load_catalog` / `load_users`.
 """
@@ -13,11 +13,9 @@ import pandas as pd
 from pipeline.context import RunContext
 from pipeline.data import sources
 from pipeline.data.sources import is_sql_url
-from pipeline.storage import codecs
+from pipeline.storage import codecs, paths
 
 STAGE = "extract"  # part of the extract stage's output
-CATALOG = "catalog.parquet"
-USERS = "users.parquet"
 
 
 def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
@@ -49,7 +47,7 @@ def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
     df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
     lists = tags.assign(tag=tags["tag"].astype(object)).groupby("item_id")["tag"].agg(list)
     df["tags"] = df["item_id"].map(lists).astype(object)  # Parquet list<string>; null: no tags
-    ctx.store.put(ctx.key(STAGE, CATALOG), codecs.parquet_bytes(df))
+    ctx.write(paths.CATALOG, codecs.parquet_bytes(df))
     return df
 
 
@@ -90,7 +88,7 @@ def extract_users(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].astype("string")
     df = df.sort_values("user_id", kind="stable").reset_index(drop=True)
-    ctx.store.put(ctx.key(STAGE, USERS), codecs.parquet_bytes(df))
+    ctx.write(paths.USER_ATTRIBUTES, codecs.parquet_bytes(df))
     return df
 
 
@@ -98,11 +96,11 @@ def load_catalog(ctx: RunContext) -> pd.DataFrame | None:
     """The run's catalog, or None when the tenant has none."""
     if not ctx.config.catalog:
         return None
-    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, CATALOG)))
+    return ctx.read_parquet(paths.CATALOG)
 
 
 def load_users(ctx: RunContext) -> pd.DataFrame | None:
     """The run's user attributes, or None when the tenant has none."""
     if not ctx.config.users:
         return None
-    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, USERS)))
+    return ctx.read_parquet(paths.USER_ATTRIBUTES)

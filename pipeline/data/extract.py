@@ -1,23 +1,23 @@
 """extract: read the tenant's source for the run's window, keep the interaction history, write
 the run's interactions.
 
-1. The window (`pipeline/history.py`): the days of the data interval plus `source.lookback_days`
+1. The window (`pipeline/data/history.py`): the days of the data interval plus `source.lookback_days`
    earlier ones (late events), extended back over a gap; everything before `interval_end` on
    the first run (bootstrap).
 2. Read only that window where the source allows: a SQL query gets it as `:start`/`:end`, a
    date-partitioned folder or prefix is read only for its days; a plain file or folder is read
-   whole and only the window's rows are kept. API events (`pipeline/event_log.py`) are read for
+   whole and only the window's rows are kept. API events (`pipeline/data/event_log.py`) are read for
    the same days.
 3. Map columns, normalise types (ids: strings, timestamps: UTC, rating: float, event_type:
    lower-case, "interaction" when missing) and write the window's history partitions
    `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet` (replacing exactly those days).
-4. Write `runs/{run}/extract/interactions.parquet`: the history before the window plus the
+4. Write `paths.INTERACTIONS` (`runs/{run}/extract/interactions.parquet`): the history before the window plus the
    window's rows, i.e. every event before `interval_end` (rows with unparseable timestamps of
    this run's read are kept too, for validation to report), with `event_type` and its
    confidence `weight` from `source.event_types`. Sorted: the same input gives the same bytes.
 
 Optional: the item catalog (`catalog.parquet`) and user attributes (`users.parquet`), read by
-pipeline/attributes.py.
+pipeline/data/attributes.py.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes, event_log, history, sources
 from pipeline.data.sources import is_sql_url
-from pipeline.storage import codecs
+from pipeline.storage import codecs, paths
 
 STAGE = "extract"
-OUTPUT = "interactions.parquet"
+IO = StageIO(writes=(paths.INTERACTIONS, paths.CATALOG, paths.USER_ATTRIBUTES, paths.EXTRACT_RESULT))
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
 COLUMNS = [*CANONICAL, "event_type", "weight"]
-# a SQL source's :start on the first run (bootstrap: everything before the interval end)
 _READ_THREADS = 4
 
 
@@ -257,8 +256,7 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else history.empty())
     del old, win, parts
     out, weights = _weigh(ctx, out)  # already in order: older days, the window, then NaT rows
-    key = ctx.key(STAGE, OUTPUT)
-    ctx.store.put(key, codecs.parquet_bytes(out))
+    key = ctx.write(paths.INTERACTIONS, codecs.parquet_bytes(out))
 
     catalog = attributes.extract_catalog(ctx, _reader(ctx)) if ctx.config.catalog else None
     users = attributes.extract_users(ctx, _reader(ctx)) if ctx.config.users else None
@@ -313,8 +311,3 @@ def extract(ctx: RunContext) -> dict[str, Any]:
         "" if catalog is None else f"; catalog {len(catalog)} items",
     )
     return ctx.write_result(STAGE, result)
-
-
-def load(ctx: RunContext) -> pd.DataFrame:
-    """The run's interactions: every event before the interval end (history + this run's window)."""
-    return codecs.read_parquet(ctx.store.get(ctx.key(STAGE, OUTPUT)))

@@ -14,23 +14,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.evaluation.scoring import at_k, baselines, evaluate_model
-from pipeline.features import stage as features
+from pipeline.features.dataset import Features
 from pipeline.models import TrainData
+from pipeline.models.io import read_model
 from pipeline.ops import tracking
-from pipeline.storage import codecs
-from pipeline.training import train
+from pipeline.storage import codecs, paths
 
 STAGE = "evaluate"
+IO = StageIO(
+    reads=(paths.USERS, paths.ITEMS, paths.EVENTS, paths.TRAINED.weights, paths.TRAINED.meta, paths.TRAIN_RESULT),
+    writes=(paths.METRICS, paths.PER_USER_METRICS),
+)
 
 
 def evaluate(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
     k = ctx.config.evaluation.k
-    feats = features.load(ctx)
+    feats = Features.read(ctx)
     relevant, exclude = feats.relevant(), feats.matrix(False)
-    model = train.load_model(ctx, "train")
+    model = read_model(ctx, paths.TRAINED)
     train_data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
     started = time.perf_counter()
     base = baselines(train_data, ctx.config.evaluation.ease_max_items)
@@ -43,17 +47,17 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
         results[name] = at_k(summary, k)
         per_user_cols["user_idx"] = rows.astype(np.int32)
         per_user_cols.update({f"{name}_{metric}": values for metric, values in per_user.items()})
-    ctx.store.put(ctx.key(STAGE, "per_user.parquet"), codecs.parquet_bytes(pd.DataFrame(per_user_cols)))
+    ctx.write(paths.PER_USER_METRICS, codecs.parquet_bytes(pd.DataFrame(per_user_cols)))
     report = {"k": k, "model": model.kind, "users": int(len(per_user_cols["user_idx"])), "metrics": results}
-    ctx.store.put(ctx.key(STAGE, "metrics.json"), codecs.json_bytes(report))
-    train_result = ctx.read_result("train") or {}
-    if train_result.get("mlflow_run_id"):
+    ctx.write(paths.METRICS, codecs.json_bytes(report))
+    train_run = ctx.read_json(paths.TRAIN_RESULT).get("mlflow_run_id") if ctx.exists(paths.TRAIN_RESULT) else None
+    if train_run:
         flat = {f"{name}.{metric}": v for name, vals in results.items() for metric, v in vals.items()}
-        tracking.log_metrics(ctx, train_result["mlflow_run_id"], flat)
+        tracking.log_metrics(ctx, train_run, flat)
     log.info(
         "evaluate on %d users, full ranking of %d items:\n%s", report["users"], feats.n_items, format_table(results)
     )
-    return ctx.write_result(STAGE, {**report, "metrics_uri": ctx.store.uri(ctx.key(STAGE, "metrics.json"))})
+    return ctx.write_result(STAGE, {**report, "metrics_uri": ctx.uri(paths.METRICS)})
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -2,53 +2,28 @@
 
 Each user's events are ordered by time; the last `holdout_fraction` of them (floored, so
 users with fewer than 1/fraction events have no holdout) are held out for evaluation. The
-published model is refit on everything (see train.refit), so nothing recent is lost.
+published model is refit on everything (the refit stage), so nothing recent is lost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-import scipy.sparse as sp
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
 from pipeline.features import tables as feature_tables
-from pipeline.storage import codecs
-from pipeline.validation import stage as validate
-
-if TYPE_CHECKING:
-    from pipeline.models.base import ItemFeatures
+from pipeline.features.dataset import TOKEN_BUCKETS, Features, temporal_holdout
+from pipeline.storage import codecs, paths
 
 STAGE = "features"
-ITEM_FEATURES = "item_features.parquet"
-USER_STATS = "user_stats.parquet"
-ITEM_STATS = "item_stats.parquet"
-TOKEN_BUCKETS = 1 << 14  # hashed title tokens per item: ids in [0, TOKEN_BUCKETS)
-
-
-def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of held-out events: the last floor(n_u * fraction) events of each user.
-
-    Inputs are aligned arrays in any order; ties in time are broken by item index so the
-    split is deterministic.
-    """
-    order = np.lexsort((item_idx, timestamp, user_idx))
-    u_sorted = user_idx[order]
-    counts = np.bincount(u_sorted)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    rank = np.arange(len(order)) - starts[u_sorted]
-    n = counts[u_sorted]
-    n_test = np.floor(n * fraction + 1e-9).astype(np.int64)
-    mask_sorted = rank >= n - n_test
-    mask = np.empty(len(order), dtype=bool)
-    mask[order] = mask_sorted
-    return mask
+IO = StageIO(
+    reads=(paths.INTERACTIONS, paths.EXCLUDED_USERS, paths.CATALOG),
+    writes=(paths.USERS, paths.ITEMS, paths.EVENTS, paths.ITEM_FEATURES, paths.USER_STATS, paths.ITEM_STATS),
+)
 
 
 def _lists(rows: np.ndarray, codes: np.ndarray, width: int, n_items: int) -> pa.Array:
@@ -87,73 +62,14 @@ def item_feature_table(item_ids: pd.Series, catalog: pd.DataFrame) -> pd.DataFra
     )
 
 
-def _csr(column: pa.ChunkedArray, n_cols: int | None = None) -> sp.csr_matrix:
-    """Binary CSR [rows, n_cols] from a list<int32> column (n_cols: largest value + 1 when None)."""
-    lists = column.combine_chunks()
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    values = lists.flatten().to_numpy().astype(np.int32)
-    if n_cols is None:
-        n_cols = int(values.max()) + 1 if len(values) else 0
-    return sp.csr_matrix((np.ones(len(values), np.float32), values, offsets - offsets[0]), shape=(len(lists), n_cols))
-
-
-def load_item_features(ctx: RunContext) -> ItemFeatures | None:
-    """The run's item attributes as model inputs, or None when the tenant has no catalog."""
-    if not ctx.config.catalog:
-        return None
-    from pipeline.models.base import ItemFeatures  # lazily: the models package imports torch
-
-    table = pq.read_table(pa.BufferReader(ctx.store.get(ctx.key(STAGE, ITEM_FEATURES))))
-    return ItemFeatures(
-        category=table.column("category").to_numpy().astype(np.int64),
-        tags=_csr(table.column("tags")),
-        tokens=_csr(table.column("tokens"), TOKEN_BUCKETS),
-    )
-
-
-@dataclass(frozen=True)
-class Features:
-    """Indexed interactions of one run. `events` has user_idx, item_idx, timestamp, rating, holdout."""
-
-    users: pd.DataFrame  # user_id, user_idx, n_events, n_train, n_holdout
-    items: pd.DataFrame  # item_id, item_idx, n_events, n_train
-    events: pd.DataFrame
-
-    @property
-    def n_users(self) -> int:
-        return len(self.users)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
-
-    def split(self, holdout: bool | None) -> pd.DataFrame:
-        if holdout is None:
-            return self.events
-        return self.events[self.events["holdout"] == holdout]
-
-    def matrix(self, holdout: bool | None = False) -> sp.csr_matrix:
-        """Binary user x item matrix of the train split (False), holdout (True) or all (None)."""
-        ev = self.split(holdout)
-        m = sp.csr_matrix(
-            (np.ones(len(ev), dtype=np.float32), (ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy())),
-            shape=(self.n_users, self.n_items),
-        )
-        m.sum_duplicates()
-        m.data[:] = 1.0
-        return m
-
-    def relevant(self) -> sp.csr_matrix:
-        """Holdout items to find per user: held-out pairs the user did not already have in train."""
-        rel = self.matrix(True) - self.matrix(False).multiply(self.matrix(True))
-        rel.eliminate_zeros()
-        return sp.csr_matrix(rel)
-
-
 def features(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    df = validate.load(ctx)[["user_id", "item_id", "timestamp", "rating"]]
-    df = df.dropna(subset=["user_id", "item_id", "timestamp"])
+    df = ctx.read_parquet(paths.INTERACTIONS)[["user_id", "item_id", "timestamp", "rating"]]
+    excluded = ctx.read_parquet(paths.EXCLUDED_USERS)["user_id"]
+    keep = df["user_id"].notna() & df["item_id"].notna() & df["timestamp"].notna()
+    if len(excluded):  # users validation flagged (bots): their events never reach training
+        keep &= ~df["user_id"].isin(excluded)
+    df = df[keep]
     user_idx, user_ids = pd.factorize(df["user_id"], sort=True)
     item_idx, item_ids = pd.factorize(df["item_id"], sort=True)
     cfg = ctx.config.features
@@ -212,18 +128,19 @@ def features(ctx: RunContext) -> dict[str, Any]:
             "no user has enough events for a holdout "
             f"(features.holdout_fraction={cfg.holdout_fraction}); cannot evaluate",
         )
-    tables = {"users.parquet": users, "items.parquet": items, "events.parquet": events}
+    tables = {paths.USERS: users, paths.ITEMS: items, paths.EVENTS: events}
     if catalog is not None:
-        tables[ITEM_FEATURES] = item_feature_table(items["item_id"], catalog)
+        tables[paths.ITEM_FEATURES] = item_feature_table(items["item_id"], catalog)
     # descriptive user/item statistics as of the interval end (offline; users' go online in Redis)
-    tables[USER_STATS], tables[ITEM_STATS] = _stats(events, users, items, catalog, ctx.interval_end)
-    for name, table in tables.items():
-        ctx.store.put(ctx.key(STAGE, name), codecs.parquet_bytes(table))
+    tables[paths.USER_STATS], tables[paths.ITEM_STATS] = _stats(events, users, items, catalog, ctx.interval_end)
+    for artifact, table in tables.items():
+        ctx.write(artifact, codecs.parquet_bytes(table))
     result = {
         "users": n_u,
         "items": n_i,
         "items_without_events": int((items["n_events"] == 0).sum()),
         "events": len(events),
+        "excluded_users": int(len(excluded)),
         "train_events": int(tr.sum()),
         "holdout_events": int((~tr).sum()),
         "holdout_users": holdout_users,
@@ -256,8 +173,3 @@ def _stats(events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, catal
     u["user_id"] = users["user_id"].to_numpy()[u["user_id"].to_numpy()]
     i["item_id"] = items["item_id"].to_numpy()[i["item_id"].to_numpy()]
     return u, i
-
-
-def load(ctx: RunContext) -> Features:
-    get = lambda name: codecs.read_parquet(ctx.store.get(ctx.key(STAGE, name)))  # noqa: E731
-    return Features(users=get("users.parquet"), items=get("items.parquet"), events=get("events.parquet"))

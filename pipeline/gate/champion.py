@@ -2,7 +2,7 @@
 
 Both models rank the same users on held-out events at or after the champion's data cutoff,
 with the same exclusions; users the champion does not know get its popularity list, items it
-does not know cannot be ranked by it. See pipeline/gate.py for how the gate uses this.
+does not know cannot be ranked by it. See pipeline/gate/stage.py for how the gate uses this.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import scipy.sparse as sp
 
 from pipeline.config.tenant import GateConfig
 from pipeline.evaluation import metrics, ranking
-from pipeline.features import stage as features
+from pipeline.features.dataset import Features
 from pipeline.gate.policy import GroupRecall
 from pipeline.release import format as release
 
 
-def item_groups(feats: features.Features, policy: GateConfig) -> dict[str, np.ndarray]:
+def item_groups(feats: Features, policy: GateConfig) -> dict[str, np.ndarray]:
     """Boolean item masks (this run's index space) of the cold and long-tail groups."""
     users_per_item = np.asarray(feats.matrix(False).sum(axis=0)).ravel()
     return {
@@ -44,7 +44,7 @@ def _rank(U, V, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int, allowed
     return _Ranked(rows, top, hits, metrics.per_user_metrics(hits, np.diff(relevant.indptr)[rows]))
 
 
-def _champion_vectors(champ: release.Release, feats: features.Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _champion_vectors(champ: release.Release, feats: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Champion vectors in the challenger's index space, plus one popularity dimension.
 
     Known users get [x_u, 0]; unknown users [0, 1], i.e. the champion's popularity list.
@@ -82,7 +82,7 @@ class FreshComparison:
 
 
 def compare_on_fresh_holdout(
-    feats: features.Features,
+    feats: Features,
     challenger,
     champ: release.Release,
     k: int,

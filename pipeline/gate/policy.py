@@ -1,4 +1,4 @@
-"""The gate's decision as a pure function of the evidence and the policy (see pipeline/gate.py).
+"""The gate's decision as a pure function of the evidence and the policy (see pipeline/gate/stage.py).
 
 Kept apart from gathering the evidence so that every rule can be tested with hand-made
 numbers, and so the decision record (decision.json, MLflow, the task-log table) has one

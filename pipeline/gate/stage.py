@@ -30,7 +30,7 @@ Every check has a name, a value and a threshold, and ALL must pass (skipped ones
                     `gate.max_long_tail_recall_drop` (0.02).
                     Both guardrails are skipped ("not enough data") when their group has fewer
                     than `gate.min_group_relevant` (30) relevant (user, item) pairs: a recall
-                    over a handful of pairs is noise. Definitions: pipeline/metrics.py.
+                    over a handful of pairs is noise. Definitions: pipeline/evaluation/metrics.py.
 
 The fair comparison: the live release was refit on everything up to its own interval end, so
 it has already seen (and would be flattered by) older holdout events. The champion checks use
@@ -45,8 +45,8 @@ two group guardrails are skipped (no comparable per-group numbers).
 Without a live release, or for a backfill (its release never goes live): beats_popularity and
 coverage only.
 
-`decide` (pipeline/gate_policy.py) is a pure function of the evidence and the policy; the
-champion's scores come from pipeline/champion.py. This stage gathers the evidence and
+`decide` (pipeline/gate/policy.py) is a pure function of the evidence and the policy; the
+champion's scores come from pipeline/gate/champion.py. This stage gathers the evidence and
 records the decision in `gate/decision.json` (with the per-user pairs in `gate/paired.parquet`),
 on the train run in MLflow (metrics `gate.*`, tags `recsys.gate*`) and as a table in the task
 log. A rejection ends the run as "skipped" with its reason recorded; it is not a failure.
@@ -60,21 +60,34 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.context import RunContext
-from pipeline.features import stage as features
+from pipeline.context import RunContext, StageIO
+from pipeline.features.dataset import Features
 from pipeline.gate.champion import FreshComparison, compare_on_fresh_holdout, item_groups
 from pipeline.gate.policy import ChallengerEvidence, ChampionEvidence, Decision, decide, format_table
+from pipeline.models.io import read_model
 from pipeline.ops import tracking
 from pipeline.release import format as release
-from pipeline.storage import codecs
-from pipeline.training import train
+from pipeline.stages import GateRejected
+from pipeline.storage import codecs, paths
 
 STAGE = "gate"
+IO = StageIO(
+    reads=(
+        paths.METRICS,
+        paths.USERS,
+        paths.ITEMS,
+        paths.EVENTS,
+        paths.TRAINED.weights,
+        paths.TRAINED.meta,
+        paths.TRAIN_RESULT,
+    ),
+    writes=(paths.DECISION, paths.PAIRED),
+)
 
 
 def _gather_champion(
     ctx: RunContext,
-    feats: features.Features,
+    feats: Features,
     ev: dict[str, Any],
     challenger: ChallengerEvidence,
     groups: dict[str, np.ndarray],
@@ -89,7 +102,7 @@ def _gather_champion(
         return None, f"live release {live['release_id']} covers newer data; no champion comparison (backfill)", None
     champ_id = live["release_id"]
     champ = release.load_release(ctx.store, ctx.tenant, champ_id)
-    cmp = compare_on_fresh_holdout(feats, train.load_model(ctx, "train"), champ, k, policy.metric, groups)
+    cmp = compare_on_fresh_holdout(feats, read_model(ctx, paths.TRAINED), champ, k, policy.metric, groups)
     if cmp.users >= policy.min_users:
         evidence = ChampionEvidence(
             champ_id,
@@ -128,9 +141,9 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     policy = ctx.config.gate
     k = ctx.config.evaluation.k
     name = f"{policy.metric}@{k}"
-    ev = ctx.read_result("evaluate")
-    if ev is None:
+    if not ctx.exists(paths.METRICS):
         raise ctx.error(STAGE, "no evaluation result for this run; run evaluate first")
+    ev = ctx.read_json(paths.METRICS)
     model_metrics, pop_metrics = ev["metrics"][ev["model"]], ev["metrics"]["popularity"]
     challenger = ChallengerEvidence(
         name,
@@ -140,7 +153,7 @@ def gate(ctx: RunContext) -> dict[str, Any]:
         float(pop_metrics["coverage"]),
         int(ev["users"]),
     )
-    feats = features.load(ctx)
+    feats = Features.read(ctx)
     groups = item_groups(feats, policy)
     champion, note, cmp = _gather_champion(ctx, feats, ev, challenger, groups)
     decision = decide(challenger, champion, policy, note)
@@ -157,13 +170,18 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     }
     if cmp is not None:
         paired = pd.DataFrame({"user_idx": cmp.user_idx, "challenger": cmp.challenger, "champion": cmp.champion})
-        ctx.store.put(ctx.key(STAGE, "paired.parquet"), codecs.parquet_bytes(paired))
-    ctx.store.put(ctx.key(STAGE, "decision.json"), codecs.json_bytes(record))
-    train_run = (ctx.read_result("train") or {}).get("mlflow_run_id")
+        ctx.write(paths.PAIRED, codecs.parquet_bytes(paired))
+    else:  # no paired comparison this time: leave no earlier attempt's pairs behind
+        ctx.delete(paths.PAIRED)
+    ctx.write(paths.DECISION, codecs.json_bytes(record))
+    train_run = ctx.read_json(paths.TRAIN_RESULT).get("mlflow_run_id") if ctx.exists(paths.TRAIN_RESULT) else None
     if train_run:
         _track(ctx, train_run, decision, champion)
     log.info("gate: %s\n%s", decision.reason, format_table(decision))
-    return ctx.write_result(STAGE, record)
+    ctx.write_result(STAGE, record)
+    if not decision.publish:
+        raise GateRejected(record)  # the run ends "skipped": downstream stages do not run
+    return record
 
 
 def _track(ctx: RunContext, run_id: str, decision: Decision, champion: ChampionEvidence | None) -> None:

@@ -8,7 +8,7 @@ rather than shipping silently worse recommendations. The measured recall and the
 knob go into the stage result and the release manifest.
 
 Ids are the release's item indices, so no id map is needed. Reading an index back and
-searching it, what serving needs, is pipeline/ann.py.
+searching it, what serving needs, is pipeline/index/search.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.config.tenant import IndexConfig
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.index.search import SCORE_CHUNK, knob_value, serialize
-from pipeline.training import train
+from pipeline.models.io import read_model
+from pipeline.storage import codecs, paths
 
 STAGE = "index"
-OUTPUT = "items.faiss"
+IO = StageIO(reads=(paths.REFITTED.weights, paths.REFITTED.meta), writes=(paths.INDEX, paths.INDEX_INFO))
 RECALL_K = 10
 MAX_EF_SEARCH = 4096  # HNSW beyond this is slower than a flat scan of any catalog we'd serve
 _IVF_MIN_POINTS_PER_LIST = 39  # below this FAISS k-means warns and centroids are noise
@@ -219,7 +220,7 @@ def index(ctx: RunContext) -> dict[str, Any]:
 
     cfg = ctx.config.index
     faiss.omp_set_num_threads(max(1, min(4, faiss.omp_get_max_threads())))
-    model = train.load_model(ctx, "refit")
+    model = read_model(ctx, paths.REFITTED)
     vectors_ = model.item_vectors()
     users = model.user_vectors()
     rng = np.random.default_rng(cfg.seed)
@@ -228,8 +229,10 @@ def index(ctx: RunContext) -> dict[str, Any]:
         idx, info = build_index(vectors_, cfg, queries=users)
     except IndexQualityError as exc:
         raise ctx.error(STAGE, f"index not published: {exc}") from exc
-    ctx.store.put(ctx.key(STAGE, OUTPUT), serialize(idx))
-    result = {**info, "uri": ctx.store.uri(ctx.key(STAGE, OUTPUT))}
+    ctx.write(paths.INDEX, serialize(idx))
+    # the manifest records it; serving re-applies the knob. No timings: a rerun writes the same bytes
+    ctx.write(paths.INDEX_INFO, codecs.json_bytes({k: v for k, v in info.items() if k != "build_seconds"}))
+    result = {**info, "uri": ctx.uri(paths.INDEX)}
     log.info(
         "index: FAISS %s, %d items x %d dims, recall@10 vs exact %.3f (items %s, users %s)%s, built in %.1fs",
         info["kind"],

@@ -2,7 +2,7 @@
 
 `search` is the one entry point for serving: it returns exactly min(k, eligible) items per
 query whatever is excluded or filtered out, falling back to exact scoring where the index
-cannot. Building and tuning the index is the `index` stage (pipeline/index.py).
+cannot. Building and tuning the index is the `index` stage (pipeline/index/build.py).
 """
 
 from __future__ import annotations

@@ -28,12 +28,6 @@ TenantId = Path(pattern=TENANT_ID_PATTERN)
 METRICS = ("ndcg@10", "recall@10", "map@10", "coverage")
 
 
-def _runs_with(store, tenant: str, stage: str, name: str) -> list[str]:
-    prefix = f"tenants/{tenant}/runs/"
-    suffix = f"/{stage}/{name}"
-    return sorted({k[len(prefix) :].split("/", 1)[0] for k in store.list(prefix) if k.endswith(suffix)})
-
-
 def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
     """Everything the dashboard shows for one tenant, as plain data (also served as JSON)."""
     from pipeline.release import format as release
@@ -55,17 +49,15 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
                 "gate": (m.get("gate") or {}).get("reason"),
             }
         )
+    keys = store.list(paths.runs_prefix(t))
     gate = None
-    if runs := _runs_with(store, t, "gate", "decision.json"):
-        gate = {
-            "run_id": runs[-1],
-            **codecs.read_json(store.get(paths.stage_key(t, runs[-1], "gate", "decision.json"))),
-        }
+    if runs := paths.runs_with(keys, t, paths.DECISION):
+        gate = {"run_id": runs[-1], **codecs.read_json(store.get(paths.DECISION.key(t, runs[-1])))}
     validation = None
-    if runs := _runs_with(store, t, "validate", "report.json"):
-        report = codecs.read_json(store.get(paths.stage_key(t, runs[-1], "validate", "report.json")))
+    if runs := paths.runs_with(keys, t, paths.VALIDATION_REPORT):
+        report = codecs.read_json(store.get(paths.VALIDATION_REPORT.key(t, runs[-1])))
         key = report.get("data_docs_key") or ""
-        prefix = f"tenants/{t}/runs/{runs[-1]}/validate/data_docs/"
+        prefix = paths.DATA_DOCS.key(t, runs[-1])
         validation = {
             "run_id": runs[-1],
             "success": report["success"],
@@ -183,7 +175,7 @@ def create_dashboard(
             raise HTTPException(404, "not found")
         from pipeline.storage import paths
 
-        key = paths.stage_key(tenant, run_id, "validate", f"data_docs/{path}")
+        key = paths.DATA_DOCS.key(tenant, run_id, path)
         s = store()
         if not s.exists(key):
             raise HTTPException(404, "not found")

@@ -42,7 +42,7 @@ def apply_retention(
     store: ObjectStore, cfg: TenantConfig, redis=None, prefix: str = "recsys", grace_seconds: int = 86_400
 ) -> dict[str, Any]:
     t = cfg.tenant
-    runs = _children(store, f"tenants/{t}/runs")
+    runs = _children(store, paths.runs_prefix(t).rstrip("/"))
     drop_runs = sorted(runs)[: max(0, len(runs) - cfg.retention.runs)]
     releases = _children(store, paths.releases_prefix(t))
     complete = sorted(r for r, keys in releases.items() if any(k.endswith("/" + release.MANIFEST) for k in keys))
@@ -83,10 +83,10 @@ def quality_summary(store: ObjectStore, configs: list[TenantConfig], day: str) -
     """The latest validation result of every tenant, as one JSON report for `day`."""
     tenants: dict[str, Any] = {}
     for cfg in configs:
-        runs = sorted(_children(store, f"tenants/{cfg.tenant}/runs"))
+        runs = sorted(_children(store, paths.runs_prefix(cfg.tenant).rstrip("/")))
         report = None
         for run_id in reversed(runs):
-            key = paths.stage_key(cfg.tenant, run_id, "validate", "report.json")
+            key = paths.VALIDATION_REPORT.key(cfg.tenant, run_id)
             if store.exists(key):
                 report = codecs.read_json(store.get(key))
                 break

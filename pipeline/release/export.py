@@ -16,11 +16,7 @@ import scipy.sparse as sp
 from pipeline.config import TenantConfig
 from pipeline.evaluation import ranking
 from pipeline.release import format as release
-from pipeline.storage import ObjectStore, codecs
-
-
-def export_key(tenant: str, release_id: str) -> str:
-    return f"tenants/{tenant}/exports/{release_id}/topk.parquet"
+from pipeline.storage import ObjectStore, codecs, paths
 
 
 def topk_table(rel: release.Release, k: int) -> pd.DataFrame:
@@ -49,7 +45,7 @@ def export_topk(store: ObjectStore, config: TenantConfig, release_id: str | None
         if pointer is None:
             raise ValueError(f"tenant {config.tenant}: nothing published, nothing to export")
         release_id = pointer[0]["release_id"]
-    key = export_key(config.tenant, release_id)
+    key = paths.export_key(config.tenant, release_id)
     if store.exists(key):
         return {"release_id": release_id, "uri": store.uri(key), "written": False}
     table = topk_table(release.load_release(store, config.tenant, release_id), config.export.k)

@@ -6,21 +6,38 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
-from pipeline.features import stage as features
-from pipeline.index import build as index
+from pipeline.features.dataset import Features
+from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
 from pipeline.release import format as release
 from pipeline.storage import codecs, paths
-from pipeline.training import train
 
 STAGE = "publish"
+IO = StageIO(
+    reads=(
+        paths.USERS,
+        paths.ITEMS,
+        paths.EVENTS,
+        paths.USER_STATS,
+        paths.ITEM_STATS,
+        paths.CATALOG,
+        paths.REFITTED.weights,
+        paths.REFITTED.meta,
+        paths.REFIT_RESULT,
+        paths.INDEX,
+        paths.INDEX_INFO,
+        paths.METRICS,
+        paths.DECISION,
+    ),
+    writes=(paths.result("publish"),),
+)
 # what the manifest keeps of the gate's decision (the run's gate/decision.json has all the evidence)
 GATE_FIELDS = ("publish", "reason", "checks", "metric", "basis", "champion_release_id", "ci")
 
 
-def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
+def _seen_csr(feats: Features) -> tuple[np.ndarray, np.ndarray]:
     """Each user's distinct items, most recent first (serving's fold-in weighs by recency)."""
     ev = feats.events
     last = ev.groupby(["user_idx", "item_idx"], sort=False)["timestamp"].max().reset_index()
@@ -30,7 +47,7 @@ def _seen_csr(feats: features.Features) -> tuple[np.ndarray, np.ndarray]:
     return indptr, last["item_idx"].to_numpy().astype(np.int32)
 
 
-def _item_attributes(ctx: RunContext, feats: features.Features) -> bytes | None:
+def _item_attributes(ctx: RunContext, feats: Features) -> bytes | None:
     """Category and tags per release item (row = item index), when the tenant has a catalog."""
     catalog = attributes.load_catalog(ctx)
     if catalog is None:
@@ -42,13 +59,14 @@ def _item_attributes(ctx: RunContext, feats: features.Features) -> bytes | None:
 
 
 def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
-    feats = features.load(ctx)
-    model = train.load_model(ctx, "refit")
+    feats = Features.read(ctx)
+    model_json = ctx.read(paths.REFITTED.meta)
+    model = from_bytes(codecs.read_json(model_json), ctx.read(paths.REFITTED.weights))
     indptr, indices = _seen_csr(feats)
     files = release.assemble_files(
         model_state=model.state(),
         model_kind=model.kind,
-        model_json=ctx.store.get(ctx.key("refit", train.CONFIG)),
+        model_json=model_json,
         user_vectors=model.user_vectors(),
         item_vectors=model.item_vectors(),
         users=feats.users,
@@ -56,10 +74,10 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         seen_indptr=indptr,
         seen_indices=indices,
         popular_items=ctx.config.serving.popular_items,
-        index_bytes=ctx.store.get(ctx.key(index.STAGE, index.OUTPUT)),
+        index_bytes=ctx.read(paths.INDEX),
     )
-    for name in (features.USER_STATS, features.ITEM_STATS):  # offline feature tables travel with the release
-        files[name] = ctx.store.get(ctx.key(features.STAGE, name))
+    for table in (paths.USER_STATS, paths.ITEM_STATS):  # offline feature tables travel with the release
+        files[table.name] = ctx.read(table)
     attributes = _item_attributes(ctx, feats)
     if attributes is not None:
         files["item_attributes.parquet"] = attributes
@@ -89,7 +107,7 @@ def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
     if not live:
         return {"registry": "skipped (release not live)"}
     log = ctx.logger(STAGE)
-    run_id = (ctx.read_result("refit") or ctx.read_result("train") or {}).get("mlflow_run_id")
+    run_id = ctx.read_json(paths.REFIT_RESULT).get("mlflow_run_id") if ctx.exists(paths.REFIT_RESULT) else None
     try:
         out = tracking.register_release(
             ctx.settings.mlflow_tracking_uri,
@@ -127,19 +145,20 @@ def publish(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
     files, info = build_files(ctx)
     release_id = release.release_id_for(ctx.run_id, files)
-    evaluation = ctx.read_result("evaluate") or {}
-    gate = ctx.read_result("gate") or {}
-    idx = ctx.read_result("index") or {}
+    evaluation = ctx.read_json(paths.METRICS)
+    gate = ctx.read_json(paths.DECISION)
+    idx = ctx.read_json(paths.INDEX_INFO)
+    trained = ctx.read_json(paths.REFITTED.meta)  # the configuration actually fitted (select's choice)
     manifest = {
         "format": 1,
         "created_at": ctx.interval_end.isoformat(),  # logical time of the data, never the wall clock
         "data_interval_end": ctx.interval_end.isoformat(),
         "run_id": ctx.run_id,
         **info,
-        "model_config": ctx.config.model.model_dump(mode="json"),
+        "model_config": trained["config"],
         "metrics": evaluation.get("metrics", {}),
         "gate": {k: gate.get(k) for k in GATE_FIELDS},
-        "index": {k: v for k, v in idx.items() if k != "uri"},  # kind, recall, ef_search/nprobe, params
+        "index": idx,  # kind, recall, ef_search/nprobe, params
     }
     written = release.write_release(ctx.store, ctx.tenant, release_id, files, manifest)
     pointer = release.Pointer(

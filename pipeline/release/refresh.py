@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.features import tables as feature_tables
 from pipeline.release import format as release
+from pipeline.storage import paths
 from pipeline.storage.redis import FLIP_SCRIPT, key, redis_client
 
 STAGE = "refresh"
+IO = StageIO(writes=(paths.result("refresh"),))  # reads the tenant pointer and release, not the run
 BATCH = 2_000
 
 

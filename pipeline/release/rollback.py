@@ -33,8 +33,8 @@ class RollbackError(RuntimeError):
 def _fit_run_id(store: ObjectStore, tenant: str, manifest: dict[str, Any]) -> str | None:
     """The MLflow run that fitted the release's weights, while its run folder is retained."""
     run = manifest.get("run_id")
-    for stage in ("refit", "train"):
-        key = paths.stage_key(tenant, run, stage, "result.json") if run else None
+    for artifact in (paths.REFIT_RESULT, paths.TRAIN_RESULT):
+        key = artifact.key(tenant, run) if run else None
         if key and store.exists(key):
             run_id = codecs.read_json(store.get(key)).get("mlflow_run_id")
             if run_id:

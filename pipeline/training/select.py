@@ -19,17 +19,22 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.config.models import ModelBase, SearchRange
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageIO
 from pipeline.evaluation import scoring
-from pipeline.features import stage as features
+from pipeline.features.dataset import Features, read_item_features, temporal_holdout
 from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
 from pipeline.ops import tracking
+from pipeline.storage import codecs, paths
 
 STAGE = "select"
+IO = StageIO(
+    reads=(paths.USERS, paths.ITEMS, paths.EVENTS, paths.ITEM_FEATURES),
+    writes=(paths.SELECTED_CONFIG,),
+)
 
 
 def validation_split(
-    feats: features.Features, fraction: float, item_features=None
+    feats: Features, fraction: float, item_features=None
 ) -> tuple[TrainData, sp.csr_matrix, sp.csr_matrix]:
     """(fit data, relevant validation pairs, pairs to exclude) from the train events only."""
     train = feats.split(False)
@@ -38,7 +43,7 @@ def validation_split(
         stamps = stamps.dt.tz_convert(None)
     ts = stamps.to_numpy("datetime64[us]").astype(np.int64)
     u, i = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
-    val = features.temporal_holdout(u, ts, i, fraction)
+    val = temporal_holdout(u, ts, i, fraction)
     shape = (feats.n_users, feats.n_items)
 
     def binary(mask: np.ndarray) -> sp.csr_matrix:
@@ -85,12 +90,13 @@ def select(ctx: RunContext) -> dict[str, Any]:
     if len(candidates) == 1 and not candidates[0].search:
         chosen = candidates[0].fixed()
         log.info("select: one fixed candidate (%s), nothing to search", chosen.kind)
+        ctx.write(paths.SELECTED_CONFIG, codecs.json_bytes(chosen.model_dump(mode="json")))
         return ctx.write_result(STAGE, {"config": chosen.model_dump(mode="json"), "searched": False})
     import optuna
 
     optuna.logging.set_verbosity(logging.WARNING)
-    feats = features.load(ctx)
-    data, relevant, exclude = validation_split(feats, sel.validation_fraction, features.load_item_features(ctx))
+    feats = Features.read(ctx)
+    data, relevant, exclude = validation_split(feats, sel.validation_fraction, read_item_features(ctx))
     if relevant.nnz == 0:
         raise ctx.error(STAGE, f"selection.validation_fraction={sel.validation_fraction} leaves no validation events")
     k, metric, device = ctx.config.evaluation.k, sel.metric, resolve_device()
@@ -145,4 +151,5 @@ def select(ctx: RunContext) -> dict[str, Any]:
         "validation": {"events": int(relevant.nnz), "fit_events": len(data.user_idx)},
         "mlflow_run_id": run.info.run_id,
     }
+    ctx.write(paths.SELECTED_CONFIG, codecs.json_bytes(winner["config"]))
     return ctx.write_result(STAGE, result)

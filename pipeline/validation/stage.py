@@ -2,17 +2,17 @@
 
 The suite is the default suite plus the tenant's additions and relaxations
 (`pipeline/config/expectations.py`, `include/expectations/{tenant}.yaml`); its checks are
-built in `pipeline/validation_checks.py` and put into words in `pipeline/validation_report.py`.
+built in `pipeline/validation/checks.py`, run by `pipeline/validation/gx.py` and put into
+words in `pipeline/validation/report.py`.
 Each check is blocking (the run stops, naming every blocking failure) or a warning (reported;
 the run goes on).
 
-Writes, under `runs/{run}/validate/`:
-  report.json       every check and expectation with observed values, the interval's volume
-                    (read back by later runs for the volume check), warnings, Data Docs key
-  data_docs/        GX Data Docs HTML (deterministic: a rerun writes the same bytes)
-  interactions.parquet  only when `bot_users.filter` removed users: the extract without their
-                    events. Downstream stages read `validate.load(ctx)`, which falls back to
-                    the extract when there is no filtered table.
+Reads extract's interactions (and catalog); writes (`IO`):
+  VALIDATION_REPORT  every check and expectation with observed values, the interval's volume
+                     (read back by later runs for the volume check), warnings, Data Docs key
+  DATA_DOCS          GX Data Docs HTML (deterministic: a rerun writes the same bytes)
+  EXCLUDED_USERS     the users `bot_users.filter` removes (empty when it removes none): the
+                     features stage drops their events, so the table is never copied.
 
 The interval is [interval_start, interval_end), as extract defines it: Airflow's data
 interval, or, without one (CLI), the tenant schedule's previous tick. Never the wall clock.
@@ -20,28 +20,24 @@ interval, or, without one (CLI), the tenant schedule's previous tick. Never the 
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import shutil
-import tempfile
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.config.expectations import SuiteConfig, load_suite_config
-from pipeline.context import RunContext
-from pipeline.data import attributes, extract, history
-from pipeline.storage import codecs
-from pipeline.validation import checks
+from pipeline.context import RunContext, StageIO
+from pipeline.data import attributes, history
+from pipeline.storage import codecs, paths
+from pipeline.validation import checks, gx
 from pipeline.validation import report as reporting
 
 STAGE = "validate"
-REPORT = "report.json"
-OUTPUT = "interactions.parquet"
+IO = StageIO(
+    reads=(paths.INTERACTIONS, paths.CATALOG, paths.EXTRACT_RESULT),
+    writes=(paths.VALIDATION_REPORT, paths.DATA_DOCS, paths.EXCLUDED_USERS),
+)
 KEY_COLUMNS = checks.KEY_COLUMNS
+EXCLUDED_COLUMNS = ["user_id"]
 
 
 class ValidationFailed(RuntimeError):
@@ -58,18 +54,15 @@ def interval_of(ctx: RunContext) -> tuple[pd.Timestamp, pd.Timestamp]:
 def previous_volumes(ctx: RunContext, start: pd.Timestamp, end: pd.Timestamp, window: int) -> list[dict[str, Any]]:
     """Interval volumes of the previous runs (interval end before this one's, within `window`
     periods), oldest first, at most `window`. Reruns and backfills see the same history."""
-    prefix = f"tenants/{ctx.tenant}/runs/"
     earliest = end - window * (end - start)
     found = []
-    for key in ctx.store.list(prefix):
-        if not key.endswith(f"/{STAGE}/{REPORT}"):
-            continue
-        run_id = key[len(prefix) :].split("/", 1)[0]
+    for run_id in paths.run_ids(ctx.store.list(paths.runs_prefix(ctx.tenant)), ctx.tenant):
         try:
-            run_end = pd.Timestamp(datetime.strptime(run_id, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC))
+            run_end = pd.Timestamp(paths.interval_end_of(run_id))
         except ValueError:
             continue
-        if earliest <= run_end < end:
+        key = paths.VALIDATION_REPORT.key(ctx.tenant, run_id)
+        if earliest <= run_end < end and ctx.store.exists(key):
             interval = codecs.read_json(ctx.store.get(key)).get("interval") or {}
             if interval.get("events") is not None:
                 found.append({"run_id": run_id, "events": int(interval["events"])})
@@ -129,99 +122,15 @@ def _stats(df, in_interval, user_hour, spec: SuiteConfig, frame: checks.Frame, c
     return stats
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+def _exclude_bots(ctx: RunContext, df: pd.DataFrame, spec: SuiteConfig, stats: dict[str, Any]) -> list[str]:
+    """Record the users training must not see (flagged bots when the tenant filters them).
 
-
-def _deterministic(page: bytes, run_time: str) -> bytes:
-    """GX stamps pages with the wall clock and random element ids; pin both so a rerun of
-    the interval writes byte-identical reports."""
-    ids: dict[str, str] = {}
-    text = _UUID.sub(
-        lambda m: ids.setdefault(m.group(0), f"00000000-0000-0000-0000-{len(ids):012d}"), page.decode("utf-8")
-    )
-    return _STAMP.sub(run_time, text).encode("utf-8")
-
-
-def _publish_docs(ctx: RunContext, docs_dir: Path) -> str | None:
-    """Upload the Data Docs pages (not the 4 MB of fonts/images they can live without).
-
-    Returns the key of the validation page."""
-    index = None
-    run_time = ctx.interval_end.strftime("%Y%m%dT%H%M%S.%fZ")
-    for path in sorted(docs_dir.rglob("*")):
-        rel = path.relative_to(docs_dir).as_posix()
-        if not path.is_file() or rel.startswith(("static/fonts/", "static/images/")):
-            continue
-        key = ctx.key(STAGE, f"data_docs/{rel}")
-        data = path.read_bytes()
-        ctx.store.put(key, _deterministic(data, run_time) if path.suffix in (".html", ".json") else data)
-        if rel.startswith("validations/") and rel.endswith(".html"):
-            index = key
-    return index
-
-
-def _run_gx(ctx: RunContext, batch: pd.DataFrame, expectations: list[Any]) -> tuple[Any, str | None]:
-    """Run the suite on `batch`; build and upload Data Docs. Returns (GX result, docs key)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs hundreds of INFO lines
-    gctx = gx.get_context(mode="ephemeral")
-    gctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = (
-        gctx.data_sources.add_pandas("tenant")
-        .add_dataframe_asset("interactions")
-        .add_batch_definition_whole_dataframe("extract")
-    )
-    suite = gctx.suites.add(gx.ExpectationSuite(name=f"recsys_{ctx.tenant}_interactions", expectations=expectations))
-    vd = gctx.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{ctx.tenant}_interactions", data=batch_def, suite=suite)
-    )
-    index_cols = [c for c in KEY_COLUMNS if c in batch.columns]
-    # run_time = interval end (not now) keeps report paths identical on reruns
-    res = vd.run(
-        batch_parameters={"dataframe": batch},
-        run_id=RunIdentifier(run_name=ctx.run_id, run_time=ctx.interval_end),
-        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": index_cols},
-    )
-    with tempfile.TemporaryDirectory(prefix="recsys-gx-") as tmp:
-        gctx.add_data_docs_site(
-            "run",
-            {
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": tmp},
-            },
-        )
-        gctx.build_data_docs(site_names=["run"])
-        docs_key = _publish_docs(ctx, Path(tmp))
-        shutil.rmtree(tmp, ignore_errors=True)
-    return res, docs_key
-
-
-def _filter_bots(ctx: RunContext, df: pd.DataFrame, spec: SuiteConfig, stats: dict[str, Any]) -> str | None:
-    """Write the extract without flagged users' events when the tenant filters bots; else make
-    sure no stale filtered table is left from an earlier run of this interval."""
-    key = ctx.key(STAGE, OUTPUT)
-    users = [b["user_id"] for b in stats["bots"]]
-    if spec.bot_users.enabled and spec.bot_users.filter and users:
-        keep = ~df["user_id"].isin(users)
-        stats["filtered_rows"] = int((~keep).sum())
-        ctx.store.put(key, codecs.parquet_bytes(df.loc[keep].reset_index(drop=True)))
-        return key
-    if ctx.store.exists(key):
-        ctx.store.delete(key)
-    return None
-
-
-def load(ctx: RunContext) -> pd.DataFrame:
-    """The interactions downstream stages should use: validate's filtered table when bot
-    filtering removed users, else the extract."""
-    key = ctx.key(STAGE, OUTPUT)
-    return codecs.read_parquet(ctx.store.get(key)) if ctx.store.exists(key) else extract.load(ctx)
+    Always written, empty or not, so a rerun never leaves an earlier run's list behind."""
+    users = [b["user_id"] for b in stats["bots"]] if spec.bot_users.enabled and spec.bot_users.filter else []
+    if users:
+        stats["filtered_rows"] = int(df["user_id"].isin(users).sum())
+    ctx.write(paths.EXCLUDED_USERS, codecs.parquet_bytes(pd.DataFrame({"user_id": pd.array(users, dtype="string")})))
+    return users
 
 
 def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], end: pd.Timestamp) -> list[dict]:
@@ -262,8 +171,8 @@ def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], en
 def validate(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
     spec, files, origins = load_suite_config(ctx.config, ctx.settings.expectations_dir)
-    df = extract.load(ctx)
-    extracted = ctx.read_result("extract") or {}
+    df = ctx.read_parquet(paths.INTERACTIONS)
+    extracted = ctx.read_json(paths.EXTRACT_RESULT) if ctx.exists(paths.EXTRACT_RESULT) else {}
     catalog = attributes.load_catalog(ctx)
     start, end = interval_of(ctx)
     in_interval = (df["timestamp"] >= start) & (df["timestamp"] < end)  # NaT: False
@@ -283,20 +192,19 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     user_hour = _user_hour_events(df, in_interval)
     stats = _stats(df, in_interval, user_hour, spec, frame, catalog)
     stats["extract_dropped_event_types"] = extracted.get("dropped_unknown_event_types") or {}
-    filtered_key = _filter_bots(ctx, df, spec, stats)
+    excluded = _exclude_bots(ctx, df, spec, stats)
     # GX sees the rows this run read (see validation_checks); every row on a first run
     if frame.read_since is None:
         read = pd.Series(True, index=df.index)
     else:
         read = in_interval | df["timestamp"].isna() | (df["timestamp"] >= frame.read_since)
-    res, docs_key = _run_gx(ctx, _derive(df.loc[read], user_hour.loc[read], catalog), expectations)
+    res, docs_key = gx.run_suite(ctx, _derive(df.loc[read], user_hour.loc[read], catalog), expectations)
     described = [reporting.describe(r) for r in res.results] + _external(spec, df, extracted, end)
     described.sort(key=lambda e: (e["check"] or "", e["expectation"], str(e["column"])))
     outcomes = reporting.summarise(described, spec, skipped, stats)
     failures = [o for o in outcomes if o.status == "fail"]
     warnings = [o for o in outcomes if o.status == "warn"]
     docs_uri = ctx.store.uri(docs_key) if docs_key else None
-    report_key = ctx.key(STAGE, REPORT)
     dup_key = [c for c in (*KEY_COLUMNS, "event_type") if c in df]
     report = {
         "tenant": ctx.tenant,
@@ -314,15 +222,14 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         "statistics": dict(res.statistics),
         "expectations": described,
         "expectations_files": files,
-        "filtered_table": ctx.store.uri(filtered_key) if filtered_key else None,
-        "filtered_users": [b["user_id"] for b in stats["bots"]] if filtered_key else [],
+        "filtered_users": excluded,
         "data_docs": docs_uri,
         "data_docs_key": docs_key,
     }
-    ctx.store.put(report_key, codecs.json_bytes(report))
+    report_key = ctx.write(paths.VALIDATION_REPORT, codecs.json_bytes(report))
     log.info(
         "validation of %s: %d rows, %d in the interval [%s, %s)\n%s",
-        extract.OUTPUT,
+        paths.INTERACTIONS,
         len(df),
         report["interval"]["events"],
         checks._fmt_ts(start),
@@ -342,7 +249,9 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         "duplicate_rows": report["duplicate_rows"],
         "interval_events": report["interval"]["events"],
         "filtered_rows": stats.get("filtered_rows", 0),
-        "table_uri": ctx.store.uri(filtered_key or ctx.key("extract", extract.OUTPUT)),
+        "table_uri": ctx.uri(paths.INTERACTIONS),
+        "excluded_users": len(excluded),
+        "excluded_users_uri": ctx.uri(paths.EXCLUDED_USERS),
         "report_uri": ctx.store.uri(report_key),
         "data_docs_uri": docs_uri,
     }
@@ -352,7 +261,7 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         also = "".join(f"\n  (warning) {o.check}: {o.message}" for o in warnings)
         raise ValidationFailed(
             f"[tenant {ctx.tenant}, run {ctx.run_id}] validation failed: {len(failures)} blocking check(s) of "
-            f"{len(outcomes)} on {extract.OUTPUT}:\n  - {lines}{also}\n"
+            f"{len(outcomes)} on {paths.INTERACTIONS}:\n  - {lines}{also}\n"
             f"report: {ctx.store.uri(report_key)}\nData Docs: {docs_uri}"
         )
     return result

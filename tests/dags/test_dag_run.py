@@ -16,8 +16,7 @@ import pytest
 
 from pipeline.config import get_settings
 from pipeline.release import format as release
-from pipeline.release.export import export_key
-from pipeline.storage import codecs, open_store
+from pipeline.storage import codecs, open_store, paths
 from tests.dags.conftest import ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -55,7 +54,7 @@ def test_dag_test_runs_the_whole_chain_and_triggers_the_export(dagbag):
 
     export_run = dagbag.get_dag("recsys_acme_export").test()
     assert str(export_run.state) == "success", _states(export_run)
-    table = codecs.read_parquet(_store().get(export_key("acme", pointer["release_id"])))
+    table = codecs.read_parquet(_store().get(paths.export_key("acme", pointer["release_id"])))
     assert table.groupby("user_id").size().eq(5).all()
 
 

@@ -61,11 +61,11 @@ def test_mlflow_has_params_loss_curve_and_metrics(published):
 
 def test_rerun_is_idempotent(published):
     ctx, first = published
-    blob = ctx.store.get(ctx.key("features", "events.parquet"))
+    blob = ctx.store.get(ctx.key(paths.EVENTS))
     again = run_all(ctx)
     assert again["publish"]["release_id"] == first["publish"]["release_id"]
     assert not again["publish"]["written"] and not again["publish"]["pointer_moved"]
-    assert ctx.store.get(ctx.key("features", "events.parquet")) == blob
+    assert ctx.store.get(ctx.key(paths.EVENTS)) == blob
 
 
 def test_tampered_release_is_refused(published):
@@ -135,7 +135,7 @@ def test_gate_rejects_a_worse_model_and_keeps_the_live_release(published, settin
     with pytest.raises(GateRejected) as err:
         run_all(bad)
     assert "rejected" in str(err.value)
-    decision = codecs.read_json(bad.store.get(bad.key("gate", "decision.json")))
+    decision = codecs.read_json(bad.store.get(bad.key(paths.DECISION)))
     assert decision["publish"] is False and decision["checks"]
     assert release.read_pointer(bad.store, "acme")[0]["release_id"] == live
     assert bad.read_result("publish") is None

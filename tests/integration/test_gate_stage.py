@@ -12,7 +12,7 @@ import pytest
 from pipeline.context import RunContext
 from pipeline.release import format as release
 from pipeline.stages import GateRejected, run_all, run_stage
-from pipeline.storage import codecs
+from pipeline.storage import codecs, paths
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def test_gate_compares_paired_users_after_the_champions_cutoff(ctx, settings):
         published = run_all(ctx, until="gate")["gate"]["publish"]
     except GateRejected:
         published = False
-    raw = ctx.store.get(ctx.key("gate", "decision.json"))
+    raw = ctx.store.get(ctx.key(paths.DECISION))
     decision = json.loads(raw, parse_constant=lambda c: pytest.fail(f"decision.json is not strict JSON: {c}"))
     assert decision["publish"] is published
     assert decision["basis"] == "same_holdout" and decision["champion_release_id"] == champ_id
@@ -39,7 +39,7 @@ def test_gate_compares_paired_users_after_the_champions_cutoff(ctx, settings):
     assert vs["value"] == ci["low"] and vs["threshold"] == -ctx.config.gate.tolerance
     assert vs["passed"] is (ci["low"] >= -ctx.config.gate.tolerance)
     # the evidence: per-user pairs on events at/after the champion's cutoff only
-    paired = codecs.read_parquet(ctx.store.get(ctx.key("gate", "paired.parquet")))
+    paired = codecs.read_parquet(ctx.store.get(ctx.key(paths.PAIRED)))
     assert len(paired) == ci["users"] == decision["champion"]["users"]
     assert ci["mean_diff"] == pytest.approx(float(np.mean(paired["challenger"] - paired["champion"])))
     for group in ("cold", "long_tail"):
@@ -73,7 +73,7 @@ def test_gate_log_has_one_line_per_check(published, caplog):
     with caplog.at_level("INFO", logger="pipeline.gate"):
         run_stage("gate", ctx)  # a rerun of the live interval: recorded basis, point comparison
     text = caplog.text
-    decision = codecs.read_json(ctx.store.get(ctx.key("gate", "decision.json")))
+    decision = codecs.read_json(ctx.store.get(ctx.key(paths.DECISION)))
     assert decision["basis"].startswith("recorded") and decision["ci"] is None
     for c in decision["checks"]:
         assert f"{c['status']:<4} {c['name']}" in text

@@ -16,6 +16,7 @@ from pipeline.config import TenantConfig
 from pipeline.context import RunContext
 from pipeline.data import event_log, extract, history
 from pipeline.samples import synthetic
+from pipeline.storage import paths
 from tests.conftest import isolated_settings
 
 DAY0 = datetime(2025, 5, 1, tzinfo=UTC)
@@ -106,8 +107,8 @@ def test_nightly_runs_and_a_backfill_write_byte_identical_history(tmp_path, mlfl
         # bootstrap while no partition is older than the window (the first 3 nights here)
         assert result["bootstrap"] == (k <= 3) and not result["caught_up"]
         ctx = RunContext(config=_config(src), interval_end=_end(k), settings=nightly)
-        outputs[k] = ctx.store.get(ctx.key("extract", extract.OUTPUT))
-        out = extract.load(ctx)  # what training reads: every event before the interval end
+        outputs[k] = ctx.store.get(ctx.key(paths.INTERACTIONS))
+        out = ctx.read_parquet(paths.INTERACTIONS)  # what training reads: every event before the interval end
         assert len(out) == int((ts < _end(k)).sum()) + int((api["timestamp"] < _end(k)).sum())
 
     backfill = _settings(tmp_path, mlflow_uri, "backfill")
@@ -117,7 +118,7 @@ def test_nightly_runs_and_a_backfill_write_byte_identical_history(tmp_path, mlfl
     for k in range(1, DAYS + 1):
         result = _run(backfill, _config(src), k)
         ctx = RunContext(config=_config(src), interval_end=_end(k), settings=backfill)
-        assert ctx.store.get(ctx.key("extract", extract.OUTPUT)) == outputs[k], f"run {k}"
+        assert ctx.store.get(ctx.key(paths.INTERACTIONS)) == outputs[k], f"run {k}"
 
     a, b = _history_bytes(nightly), _history_bytes(backfill)
     assert len(a) == DAYS and a.keys() == b.keys()
@@ -148,12 +149,12 @@ def test_rerunning_a_day_replaces_that_partition_and_nothing_else(tmp_path, mlfl
     # other runs' outputs are untouched; the rerun's own output lost exactly the 3 events
     assert all(_run_output(settings, src, k) == runs_before[k] for k in range(1, DAYS + 1) if k != 6)
     rerun = RunContext(config=_config(src), interval_end=_end(6), settings=settings)
-    assert len(extract.load(rerun)) == len(codecs_read(runs_before[6])) - 3
+    assert len(rerun.read_parquet(paths.INTERACTIONS)) == len(codecs_read(runs_before[6])) - 3
 
 
 def _run_output(settings, src, k) -> bytes:
     ctx = RunContext(config=_config(src), interval_end=_end(k), settings=settings)
-    return ctx.store.get(ctx.key("extract", extract.OUTPUT))
+    return ctx.store.get(ctx.key(paths.INTERACTIONS))
 
 
 def codecs_read(blob: bytes) -> pd.DataFrame:
@@ -199,7 +200,7 @@ def test_late_events_inside_the_lookback_land_in_their_day_older_ones_are_counte
     assert (hist4["user_id"] == "late-user").sum() == 1
     assert all(after[day[d]] == before[day[d]] for d in (0, 1, 3, 5))
     ctx = RunContext(config=_config(src), interval_end=_end(7), settings=settings)
-    assert (extract.load(ctx)["user_id"] == "late-user").sum() == 1
+    assert (ctx.read_parquet(paths.INTERACTIONS)["user_id"] == "late-user").sum() == 1
 
 
 def test_a_gap_in_the_runs_is_caught_up_and_the_first_run_bootstraps(tmp_path, mlflow_uri, events):
@@ -222,7 +223,7 @@ def test_a_non_midnight_interval_end_keeps_its_partial_day_out_of_the_history(tm
     src = _write_source(tmp_path / "src", "file", events)
     _run(settings, _config(src), 3)
     ctx = RunContext(config=_config(src), interval_end=_end(3), settings=settings)
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     day3 = (DAY0 + timedelta(days=3)).date()
     assert (out["timestamp"].dt.date == day3).sum() > 0  # the first 2 hours of day 3 are trained on
     assert out["timestamp"].max() < pd.Timestamp(_end(3))

@@ -28,7 +28,7 @@ def test_export_topk_per_user_excludes_seen_and_is_idempotent(published):
     rid = results["publish"]["release_id"]
     out = export.export_topk(ctx.store, ctx.config)
     assert out["release_id"] == rid and out["written"]
-    table = codecs.read_parquet(ctx.store.get(export.export_key("acme", rid)))
+    table = codecs.read_parquet(ctx.store.get(paths.export_key("acme", rid)))
     rel = release.load_release(ctx.store, "acme", rid)
     assert table.groupby("user_id").size().max() == ctx.config.export.k
     assert set(table["user_id"]) == set(rel.user_ids)

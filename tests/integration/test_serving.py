@@ -19,7 +19,7 @@ from pipeline.serving import rerank
 from pipeline.serving.app import create_app
 from pipeline.serving.auth import hash_key
 from pipeline.stages import run_all
-from pipeline.storage import codecs, open_store
+from pipeline.storage import codecs, open_store, paths
 from tests.conftest import INTERVAL_END, isolated_settings, write_tenant
 
 pytestmark = pytest.mark.integration
@@ -250,11 +250,11 @@ def test_events_fold_in_at_once_and_reach_the_next_extract(client, served):
         settings=settings,
     )
     first = extract.extract(ctx)
-    blob = store.get(ctx.key("extract", extract.OUTPUT))
+    blob = store.get(ctx.key(paths.INTERACTIONS))
     assert first["event_log_rows"] == 4
     df = codecs.read_parquet(blob)
     assert (df["user_id"] == "fresh-user").sum() == 3
-    assert extract.extract(ctx)["rows"] == first["rows"] and store.get(ctx.key("extract", extract.OUTPUT)) == blob
+    assert extract.extract(ctx)["rows"] == first["rows"] and store.get(ctx.key(paths.INTERACTIONS)) == blob
 
 
 def test_events_in_the_future_are_refused(client, served):

@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import TenantConfig
 from pipeline.context import RunContext, StageError
 from pipeline.data import attributes, extract, history
+from pipeline.storage import paths
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DAY0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -63,7 +64,7 @@ def test_csv_parquet_jsonl_and_gzip_in_one_folder_with_event_weights(settings):
     )
     ctx = _ctx(settings, cfg, DAY0 + timedelta(days=5))
     result = extract.extract(ctx)
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert result["files"] == 5 and result["source_kind"] == "files" and result["bootstrap"]
     assert list(out.columns) == ["user_id", "item_id", "timestamp", "rating", "event_type", "weight"]
     assert str(out["user_id"].dtype) == "string" and out["user_id"].str.len().eq(5).all()
@@ -110,7 +111,7 @@ def test_hive_partitions_read_only_the_days_the_run_needs(settings):
     assert not nightly["bootstrap"] and nightly["files"] == 3  # interval day 6 + 2 lookback days
     assert nightly["window_start"] == (DAY0 + timedelta(days=4)).isoformat()
     assert nightly["history_partitions_written"] == 3 and nightly["history_partitions_read"] == 4
-    assert len(extract.load(ctx)) == 7 * 4 and nightly["rows"] == 28
+    assert len(ctx.read_parquet(paths.INTERACTIONS)) == 7 * 4 and nightly["rows"] == 28
     # a partition outside the Hive layout is refused with the file named
     (src / "stray.parquet").write_bytes(b"")
     with pytest.raises(StageError, match="stray.parquet is in no such partition"):
@@ -240,7 +241,7 @@ def test_sql_source_on_postgres_reads_only_the_window(settings, pg_table, monkey
     nightly = extract.extract(ctx)
     assert nightly["window_start"] == (DAY0 + timedelta(days=3)).isoformat()
     assert nightly["history_rows_written"] == 12  # days 3, 4, 5: the query's :start/:end
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert len(out) == 24 and out["item_id"].isin(["0", "1", "2"]).all()  # bigint ids -> strings
     assert set(out["weight"]) == {1.0, 3.0, 9.0}
     users = attributes.load_users(ctx)

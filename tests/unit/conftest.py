@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.features import stage as features
+from pipeline.features import dataset
 from pipeline.models import TrainData
 from pipeline.samples import synthetic
 
@@ -16,7 +16,7 @@ def split():
     u, _ = pd.factorize(df["user_id"], sort=True)
     i, _ = pd.factorize(df["item_id"], sort=True)
     ts = pd.to_datetime(df["timestamp"], unit="s", utc=True)
-    hold = features.temporal_holdout(u, df["timestamp"].to_numpy(), i, 0.2)
+    hold = dataset.temporal_holdout(u, df["timestamp"].to_numpy(), i, 0.2)
     events = pd.DataFrame(
         {
             "user_idx": u.astype(np.int32),
@@ -26,7 +26,7 @@ def split():
             "holdout": hold,
         }
     )
-    feats = features.Features(
+    feats = dataset.Features(
         users=pd.DataFrame({"user_idx": np.arange(u.max() + 1)}),
         items=pd.DataFrame({"item_idx": np.arange(i.max() + 1)}),
         events=events,

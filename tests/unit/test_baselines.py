@@ -8,7 +8,7 @@ from pipeline.evaluation import ranking, scoring
 from pipeline.models import TrainData
 from pipeline.models.ease import EASE
 from pipeline.models.itemknn import ItemKNN
-from pipeline.storage import codecs
+from pipeline.storage import codecs, paths
 
 # 4 users x 4 items, checkable by hand
 X = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0]], dtype=np.float64)
@@ -86,9 +86,9 @@ def test_evaluate_reports_every_baseline(ctx):
     assert list(ev["metrics"]) == [model, "popularity", "item_knn", "ease"]
     for vals in ev["metrics"].values():
         assert 0.0 <= vals["ndcg@10"] <= 1.0 and vals["users"] == ev["users"]
-    stored = json.loads(ctx.store.get(ctx.key("evaluate", "metrics.json")))
+    stored = json.loads(ctx.store.get(ctx.key(paths.METRICS)))
     assert stored["metrics"] == ev["metrics"]
-    per_user = codecs.read_parquet(ctx.store.get(ctx.key("evaluate", "per_user.parquet")))
+    per_user = codecs.read_parquet(ctx.store.get(ctx.key(paths.PER_USER_METRICS)))
     for name in ("popularity", "item_knn", "ease", model):
         assert f"{name}_ndcg" in per_user.columns
     assert np.isclose(per_user["ease_ndcg"].mean(), ev["metrics"]["ease"]["ndcg@10"])

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.context import RunContext, StageError
 from pipeline.data import extract
+from pipeline.storage import paths
 from tests.conftest import write_tenant
 
 
@@ -25,7 +26,7 @@ def test_maps_columns_keeps_ids_as_strings_and_cuts_at_interval_end(settings):
     )
     ctx = _ctx(settings, cfg)
     result = extract.extract(ctx)
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert result["rows"] == 2 and result["dropped_after_interval_end"] == 1
     assert out["user_id"].tolist() == ["007", "007"]  # leading zeros survive: ids are strings
     assert out["item_id"].tolist() == ["0001", "2"]
@@ -53,7 +54,7 @@ def test_epoch_seconds_parquet_folder_and_byte_identical_rerun(settings):
     blob = ctx.store.get(first["key"])
     extract.extract(ctx)
     assert ctx.store.get(first["key"]) == blob
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert first["files"] == 2 and first["rows"] == 3
     assert out["timestamp"].iloc[0] == pd.Timestamp(1736000000, unit="s", tz="UTC")
     assert out["rating"].tolist() == [4.0, 5.0, 3.0]
@@ -88,7 +89,7 @@ def test_unparseable_timestamps_are_kept_for_validation(settings):
     cfg = write_tenant(settings, "acme", df)
     ctx = _ctx(settings, cfg)
     extract.extract(ctx)
-    assert extract.load(ctx)["timestamp"].isna().sum() == 1
+    assert ctx.read_parquet(paths.INTERACTIONS)["timestamp"].isna().sum() == 1
 
 
 def test_event_types_weights_and_rating_threshold(settings):
@@ -113,7 +114,7 @@ def test_event_types_weights_and_rating_threshold(settings):
     )
     ctx = _ctx(settings, cfg)
     result = extract.extract(ctx)
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert out[["user_id", "event_type", "weight"]].values.tolist() == [
         ["a", "view", 1.0],
         ["c", "purchase", 8.0],
@@ -134,7 +135,7 @@ def test_epoch_source_and_api_events_both_keep_their_timestamps(settings):
         ctx.store, "acme", pd.DataFrame({"user_id": ["b"], "item_id": ["y"], "timestamp": ["2025-01-08T10:00:00Z"]})
     )
     extract.extract(ctx)
-    out = extract.load(ctx)
+    out = ctx.read_parquet(paths.INTERACTIONS)
     assert out["timestamp"].notna().all() and out["user_id"].tolist() == ["a", "b"]
 
 

@@ -6,8 +6,16 @@ import pytest
 
 from pipeline.context import RunContext, StageError
 from pipeline.data import extract
+from pipeline.features import dataset
 from pipeline.features import stage as features
+from pipeline.storage import codecs, paths
 from tests.conftest import write_tenant
+
+
+def _extracted(ctx: RunContext) -> None:
+    """extract, and validate's verdict that no user is excluded (these tests are about features)."""
+    extract.extract(ctx)
+    ctx.write(paths.EXCLUDED_USERS, codecs.parquet_bytes(pd.DataFrame({"user_id": pd.array([], dtype="string")})))
 
 
 def test_temporal_holdout_takes_last_fifth_per_user():
@@ -15,22 +23,22 @@ def test_temporal_holdout_takes_last_fifth_per_user():
     users = np.array([0] * 10 + [1] * 4)
     ts = np.array(list(range(10, 0, -1)) + [1, 2, 3, 4])  # user 0 given in reverse time order
     items = np.arange(14)
-    mask = features.temporal_holdout(users, ts, items, 0.2)
+    mask = dataset.temporal_holdout(users, ts, items, 0.2)
     assert mask[:10].tolist() == [True, True] + [False] * 8  # ts 10 and 9 are the latest
     assert not mask[10:].any()
 
 
 def test_holdout_ties_broken_by_item_index():
-    mask = features.temporal_holdout(np.zeros(5, int), np.ones(5, int), np.array([4, 3, 2, 1, 0]), 0.2)
+    mask = dataset.temporal_holdout(np.zeros(5, int), np.ones(5, int), np.array([4, 3, 2, 1, 0]), 0.2)
     assert mask.tolist() == [True, False, False, False, False]
 
 
 def test_features_stage_id_maps_and_relevance(settings, small_df):
     cfg = write_tenant(settings, "acme", small_df)
     ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
-    extract.extract(ctx)
+    _extracted(ctx)
     result = features.features(ctx)
-    feats = features.load(ctx)
+    feats = dataset.Features.read(ctx)
     assert result["users"] == small_df["user_id"].nunique() == feats.n_users
     assert feats.users["user_idx"].tolist() == list(range(feats.n_users))
     assert feats.users["user_id"].is_monotonic_increasing
@@ -50,7 +58,7 @@ def test_too_few_users_is_a_clear_error(settings):
     )
     cfg = write_tenant(settings, "acme", df)
     ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
-    extract.extract(ctx)
+    _extracted(ctx)
     with pytest.raises(StageError, match=r"too few to train: 2 users \(features.min_users=10\)"):
         features.features(ctx)
 
@@ -70,9 +78,9 @@ def test_catalog_items_without_events_are_indexed_with_their_attributes(settings
     columns = {"item_id": "sku", "category": "section", "tags": "labels", "title": "name"}
     cfg = write_tenant(settings, "acme", small_df, catalog={"uri": str(path), "columns": columns})
     ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
-    extract.extract(ctx)
+    _extracted(ctx)
     result = features.features(ctx)
-    feats, attrs = features.load(ctx), features.load_item_features(ctx)
+    feats, attrs = dataset.Features.read(ctx), dataset.read_item_features(ctx)
     assert result["items"] == len(items) + 1 and result["items_without_events"] == 1
     new = feats.items.set_index("item_id").loc["zz-new"]
     assert new["n_events"] == 0 and feats.items["item_id"].is_monotonic_increasing
@@ -82,11 +90,11 @@ def test_catalog_items_without_events_are_indexed_with_their_attributes(settings
     assert attrs.tags.shape == (feats.n_items, 3) and attrs.tags[row].indices.tolist() == [1, 2]  # x=0, y=1, z=2
     assert attrs.tags[0].indices.tolist() == [0, 1]
     new_tokens = set(attrs.tokens[row].indices)
-    assert len(new_tokens) == 3 and attrs.tokens.shape[1] == features.TOKEN_BUCKETS
+    assert len(new_tokens) == 3 and attrs.tokens.shape[1] == dataset.TOKEN_BUCKETS
     assert new_tokens & set(attrs.tokens[0].indices)  # both titles have the word "item"
 
 
 def test_no_catalog_means_no_item_features(ctx):
-    extract.extract(ctx)
+    _extracted(ctx)
     features.features(ctx)
-    assert features.load_item_features(ctx) is None
+    assert dataset.read_item_features(ctx) is None

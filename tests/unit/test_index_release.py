@@ -8,7 +8,7 @@ from pipeline.context import RunContext, StageError
 from pipeline.index import build as index
 from pipeline.index import search as ann
 from pipeline.release import format as release
-from pipeline.storage import LocalStore
+from pipeline.storage import LocalStore, paths
 
 
 def _clustered(n: int, d: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
@@ -169,14 +169,15 @@ def test_index_stage_records_recall_and_fails_clearly(ctx, monkeypatch):
         def user_vectors(self):
             return USERS
 
-    monkeypatch.setattr(index.train, "load_model", lambda _ctx, _stage: Model())
+    monkeypatch.setattr(index, "read_model", lambda _ctx, _where: Model())
     cfg = ctx.config.model_copy(update={"index": IndexConfig(exact_max_items=1000, recall_probes=200)})
     run = RunContext(config=cfg, interval_end=ctx.interval_end, settings=ctx.settings)
     result = index.index(run)
     assert result["kind"] == "ivf" and result["recall_at_10_vs_exact"] >= 0.95 and result["nprobe"] >= 1
     assert result["recall_probes"] == {"items": 200, "users": 200} and result["uri"]
     assert run.read_result("index") == result
-    restored = ann.deserialize(run.store.get(run.key("index", index.OUTPUT)), result)
+    assert run.read_json(paths.INDEX_INFO) == {k: v for k, v in result.items() if k not in ("uri", "build_seconds")}
+    restored = ann.deserialize(run.store.get(run.key(paths.INDEX)), result)
     assert restored.ntotal == 2000
 
     monkeypatch.setattr(index, "MAX_EF_SEARCH", 2)

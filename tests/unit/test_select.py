@@ -8,9 +8,9 @@ import pytest
 from pipeline.config.models import ALSConfig, SearchRange
 from pipeline.config.tenant import TenantConfigError
 from pipeline.context import RunContext
-from pipeline.features import stage as features
+from pipeline.features import dataset
 from pipeline.stages import run_all
-from pipeline.training import select, train
+from pipeline.training import fit, select
 from tests.conftest import INTERVAL_END, write_tenant
 
 
@@ -22,7 +22,7 @@ def test_one_fixed_candidate_fits_nothing(ctx):
 
 def test_validation_split_never_touches_the_holdout(ctx):
     run_all(ctx, until="features")
-    feats = features.load(ctx)
+    feats = dataset.Features.read(ctx)
     data, relevant, exclude = select.validation_split(feats, 0.2)
     holdout = feats.matrix(True)
     train = feats.matrix(False)
@@ -64,7 +64,7 @@ def test_search_picks_the_best_candidate_deterministically(settings, small_df):
     # train uses the chosen configuration
     out = run_all(ctx, until="train")
     assert out["train"]["kind"] == "als"
-    assert train.chosen_config(ctx).factors == first["config"]["factors"]
+    assert fit.chosen_config(ctx).factors == first["config"]["factors"]
 
 
 def test_search_ranges_are_checked():

@@ -9,7 +9,8 @@ import yaml
 from pipeline.config.expectations import ExpectationsFileError, SuiteConfig, load_suite_config
 from pipeline.context import RunContext
 from pipeline.data import extract
-from pipeline.storage import codecs
+from pipeline.features import stage as features
+from pipeline.storage import codecs, paths
 from pipeline.validation import stage as validate
 from tests.conftest import INTERVAL_END, write_tenant
 
@@ -37,7 +38,7 @@ def _with_extract(settings, small_df, frame: pd.DataFrame, **overrides) -> RunCo
     """A run whose extract output is `frame` (written as extract would)."""
     cfg = write_tenant(settings, "acme", small_df, **overrides)
     ctx = RunContext(config=cfg, interval_end=END, settings=settings)
-    ctx.store.put(ctx.key("extract", extract.OUTPUT), codecs.parquet_bytes(frame))
+    ctx.store.put(ctx.key(paths.INTERACTIONS), codecs.parquet_bytes(frame))
     return ctx
 
 
@@ -48,8 +49,12 @@ def _expectations(settings, tenant: str, doc) -> Path:
     return path
 
 
+def _excluded(ctx) -> set[str]:
+    return set(ctx.read_parquet(paths.EXCLUDED_USERS)["user_id"])
+
+
 def _report(ctx):
-    return codecs.read_json(ctx.store.get(ctx.key("validate", "report.json")))
+    return codecs.read_json(ctx.store.get(ctx.key(paths.VALIDATION_REPORT)))
 
 
 def test_clean_data_passes_and_writes_report_and_data_docs(settings, small_df, caplog):
@@ -68,14 +73,14 @@ def test_clean_data_passes_and_writes_report_and_data_docs(settings, small_df, c
     assert result["data_docs_uri"].endswith(".html")
     assert (
         "<html"
-        in ctx.store.get(ctx.key("validate", result["data_docs_uri"].split("/validate/", 1)[1])).decode().lower()
+        in ctx.store.get(ctx.key(paths.DATA_DOCS, result["data_docs_uri"].split("/data_docs/", 1)[1])).decode().lower()
     )
     # the task log: a short table (check, severity, result, observed) and where the HTML is
     log = caplog.text
     assert "check" in log and "severity" in log and "observed" in log
     assert "duplicates" in log and "blocking" in log and "empty_interval" in log
     assert "Data Docs (HTML): " + result["data_docs_uri"] in log
-    assert validate.load(ctx).equals(extract.load(ctx))  # nothing filtered: downstream reads the extract
+    assert _excluded(ctx) == set()  # nothing filtered: features trains on every extracted event
 
 
 def test_rerun_writes_identical_report_and_docs(settings, small_df):
@@ -268,18 +273,21 @@ def test_bot_is_flagged_and_optionally_filtered(settings, small_df):
     assert result["success"] and result["warnings"] == 1
     [warning] = _report(ctx)["warnings"]
     assert "1 user(s) with more than 1,000 events in one hour (bot-like): bot-7 (1,500 events" in warning
-    assert validate.load(ctx).equals(extract.load(ctx))
+    assert _excluded(ctx) == set()
 
     _expectations(settings, "acme", {"bot_users": {"filter": True}})
     result = validate.validate(ctx)
-    assert result["filtered_rows"] == 1500 and result["table_uri"].endswith("validate/interactions.parquet")
+    assert result["filtered_rows"] == 1500 and result["excluded_users"] == 1
     assert "their 1,500 events are removed from the table downstream reads" in _report(ctx)["warnings"][0]
-    assert "bot-7" not in set(validate.load(ctx)["user_id"]) and len(validate.load(ctx)) == len(small_df)
+    assert _excluded(ctx) == {"bot-7"}
+    features.features(ctx)  # the features stage drops the excluded users' events
+    assert "bot-7" not in set(ctx.read_parquet(paths.USERS)["user_id"])
+    assert len(ctx.read_parquet(paths.EVENTS)) == len(small_df)
 
     _expectations(settings, "acme", {"bot_users": {"filter": False, "severity": "blocking"}})
     with pytest.raises(validate.ValidationFailed, match="bot_users"):
         validate.validate(ctx)
-    assert validate.load(ctx).equals(extract.load(ctx))  # no stale filtered table
+    assert _excluded(ctx) == set()  # no stale list from the earlier run of the interval
 
 
 def test_unknown_catalog_items_are_reported(settings, small_df):

@@ -1,0 +1,114 @@
+"""The features stage's outputs as the training side reads them: `Features` and `ItemFeatures`.
+
+Select, train, evaluate, the gate and publish all read the same indexed tables; they read
+them here, from the declared artifacts, never by importing the features stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from pipeline.storage import paths
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
+    from pipeline.models.base import ItemFeatures
+
+TOKEN_BUCKETS = 1 << 14  # hashed title tokens per item: ids in [0, TOKEN_BUCKETS)
+
+
+def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of held-out events: the last floor(n_u * fraction) events of each user.
+
+    Inputs are aligned arrays in any order; ties in time are broken by item index so the
+    split is deterministic.
+    """
+    order = np.lexsort((item_idx, timestamp, user_idx))
+    u_sorted = user_idx[order]
+    counts = np.bincount(u_sorted)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(len(order)) - starts[u_sorted]
+    n = counts[u_sorted]
+    n_test = np.floor(n * fraction + 1e-9).astype(np.int64)
+    mask_sorted = rank >= n - n_test
+    mask = np.empty(len(order), dtype=bool)
+    mask[order] = mask_sorted
+    return mask
+
+
+@dataclass(frozen=True)
+class Features:
+    """Indexed interactions of one run. `events` has user_idx, item_idx, timestamp, rating, holdout."""
+
+    users: pd.DataFrame  # user_id, user_idx, n_events, n_train, n_holdout
+    items: pd.DataFrame  # item_id, item_idx, n_events, n_train
+    events: pd.DataFrame
+
+    @classmethod
+    def read(cls, ctx: RunContext) -> Features:
+        return cls(
+            users=ctx.read_parquet(paths.USERS),
+            items=ctx.read_parquet(paths.ITEMS),
+            events=ctx.read_parquet(paths.EVENTS),
+        )
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def split(self, holdout: bool | None) -> pd.DataFrame:
+        if holdout is None:
+            return self.events
+        return self.events[self.events["holdout"] == holdout]
+
+    def matrix(self, holdout: bool | None = False) -> sp.csr_matrix:
+        """Binary user x item matrix of the train split (False), holdout (True) or all (None)."""
+        ev = self.split(holdout)
+        m = sp.csr_matrix(
+            (np.ones(len(ev), dtype=np.float32), (ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy())),
+            shape=(self.n_users, self.n_items),
+        )
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        return m
+
+    def relevant(self) -> sp.csr_matrix:
+        """Holdout items to find per user: held-out pairs the user did not already have in train."""
+        rel = self.matrix(True) - self.matrix(False).multiply(self.matrix(True))
+        rel.eliminate_zeros()
+        return sp.csr_matrix(rel)
+
+
+def _csr(column: pa.ChunkedArray, n_cols: int | None = None) -> sp.csr_matrix:
+    """Binary CSR [rows, n_cols] from a list<int32> column (n_cols: largest value + 1 when None)."""
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.flatten().to_numpy().astype(np.int32)
+    if n_cols is None:
+        n_cols = int(values.max()) + 1 if len(values) else 0
+    return sp.csr_matrix((np.ones(len(values), np.float32), values, offsets - offsets[0]), shape=(len(lists), n_cols))
+
+
+def read_item_features(ctx: RunContext) -> ItemFeatures | None:
+    """The run's item attributes as model inputs, or None when the tenant has no catalog."""
+    if not ctx.config.catalog:
+        return None
+    from pipeline.models.base import ItemFeatures  # lazily: the models package imports torch
+
+    table = pq.read_table(pa.BufferReader(ctx.read(paths.ITEM_FEATURES)))
+    return ItemFeatures(
+        category=table.column("category").to_numpy().astype(np.int64),
+        tags=_csr(table.column("tags")),
+        tokens=_csr(table.column("tokens"), TOKEN_BUCKETS),
+    )
