@@ -37,7 +37,6 @@ STAGE = "extract"
 OUTPUT = "interactions.parquet"
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
 COLUMNS = [*CANONICAL, "event_type", "weight"]
-# a SQL source's :start on the first run (bootstrap: everything before the interval end)
 _READ_THREADS = 4
 
 
