@@ -267,7 +267,7 @@ class IndexConfig(_Strict):
         description="auto: exact (flat) up to exact_max_items items, IVF above (faster than HNSW at equal recall).",
     )
     exact_max_items: int = Field(
-        default=50_000, ge=1, description="auto stays exact up to here: a flat scan of 50k x 64 is ~1 ms per query."
+        default=50_000, ge=1, description="auto stays exact up to here, where a flat scan is still cheap per query."
     )
     min_recall: float = Field(
         default=0.95, gt=0, le=1, description="Build fails below this recall@10 vs exact, after tuning the search."

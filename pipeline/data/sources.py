@@ -31,7 +31,6 @@ __all__ = ["EPOCH", "Reader", "SourceError", "SourceFile", "is_sql_url", "list_f
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # the `:start` of a SQL read that wants everything
 
-FORMATS = ("csv", "parquet", "jsonl")
 SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # with an explicit `format: jsonl`, plain .json files are read as JSON Lines too
 _EXPLICIT_EXTRA = {"jsonl": {".json"}}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-EXACT_SCORING_MAX = 4096  # `allowed` sets up to this size are scored exactly (~0.1 ms at 64 dims)
+EXACT_SCORING_MAX = 4096  # `allowed` sets up to this size are scored exactly (one small product)
 SCORE_CHUNK = 1 << 24  # floats per exact-scoring block (64 MiB), bounds memory on big catalogs
 
 
@@ -180,7 +180,7 @@ def search(
         d, i = index.search(q[todo], fetch, params=_widened(index, kind, knob, fetch, k))
         keep = i >= 0
         if allowed is None and not keys.size and fetch == k and keep.all():
-            return i, d  # nothing to filter, every query full: FAISS's answer as is (saves ~50 us)
+            return i, d  # nothing to filter, every query full: FAISS's answer as is
         if allowed is not None:
             keep &= allowed[np.maximum(i, 0)]
         if keys.size:

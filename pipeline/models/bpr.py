@@ -15,8 +15,7 @@ ALS (a user's newest pairs count most).
 Two loops, one objective:
 * CPU: pair by pair, in compiled code with prefetching (pipeline/models/bpr_kernel.py):
   memory latency, not arithmetic, bounds BPR on a CPU, and a fused loop touches each row
-  once. At 8.5M pairs, 64 factors, 1 thread: ~4 s per epoch (torch.compile'd mini-batches
-  took 7.7). `threads` > 1 splits each epoch over threads that share the rows without locks
+  once (benchmarks/training.py times it). `threads` > 1 splits each epoch over threads that share the rows without locks
   (Hogwild): faster, no longer reproducible, so 1 is the default.
 * CUDA: mini-batches of `batch_size` pairs written by hand as tensor ops (no autograd):
   gathers, fused element-wise ops, and `index_add_` into the touched rows; each batch's
@@ -98,7 +97,7 @@ def _repick(scores, cand, u, indptr, items, rounds: int, j, positive) -> tuple[t
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] for a 1-d or 2-d index: index_select is 4-5x faster than advanced indexing on CPU."""
+    """table[index] for a 1-d or 2-d index: index_select is several times faster than advanced indexing on CPU."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 

@@ -4,11 +4,10 @@ Why compiled code instead of tensor ops: on the CPU a BPR epoch is bound by memo
 latency (a random user row, the candidates' item rows, the positives search), not by
 arithmetic. Tensor ops cut the epoch into many full passes over batch-sized buffers and
 compute every candidate check for every pair; one fused loop over pairs touches each row
-once and prefetches the rows of the pair `lookahead` places ahead. Measured at 500k users
-x 50k items x 8.5M pairs, 64 factors, 1 thread (benchmarks/training.py): torch.compile'd
-mini-batches took 7.7 s per epoch, this loop about half that. Numba does the compiling
-(LLVM, cached on disk after the first call, a few seconds); the GPU path stays in torch
-(pipeline/models/bpr.py), where mini-batches are what the hardware wants.
+once and prefetches the rows of the pair `lookahead` places ahead (benchmarks/training.py
+times it on a large tenant). Numba does the compiling (LLVM, cached on disk after the first
+call); the GPU path stays in torch (pipeline/models/bpr.py), where mini-batches are what the
+hardware wants.
 
 Per pair (u, i) with weight w, the same objective as the torch step:
     x = p_u . (q_i - q_j) + b_i - b_j, maximise w ln sigmoid(x) - reg/2 (|p_u|^2 + |q_i|^2 + |q_j|^2)
@@ -32,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 RING = 64  # candidate draws kept for the pairs in flight; lookahead must stay below it
-LOOKAHEAD = 4  # pairs between a prefetch and its use: 4 to 8 measured best here, 16 slower
+LOOKAHEAD = 4  # pairs between a prefetch and its use: far enough for the row to arrive, near enough to stay cached
 
 
 @intrinsic
@@ -71,7 +70,7 @@ def _draw(state, n):
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def shuffled(n, seed, dtype):
     """A seeded random permutation of range(n) as `dtype` (Fisher-Yates with _draw's
-    generator; bias per swap <= n / 2**32): 0.25 s for 8.5M, numpy's permutation + cast 0.47."""
+    generator; bias per swap <= n / 2**32): faster than numpy's permutation plus a cast."""
     out = np.arange(n).astype(dtype)
     state = np.uint64(seed) | np.uint64(1)
     for k in range(n - 1, 0, -1):

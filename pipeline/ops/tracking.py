@@ -192,13 +192,3 @@ def register_release(
         "model_version": str(version.version),
         "champion_alias": "moved" if moved else ("unchanged" if champion else "not moved"),
     }
-
-
-def champion_version(tracking_uri: str, tenant: str):
-    """The model version the `champion` alias names, or None."""
-    try:
-        return client(tracking_uri).get_model_version_by_alias(registered_model_name(tenant), CHAMPION_ALIAS)
-    except Exception as exc:
-        if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise

@@ -4,27 +4,33 @@
 with the sha256 of every file). `tenants/{t}/current.json` names the live release and is
 written after the manifest, with a conditional put so concurrent publishers cannot both win
 and the pointer never moves to an older data interval. Readers verify every checksum before
-using a byte.
+using a byte (the decoded, in-memory `Release` is pipeline/release/loaded.py).
+
+`write_release` is the only code that writes a release folder and `publish_release` (write,
+then flip) the only one that publishes: the publish stage, tests and benchmarks all call them.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from safetensors.numpy import save as st_save
 
+from pipeline.release.loaded import Release, item_attributes
 from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FORMAT = 1  # the manifest's "format": bump when readers must tell old releases from new
 FILES = (
     "model.safetensors",
     "model.json",
@@ -81,6 +87,41 @@ def assemble_files(
     return files
 
 
+def files_from_vectors(
+    user_ids: Sequence[str],
+    item_ids: Sequence[str],
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    seen_indptr: np.ndarray,
+    seen_indices: np.ndarray,
+    *,
+    index_bytes: bytes,
+    model_meta: dict[str, Any],
+    popular_items: int = 100,
+) -> dict[str, bytes]:
+    """`assemble_files` for a release from arrays alone (tests, benchmarks): the model's state is
+    its two factor tables, model.json is `model_meta` (with its "kind"), rows are in id order."""
+    return assemble_files(
+        model_state={"user_factors": user_vectors, "item_factors": item_vectors},
+        model_kind=model_meta["kind"],
+        model_json=codecs.json_bytes(model_meta),
+        user_vectors=user_vectors,
+        item_vectors=item_vectors,
+        users=_id_frame("user", user_ids),
+        items=_id_frame("item", item_ids),
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
+        popular_items=popular_items,
+        index_bytes=index_bytes,
+    )
+
+
+def _id_frame(kind: str, ids: Sequence[str]) -> pd.DataFrame:
+    """{kind}_id, {kind}_idx (int32, as the features stage writes them), in the order given."""
+    idx = np.arange(len(ids), dtype=np.int32)
+    return pd.DataFrame({f"{kind}_id": pd.array(ids, dtype="string"), f"{kind}_idx": idx})
+
+
 class ReleaseError(RuntimeError):
     """A release is missing, incomplete or fails its checksums; it must not be served."""
 
@@ -121,34 +162,58 @@ def read_pointer(store: ObjectStore, tenant: str) -> tuple[dict[str, Any], str] 
     return json.loads(got[0]), got[1]
 
 
-def flip_pointer(
-    store: ObjectStore, tenant: str, pointer: Pointer, *, allow_backwards: bool = False
-) -> tuple[bool, str]:
-    """Point the tenant at `pointer.release_id`. Returns (moved, reason).
+class FlipOutcome(enum.Enum):
+    MOVED = "moved"
+    ALREADY_LIVE = "already_live"
+    OLDER_THAN_LIVE = "older_than_live"  # refused: the pointer never moves backwards (but rollback)
+    LOST_RACE = "lost_race"  # another writer moved the pointer between our read and our write
+
+
+@dataclass(frozen=True)
+class Flip:
+    """What a pointer flip did; `reason` is the human-readable line publish reports."""
+
+    outcome: FlipOutcome
+    reason: str
+
+    @property
+    def moved(self) -> bool:
+        return self.outcome is FlipOutcome.MOVED
+
+
+def flip_pointer(store: ObjectStore, tenant: str, pointer: Pointer, *, allow_backwards: bool = False) -> Flip:
+    """Point the tenant at `pointer.release_id`.
 
     Never moves to an older data interval unless allow_backwards (rollback); a concurrent
-    writer makes the conditional put fail (PreconditionFailed), never a silent overwrite.
+    writer makes the conditional put fail (LOST_RACE), never a silent overwrite.
     """
     current = read_pointer(store, tenant)
     etag = None
     if current is not None:
         doc, etag = current
         if doc["release_id"] == pointer.release_id:
-            return False, f"already live: {pointer.release_id}"
+            return Flip(FlipOutcome.ALREADY_LIVE, f"already live: {pointer.release_id}")
         if not allow_backwards and doc["data_interval_end"] > pointer.data_interval_end:
-            return False, (
+            return Flip(
+                FlipOutcome.OLDER_THAN_LIVE,
                 f"live release {doc['release_id']} covers data up to {doc['data_interval_end']}, "
-                f"newer than {pointer.data_interval_end}: pointer not moved backwards"
+                f"newer than {pointer.data_interval_end}: pointer not moved backwards",
             )
         pointer.previous_release_id = doc["release_id"]
-    store.put_if(paths.pointer_key(tenant), pointer.to_bytes(), etag=etag)
-    return True, f"live: {pointer.release_id}"
+    try:
+        store.put_if(paths.pointer_key(tenant), pointer.to_bytes(), etag=etag)
+    except PreconditionFailed as exc:
+        return Flip(FlipOutcome.LOST_RACE, f"another publisher moved the pointer first ({exc})")
+    return Flip(FlipOutcome.MOVED, f"live: {pointer.release_id}")
 
 
 def write_release(
     store: ObjectStore, tenant: str, release_id: str, files: dict[str, bytes], manifest: dict[str, Any]
 ) -> bool:
-    """Write files, then the manifest. Returns False when this exact release already exists."""
+    """Write files, then the manifest (`manifest` plus format, ids and every file's sha256).
+
+    The only code that writes a release folder. Returns False when this exact release already exists.
+    """
     mkey = paths.release_key(tenant, release_id, MANIFEST)
     checks = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
     if store.exists(mkey):
@@ -158,8 +223,42 @@ def write_release(
         return False
     for name, data in files.items():
         store.put(paths.release_key(tenant, release_id, name), data)
-    store.put(mkey, codecs.json_bytes({**manifest, "release_id": release_id, "tenant": tenant, "files": checks}))
+    doc = {**manifest, "format": FORMAT, "release_id": release_id, "tenant": tenant, "files": checks}
+    store.put(mkey, codecs.json_bytes(doc))
     return True
+
+
+@dataclass(frozen=True)
+class Published:
+    release_id: str
+    written: bool  # False: this exact release was already there (a rerun)
+    flip: Flip
+
+
+def publish_release(
+    store: ObjectStore,
+    tenant: str,
+    files: dict[str, bytes],
+    manifest: dict[str, Any],
+    *,
+    pointer_extra: dict[str, Any] | None = None,
+    retries: int = 1,
+) -> Published:
+    """Write the release (id from manifest["run_id"] and the content), then flip the pointer to it.
+
+    `manifest` must name the run and its `data_interval_end` (the pointer orders releases by
+    it). A lost race is retried `retries` times: the winner may hold an older interval, and the
+    pointer must not stay behind it; a newer winner makes the retry OLDER_THAN_LIVE.
+    """
+    release_id = release_id_for(manifest["run_id"], files)
+    written = write_release(store, tenant, release_id, files, manifest)
+    pointer = Pointer(release_id, manifest["data_interval_end"], extra=dict(pointer_extra or {}))
+    flip = flip_pointer(store, tenant, pointer)
+    for _ in range(retries):
+        if flip.outcome is not FlipOutcome.LOST_RACE:
+            break
+        flip = flip_pointer(store, tenant, pointer)
+    return Published(release_id, written, flip)
 
 
 def read_manifest(store: ObjectStore, tenant: str, release_id: str) -> dict[str, Any]:
@@ -189,65 +288,6 @@ def read_file(store: ObjectStore, tenant: str, release_id: str, name: str, manif
         log.error("checksum mismatch: release %s/%s file %s", tenant, release_id, name)
         raise ReleaseError(f"release {tenant}/{release_id}: checksum mismatch on {name}; refusing to load")
     return data
-
-
-@dataclass(frozen=True)
-class Release:
-    """A verified, fully loaded release: what scoring needs, in memory, immutable."""
-
-    tenant: str
-    release_id: str
-    manifest: dict[str, Any]
-    user_ids: pd.Index
-    item_ids: pd.Index
-    user_vectors: np.ndarray
-    item_vectors: np.ndarray
-    seen_indptr: np.ndarray
-    seen_indices: np.ndarray
-    popular: np.ndarray
-    item_popularity: np.ndarray
-    index_bytes: bytes
-    model_meta: dict[str, Any] = field(default_factory=dict)  # model.json: kind + config (fold-in needs it)
-    item_category: np.ndarray | None = None  # int32 code per item, -1 = none
-    categories: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
-    item_tags: sp.csr_matrix | None = None  # items x tags, True where the item has the tag
-    tags: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
-    item_titles: np.ndarray | None = None  # object array of str/None, for human-readable reasons
-    user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
-
-    def seen(self, user_row: int) -> np.ndarray:
-        """The user's distinct items, most recent first."""
-        return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
-
-
-def _attributes(data: bytes | None, n_items: int) -> dict[str, Any]:
-    if data is None:
-        return {}
-    attrs = codecs.read_parquet(data)
-    codes, categories = pd.factorize(attrs["category"], sort=True)  # null -> -1
-    category = np.full(n_items, -1, dtype=np.int32)
-    category[attrs["item_idx"].to_numpy()] = codes
-    ex = attrs[["item_idx", "tags"]].explode("tags").dropna()
-    tag_codes, tags = pd.factorize(ex["tags"].astype(str), sort=True)
-    item_tags = sp.csr_matrix(
-        (np.ones(len(ex), dtype=bool), (ex["item_idx"].to_numpy(dtype=np.int64), tag_codes)),
-        shape=(n_items, len(tags)),
-    )
-    return {
-        "item_category": category,
-        "categories": pd.Index(categories.astype(str), dtype=object),
-        "item_tags": item_tags,
-        "tags": pd.Index(tags, dtype=object),
-        "item_titles": _titles(attrs, n_items),
-    }
-
-
-def _titles(attrs: pd.DataFrame, n_items: int) -> np.ndarray | None:
-    if "title" not in attrs or attrs["title"].isna().all():
-        return None
-    titles = np.full(n_items, None, dtype=object)
-    titles[attrs["item_idx"].to_numpy()] = attrs["title"].astype(object).where(attrs["title"].notna(), None).to_numpy()
-    return titles
 
 
 def load_release(store: ObjectStore, tenant: str, release_id: str) -> Release:
@@ -296,7 +336,7 @@ def _decode(tenant: str, release_id: str, manifest: dict[str, Any], get) -> Rele
         item_popularity=items["n_users"].to_numpy(dtype=np.float64),
         index_bytes=get("items.faiss"),
         model_meta=json.loads(get("model.json")),
-        **_attributes(optional["item_attributes.parquet"], len(items)),
+        **item_attributes(optional["item_attributes.parquet"], len(items)),
         user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
     )
 
@@ -304,10 +344,3 @@ def _decode(tenant: str, release_id: str, manifest: dict[str, Any], get) -> Rele
 def list_releases(store: ObjectStore, tenant: str) -> list[str]:
     prefix = paths.releases_prefix(tenant) + "/"
     return sorted({k[len(prefix) :].split("/", 1)[0] for k in store.list(prefix) if k.endswith("/" + MANIFEST)})
-
-
-def try_flip(store: ObjectStore, tenant: str, pointer: Pointer, allow_backwards: bool = False) -> tuple[bool, str]:
-    try:
-        return flip_pointer(store, tenant, pointer, allow_backwards=allow_backwards)
-    except PreconditionFailed as exc:
-        return False, f"another publisher moved the pointer first ({exc})"

@@ -144,13 +144,11 @@ def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
 def publish(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
     files, info = build_files(ctx)
-    release_id = release.release_id_for(ctx.run_id, files)
     evaluation = ctx.read_json(paths.METRICS)
     gate = ctx.read_json(paths.DECISION)
     idx = ctx.read_json(paths.INDEX_INFO)
     trained = ctx.read_json(paths.REFITTED.meta)  # the configuration actually fitted (select's choice)
     manifest = {
-        "format": 1,
         "created_at": ctx.interval_end.isoformat(),  # logical time of the data, never the wall clock
         "data_interval_end": ctx.interval_end.isoformat(),
         "run_id": ctx.run_id,
@@ -160,23 +158,16 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         "gate": {k: gate.get(k) for k in GATE_FIELDS},
         "index": idx,  # kind, recall, ef_search/nprobe, params
     }
-    written = release.write_release(ctx.store, ctx.tenant, release_id, files, manifest)
-    pointer = release.Pointer(
-        release_id=release_id,
-        data_interval_end=ctx.interval_end.isoformat(),
-        extra={"model": info["model"], "run_id": ctx.run_id},
-    )
-    moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
-    if not moved and reason.startswith("another publisher"):
-        # lost a race: look again, so a newer release is not left behind an older winner
-        moved, reason = release.try_flip(ctx.store, ctx.tenant, pointer)
+    pointer_extra = {"model": info["model"], "run_id": ctx.run_id}
+    out = release.publish_release(ctx.store, ctx.tenant, files, manifest, pointer_extra=pointer_extra)
+    release_id = out.release_id
     current = release.read_pointer(ctx.store, ctx.tenant)
     live = current[0]["release_id"] if current else None
     result = {
         "release_id": release_id,
-        "written": written,
-        "pointer_moved": moved,
-        "pointer_reason": reason,
+        "written": out.written,
+        "pointer_moved": out.flip.moved,
+        "pointer_reason": out.flip.reason,
         "live_release_id": live,
         "files": len(files),
         "bytes": int(sum(len(b) for b in files.values())),
@@ -185,9 +176,9 @@ def publish(ctx: RunContext) -> dict[str, Any]:
     log.info(
         "publish: release %s (%s, %d files, %.1f MB); %s",
         release_id,
-        "written" if written else "already existed",
+        "written" if out.written else "already existed",
         len(files),
         result["bytes"] / 1e6,
-        reason,
+        out.flip.reason,
     )
     return ctx.write_result(STAGE, result)

@@ -81,7 +81,7 @@ def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str
         rel = release.load_release(store, tenant, target)  # refuses a missing or corrupt release
     except FileNotFoundError as exc:
         raise RollbackError(f"tenant {tenant}: release {target} is incomplete: {exc}") from None
-    moved, reason = release.try_flip(
+    flip = release.flip_pointer(
         store,
         tenant,
         release.Pointer(
@@ -91,8 +91,12 @@ def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str
         ),
         allow_backwards=True,
     )
-    if not moved:
-        raise RollbackError(f"tenant {tenant}: pointer not moved: {reason}")
+    if flip.outcome is release.FlipOutcome.LOST_RACE:  # never retried: it would undo a publish just made
+        raise RollbackError(
+            f"tenant {tenant}: {flip.reason}; nothing rolled back: check the live release and run it again"
+        )
+    if not flip.moved:
+        raise RollbackError(f"tenant {tenant}: pointer not moved: {flip.reason}")
     if settings.redis_url:
         client = redis_client(settings.redis_url)
         refresh.write_release(client, settings.redis_prefix, rel)

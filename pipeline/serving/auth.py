@@ -53,10 +53,6 @@ def load_access(path: Path | None) -> Access:
     return Access(hashes, limits)
 
 
-def load_key_hashes(path: Path | None) -> dict[str, frozenset[str]]:
-    return load_access(path).key_hashes
-
-
 def key_allowed(hashes: dict[str, frozenset[str]], tenant: str, key: str) -> bool:
     digest = hash_key(key)
     return any(hmac.compare_digest(digest, h) for h in hashes.get(tenant, ()))

@@ -4,8 +4,8 @@ Everything comes from `request.app.state` (filled in lifespan), so tests overrid
 dependencies or settings instead of patching modules. The tenant id is validated by its
 path pattern before any of these run, so no storage call ever sees an invalid id.
 
-The dependencies are async: a sync dependency costs a threadpool hop per request (measured
-as much CPU as the search itself). Their only I/O is the rate limiter's one Redis call
+The dependencies are async: a sync dependency costs a threadpool hop per request (CPU of
+the order of the search itself). Their only I/O is the rate limiter's one Redis call
 (short timeouts, fails open); a due pointer check, and a release load, run in a thread.
 """
 

@@ -30,8 +30,9 @@ _thread = threading.local()
 def _one_faiss_thread() -> None:
     """OpenMP's thread count is per thread: set it to 1 in every request thread, once.
 
-    Parallelism comes from concurrent requests; a 2-thread FAISS search inside a threadpool
-    worker measured 4x slower than a 1-thread one (benchmarks/serving.py).
+    Parallelism comes from concurrent requests; a multi-threaded FAISS search inside a
+    threadpool worker is slower than a 1-thread one, its threads fight the other requests'
+    (benchmarks/serving measures it).
     """
     if not getattr(_thread, "faiss_single", False):
         import faiss

@@ -2,7 +2,8 @@
 
 The Redis key layout is pipeline/storage/redis.py. The refresh never touches the fold-in keys,
 so rerunning it stays idempotent; they expire with their release. Values are checked (length,
-range) before use: a malformed value is reported as invalid user data, never interpreted.
+finite numbers, item range) before use, by both stores: a malformed value is reported as
+invalid user data, never interpreted. Both run one contract suite (tests/contracts/user_store.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def decode_user(release: Release, user_id: str, vec: bytes, seen: bytes | None) 
     seen = seen or b""
     if len(seen) % 4:
         raise InvalidUserData(f"user {user_id!r}: seen list has {len(seen)} bytes, not a multiple of 4 (int32)")
-    vector = np.frombuffer(vec, dtype=np.float32)
-    rows = np.frombuffer(seen, dtype=np.int32)
+    return checked(release, user_id, np.frombuffer(vec, dtype=np.float32), np.frombuffer(seen, dtype=np.int32))
+
+
+def checked(release: Release, user_id: str, vector: np.ndarray, rows: np.ndarray) -> UserData:
+    """The user's data if the numbers are usable for `release` (finite, items in range)."""
     if not np.isfinite(vector).all():
         raise InvalidUserData(f"user {user_id!r}: vector has non-finite values")
     if len(rows) and (rows.min() < 0 or rows.max() >= len(release.item_ids)):
@@ -46,7 +50,8 @@ def decode_user(release: Release, user_id: str, vec: bytes, seen: bytes | None) 
 
 
 class UserStore(Protocol):
-    def current(self, tenant: str) -> str | None: ...
+    def current(self, tenant: str) -> str | None:
+        """The release this store holds live for the tenant, or None: the artifact store's pointer decides."""
 
     def user(self, release: Release, user_id: str) -> UserData | None:
         """(vector, seen item indices newest first) of a known user, or None; InvalidUserData if corrupt."""
@@ -76,14 +81,20 @@ class EmbeddedStore:
         with self._lock:
             folded = self._folded.get(user_id)
         if folded is not None:
-            return folded
+            return checked(release, user_id, *folded)
         row = release.user_ids.get_indexer([user_id])[0]
         if row < 0:
             return None
-        return release.user_vectors[row], release.seen(row)
+        return checked(release, user_id, release.user_vectors[row], release.seen(row))
 
-    def users(self, release: Release, user_ids: list[str]) -> list[UserData | None]:
-        return [self.user(release, u) for u in user_ids]
+    def users(self, release: Release, user_ids: list[str]) -> list[UserData | None | InvalidUserData]:
+        out: list[UserData | None | InvalidUserData] = []
+        for u in user_ids:  # per user of one request, not per item
+            try:
+                out.append(self.user(release, u))
+            except InvalidUserData as exc:
+                out.append(exc)
+        return out
 
     def fold(self, release: Release, user_id: str, vector: np.ndarray, seen: np.ndarray) -> None:
         if self.max_folded <= 0:
@@ -121,9 +132,9 @@ class RedisStore:
     def user(self, release: Release, user_id: str) -> UserData | None:
         return self._decode(release, user_id, self.r.mget(self._keys(release, user_id)))
 
-    def users(self, release: Release, user_ids: list[str]):
+    def users(self, release: Release, user_ids: list[str]) -> list[UserData | None | InvalidUserData]:
         values = self.r.mget([k for u in user_ids for k in self._keys(release, u)]) if user_ids else []
-        out = []
+        out: list[UserData | None | InvalidUserData] = []
         for i, u in enumerate(user_ids):  # per user of one request, not per item
             try:
                 out.append(self._decode(release, u, values[4 * i : 4 * i + 4]))

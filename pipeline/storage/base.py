@@ -1,7 +1,16 @@
 """The artifact store interface: a flat key space of immutable-ish blobs.
 
 Kept deliberately small (put/get/exists/list/delete + a conditional put for pointers) so a
-local folder and S3 implement it the same way and share one contract test.
+local folder and S3 implement it the same way and share one contract test
+(tests/contracts/object_store.py). What both promise:
+
+- keys are '/'-separated relative paths; a '..' segment is refused (StoreError). Segments
+  starting with '.' are reserved for the local store's temp and lock files.
+- `list(prefix)` is a string prefix, as in S3: every key starting with `prefix`, sorted.
+  `list("a/b")` also returns "a/bc"; pass "a/b/" for the folder only.
+- `put` replaces an object whole; readers see the old bytes or the new, never a mix.
+- `get` of a missing key raises FileNotFoundError; `delete` of one is a no-op.
+- `uri(key)` is `f"{root}/{key}"`.
 """
 
 from __future__ import annotations

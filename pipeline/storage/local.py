@@ -51,15 +51,18 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix) if prefix else self._root
-        start = base if base.is_dir() else base.parent
-        if not start.exists():
+        """Keys starting with `prefix` as a string (S3's semantics): walks only the deepest folder
+        the prefix names whole, so "a/b" also finds "a/bc" and "a/b/" does not."""
+        prefix = prefix.lstrip("/")
+        folder, _, _ = prefix.rpartition("/")
+        start = self._path(folder) if folder else self._root
+        if not start.is_dir():
             return []
         out = []
         for p in start.rglob("*"):
             if p.is_file() and not p.name.startswith("."):
                 key = p.relative_to(self._root).as_posix()
-                if key.startswith(prefix.lstrip("/")):
+                if key.startswith(prefix):
                     out.append(key)
         return sorted(out)
 

@@ -86,6 +86,7 @@ class S3Store:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            lost = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+            if code in lost or (etag is not None and code in ("NoSuchKey", "404")):  # If-Match on a deleted object
                 raise PreconditionFailed(f"{self.uri(key)}: conditional write lost ({code})") from None
             raise

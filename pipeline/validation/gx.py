@@ -35,7 +35,7 @@ def _deterministic(page: bytes, run_time: str) -> bytes:
 
 
 def _publish_docs(ctx: RunContext, docs_dir: Path) -> str | None:
-    """Upload the Data Docs pages (not the 4 MB of fonts/images they can live without).
+    """Upload the Data Docs pages (not the fonts/images they can live without).
 
     Returns the key of the validation page."""
     index = None

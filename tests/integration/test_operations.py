@@ -16,7 +16,7 @@ from pipeline.release import export
 from pipeline.release import format as release
 from pipeline.release.rollback import RollbackError, rollback
 from pipeline.stages import run_all
-from pipeline.storage import codecs, paths
+from pipeline.storage import LocalStore, codecs, paths
 from pipeline.storage.redis import key, redis_client
 from tests.conftest import REDIS_URL
 
@@ -102,6 +102,29 @@ def test_rollback_moves_pointer_and_redis_back(published, redis_prefix):
         rollback(settings, "nobody")
     with pytest.raises(release.ReleaseError):
         rollback(settings, "acme", to="20250101T000000Z-0000000000")
+
+
+def test_rollback_that_loses_a_race_moves_nothing(published, monkeypatch):
+    """A publish lands between rollback's read of the pointer and its write: rollback must not
+    retry (that would undo the publish); it says so and leaves the new release live."""
+    ctx, results = published
+    first = results["publish"]["release_id"]
+    manifest = release.read_manifest(ctx.store, "acme", first)
+    files = {n: release.read_file(ctx.store, "acme", first, n, manifest) for n in manifest["files"]}
+    later = {"run_id": "20250402T000000Z", "data_interval_end": "2025-04-02T00:00:00+00:00"}
+    second = release.publish_release(ctx.store, "acme", files, later).release_id
+    real_put_if = LocalStore.put_if
+
+    def publish_first(self, key, data, *, etag):
+        monkeypatch.setattr(LocalStore, "put_if", real_put_if)
+        release.flip_pointer(self, "acme", release.Pointer("20250403T000000Z-newer00000", "2025-04-03T00:00:00+00:00"))
+        return real_put_if(self, key, data, etag=etag)
+
+    monkeypatch.setattr(LocalStore, "put_if", publish_first)
+    with pytest.raises(RollbackError, match="another publisher moved the pointer first.*nothing rolled back"):
+        rollback(ctx.settings, "acme", to=first)
+    doc = release.read_pointer(ctx.store, "acme")[0]
+    assert doc["release_id"] == "20250403T000000Z-newer00000" and doc["previous_release_id"] == second
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -32,7 +32,6 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from pipeline.index import build as faiss_index
@@ -40,14 +39,13 @@ from pipeline.index import search as ann
 from pipeline.release import format as rel
 from pipeline.serving.live import ReleaseCache
 from pipeline.serving.user_store import RedisStore, key
-from pipeline.storage import LocalStore, codecs, paths
+from pipeline.storage import LocalStore, paths
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TENANT = "acme"
 DIM = 64  # 256-byte user vectors: room for a pickle payload of exactly one vector's length
-ANOTHER_PUBLISHER = "another publisher moved the pointer first"
 
 
 def day(n: int) -> str:
@@ -62,28 +60,28 @@ def make_files(seed: int, n_users: int = 40, n_items: int = 30, dim: int = DIM) 
     rng = np.random.default_rng(seed)
     user_vectors = rng.standard_normal((n_users, dim)).astype(np.float32)
     item_vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
-    counts = rng.integers(0, 6, n_users)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return rel.assemble_files(
-        model_state={"user": user_vectors, "item": item_vectors},
-        model_kind="test",
-        model_json=codecs.json_bytes({"kind": "test", "seed": seed}),
-        user_vectors=user_vectors,
-        item_vectors=item_vectors,
-        users=pd.DataFrame({"user_id": [f"u{i}" for i in range(n_users)], "user_idx": np.arange(n_users)}),
-        items=pd.DataFrame({"item_id": [f"i{j}" for j in range(n_items)], "item_idx": np.arange(n_items)}),
-        seen_indptr=indptr,
-        seen_indices=rng.integers(0, n_items, int(indptr[-1])).astype(np.int32),
-        popular_items=10,
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 6, n_users))]).astype(np.int64)
+    return rel.files_from_vectors(
+        [f"u{i}" for i in range(n_users)],
+        [f"i{j}" for j in range(n_items)],
+        user_vectors,
+        item_vectors,
+        indptr,
+        rng.integers(0, n_items, int(indptr[-1])).astype(np.int32),
         index_bytes=ann.serialize(faiss_index.build_index(item_vectors)[0]),
+        model_meta={"kind": "test", "seed": seed},
+        popular_items=10,
     )
+
+
+def manifest_for(run_id: str, interval_end: str) -> dict[str, str]:
+    return {"run_id": run_id, "data_interval_end": interval_end}
 
 
 def write(store, files: dict[str, bytes], run_id: str, interval_end: str) -> str:
     """Write a release (files, then manifest) without touching the pointer; returns its id."""
     rid = rel.release_id_for(run_id, files)
-    manifest = {"format": 1, "data_interval_end": interval_end, "run_id": run_id}
-    rel.write_release(store, TENANT, rid, files, manifest)
+    rel.write_release(store, TENANT, rid, files, manifest_for(run_id, interval_end))
     return rid
 
 
@@ -91,11 +89,11 @@ def pointer_for(rid: str, interval_end: str) -> rel.Pointer:
     return rel.Pointer(release_id=rid, data_interval_end=interval_end)
 
 
-def publish(store, files: dict[str, bytes], run_id: str, interval_end: str) -> tuple[str, bool, str]:
-    """What pipeline.release.publish does: the release, then a conditional flip of the pointer."""
-    rid = write(store, files, run_id, interval_end)
-    moved, reason = rel.try_flip(store, TENANT, pointer_for(rid, interval_end))
-    return rid, moved, reason
+def publish(store, files: dict[str, bytes], run_id: str, interval_end: str) -> tuple[str, rel.Flip]:
+    """The release, then one conditional flip of the pointer: `publish_release` without the
+    publish stage's retry, so a race's loser is seen as the loser."""
+    out = rel.publish_release(store, TENANT, files, manifest_for(run_id, interval_end), retries=0)
+    return out.release_id, out.flip
 
 
 def live_id(store) -> str | None:
@@ -117,19 +115,6 @@ def flip_byte(store, k: str, pos: int | None = None) -> bytes:
 
 
 # --------------------------------------------------------------------------- stores
-
-
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch) -> str:
-    moto_endpoint = s3_endpoint
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto_endpoint,
-    }.items():
-        monkeypatch.setenv(k, v)
-    return moto_endpoint
 
 
 @pytest.fixture
@@ -199,8 +184,8 @@ def assert_half_written_is_never_served(store, cache: ReleaseCache, old: str, ha
 
 
 def test_publish_dying_after_some_puts_leaves_old_release_live(store):
-    old, moved, _ = publish(store, make_files(1), "run-1", day(1))
-    assert moved
+    old, flip = publish(store, make_files(1), "run-1", day(1))
+    assert flip.moved
     cache = ReleaseCache(store, None, poll_seconds=0)
     assert cache.get(TENANT).release_id == old
 
@@ -218,8 +203,8 @@ def test_publish_dying_after_some_puts_leaves_old_release_live(store):
     assert cache.get(TENANT).release_id == old
     store.put(paths.pointer_key(TENANT), pointer_for(old, day(1)).to_bytes())
 
-    rid, moved, reason = publish(store, files, "run-2", day(2))  # the rerun finishes the job
-    assert rid == half and moved, reason
+    rid, flip = publish(store, files, "run-2", day(2))  # the rerun finishes the job
+    assert rid == half and flip.moved, flip
     assert live_id(store) == half
     assert rel.read_pointer(store, TENANT)[0]["previous_release_id"] == old
     assert cache.get(TENANT).release_id == half
@@ -250,8 +235,8 @@ def put(k, data):
 store.put = put
 files = make_files(7, n_users=50_000)  # model.safetensors and user_vectors.npy: 12.8 MB, 3 parts each
 print("RELEASE", rel.release_id_for("run-big", files), flush=True)
-rid, moved, reason = publish(store, files, "run-big", "2025-04-02T00:00:00+00:00")
-print("DONE", rid, moved, reason, flush=True)
+rid, flip = publish(store, files, "run-big", "2025-04-02T00:00:00+00:00")
+print("DONE", rid, flip.moved, flip.reason, flush=True)
 """
 
 
@@ -292,8 +277,8 @@ def read_until(lines: queue.Queue, prefix: str, timeout: float = 60) -> list[str
 
 def test_publish_sigkilled_inside_multipart_upload_is_never_served(s3_store):
     store = s3_store
-    old, moved, _ = publish(store, make_files(1), "run-1", day(1))
-    assert moved
+    old, flip = publish(store, make_files(1), "run-1", day(1))
+    assert flip.moved
     cache = ReleaseCache(store, None, poll_seconds=0)
     assert cache.get(TENANT).release_id == old
 
@@ -369,7 +354,7 @@ MANIFEST_DAMAGE = {  # one flipped byte (or a cut) in the manifest itself, in th
 
 @pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
 def test_damaged_manifest_is_refused_and_old_release_kept(store, damage, caplog):
-    a, _, _ = publish(store, make_files(1), "run-1", day(1))
+    a, _ = publish(store, make_files(1), "run-1", day(1))
     cache = ReleaseCache(store, None, poll_seconds=0)
     assert cache.get(TENANT).release_id == a
     b = write(store, make_files(2), "run-2", day(2))
@@ -377,7 +362,7 @@ def test_damaged_manifest_is_refused_and_old_release_kept(store, damage, caplog)
     store.put(mkey, MANIFEST_DAMAGE[damage](store.get(mkey)))
     with pytest.raises(rel.ReleaseError):
         rel.load_release(store, TENANT, b)
-    assert rel.try_flip(store, TENANT, pointer_for(b, day(2)))[0]
+    assert rel.flip_pointer(store, TENANT, pointer_for(b, day(2))).moved
     with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
         assert cache.get(TENANT).release_id == a
     assert any(
@@ -386,15 +371,14 @@ def test_damaged_manifest_is_refused_and_old_release_kept(store, damage, caplog)
 
 
 def test_cache_keeps_serving_a_when_pointer_moves_to_corrupt_b_then_serves_good_c(store, caplog):
-    a, _, _ = publish(store, make_files(1), "run-1", day(1))
+    a, _ = publish(store, make_files(1), "run-1", day(1))
     cache = ReleaseCache(store, None, poll_seconds=0)
     live_a = cache.get(TENANT)
     assert live_a.release_id == a
 
     b = write(store, make_files(2), "run-2", day(2))
     flip_byte(store, release_key(b, "item_vectors.npy"))  # bit rot / a bad copy, after the manifest
-    moved, _ = rel.try_flip(store, TENANT, pointer_for(b, day(2)))
-    assert moved and live_id(store) == b
+    assert rel.flip_pointer(store, TENANT, pointer_for(b, day(2))).moved and live_id(store) == b
     with pytest.raises(rel.ReleaseError, match="checksum mismatch on item_vectors.npy"):
         rel.load_release(store, TENANT, b)
 
@@ -407,14 +391,14 @@ def test_cache_keeps_serving_a_when_pointer_moves_to_corrupt_b_then_serves_good_
     rows, _ = live_a.search(live_a.release.user_vectors[:1], 5)  # A still answers
     assert np.asarray(rows).size == 5
 
-    c, moved, reason = publish(store, make_files(3), "run-3", day(3))  # B is replaced by a good C
-    assert moved, reason
+    c, flip = publish(store, make_files(3), "run-3", day(3))  # B is replaced by a good C
+    assert flip.moved, flip
     assert cache.get(TENANT).release_id == c
     assert cache.loaded() == {TENANT: c}
 
 
 def test_damaged_pointer_keeps_the_live_release(store):
-    a, _, _ = publish(store, make_files(1), "run-1", day(1))
+    a, _ = publish(store, make_files(1), "run-1", day(1))
     cache = ReleaseCache(store, None, poll_seconds=0)
     assert cache.get(TENANT).release_id == a
     flip_byte(store, paths.pointer_key(TENANT), pos=0)  # '{' -> 'z'
@@ -467,28 +451,28 @@ def race(store, publishers: list[tuple[dict[str, bytes], str, str]]) -> list[tup
 def test_two_concurrent_publishers_exactly_one_wins(store, first_publish):
     a = publish(store, make_files(1), "run-1", day(1))[0] if first_publish else None
     results = race(store, [(make_files(2), "run-2a", day(2)), (make_files(3), "run-2b", day(2))])
-    winners = [r for r in results if r[1]]
-    losers = [r for r in results if not r[1]]
+    winners = [r for r in results if r[1].moved]
+    losers = [r for r in results if not r[1].moved]
     assert len(winners) == 1 and len(losers) == 1, results
-    assert losers[0][2].startswith(ANOTHER_PUBLISHER), losers[0][2]
+    assert losers[0][1].outcome is rel.FlipOutcome.LOST_RACE, losers[0][1]
     doc = rel.read_pointer(store, TENANT)[0]
     assert doc["release_id"] == winners[0][0]
     assert doc["previous_release_id"] == a  # the winner replaced A, not the loser's write
-    for rid, _, _ in results:  # both releases are complete and loadable; only one is live
+    for rid, _ in results:  # both releases are complete and loadable; only one is live
         assert rel.load_release(store, TENANT, rid).release_id == rid
     assert ReleaseCache(store, None, poll_seconds=0).get(TENANT).release_id == winners[0][0]
 
 
 def test_pointer_never_moves_backwards(store):
     publish(store, make_files(1), "run-1", day(1))
-    newer, moved, _ = publish(store, make_files(2), "run-3", day(3))
-    assert moved
-    older, moved, reason = publish(store, make_files(3), "run-2", day(2))  # e.g. a late backfill
-    assert not moved and "not moved backwards" in reason
+    newer, flip = publish(store, make_files(2), "run-3", day(3))
+    assert flip.moved
+    older, flip = publish(store, make_files(3), "run-2", day(2))  # e.g. a late backfill
+    assert flip.outcome is rel.FlipOutcome.OLDER_THAN_LIVE and "not moved backwards" in flip.reason
     assert live_id(store) == newer
     # going back takes an explicit rollback
-    moved, _ = rel.try_flip(store, TENANT, pointer_for(older, day(2)), allow_backwards=True)
-    assert moved and live_id(store) == older
+    assert rel.flip_pointer(store, TENANT, pointer_for(older, day(2)), allow_backwards=True).moved
+    assert live_id(store) == older
 
 
 @pytest.mark.parametrize("held", ["older", "newer"])
@@ -497,7 +481,7 @@ def test_publisher_that_read_a_stale_pointer_loses_cleanly(store, held):
 
     A rerun of H moves the pointer only if H's data is newer: never backwards.
     """
-    a, _, _ = publish(store, make_files(1), "run-1", day(1))
+    a, _ = publish(store, make_files(1), "run-1", day(1))
     interval = {"older": day(2), "newer": day(3)}
     other_interval = day(3) if held == "older" else day(2)
     read_done, go = threading.Event(), threading.Event()
@@ -513,20 +497,20 @@ def test_publisher_that_read_a_stale_pointer_loses_cleanly(store, held):
     )
     t.start()
     assert read_done.wait(timeout=30)
-    other, moved, _ = publish(store, make_files(3), "run-o", other_interval)
-    assert moved
+    other, flip = publish(store, make_files(3), "run-o", other_interval)
+    assert flip.moved
     go.set()
     t.join(timeout=30)
-    h, h_moved, h_reason = result[0]
-    assert not h_moved and h_reason.startswith(ANOTHER_PUBLISHER)
+    h, h_flip = result[0]
+    assert h_flip.outcome is rel.FlipOutcome.LOST_RACE and not h_flip.moved
     assert live_id(store) == other
     assert rel.read_pointer(store, TENANT)[0]["previous_release_id"] == a
 
-    moved, reason = rel.try_flip(store, TENANT, pointer_for(h, interval[held]))  # the rerun
+    rerun = rel.flip_pointer(store, TENANT, pointer_for(h, interval[held]))
     if held == "older":
-        assert not moved and "not moved backwards" in reason and live_id(store) == other
+        assert rerun.outcome is rel.FlipOutcome.OLDER_THAN_LIVE and live_id(store) == other
     else:
-        assert moved and live_id(store) == h
+        assert rerun.moved and live_id(store) == h
 
 
 # --------------------------------------------------------------------------- 4. pickle payloads
@@ -592,7 +576,7 @@ NPY_FILES = ("user_vectors.npy", "item_vectors.npy", "seen_indptr.npy", "seen_in
 @pytest.mark.parametrize("kind", ["raw-pickle", "object-npy"])
 def test_pickle_planted_in_s3_release_with_valid_checksums_is_never_loaded(s3_store, tmp_path, kind, caplog):
     store = s3_store
-    a, _, _ = publish(store, make_files(1), "run-1", day(1))
+    a, _ = publish(store, make_files(1), "run-1", day(1))
     cache = ReleaseCache(store, None, poll_seconds=0)
     assert cache.get(TENANT).release_id == a
     marker = tmp_path / "pwned"
@@ -600,8 +584,8 @@ def test_pickle_planted_in_s3_release_with_valid_checksums_is_never_loaded(s3_st
 
     for n, name in enumerate(NPY_FILES, start=2):
         files = {**make_files(n), name: evil}  # the manifest's sha256 is of the evil bytes: checksums pass
-        b, moved, _ = publish(store, files, f"run-{n}", day(n))
-        assert moved and live_id(store) == b
+        b, flip = publish(store, files, f"run-{n}", day(n))
+        assert flip.moved and live_id(store) == b
         assert rel.read_file(store, TENANT, b, name, rel.read_manifest(store, TENANT, b)) == evil
         with pytest.MonkeyPatch.context() as mp:
             calls = forbid_unpickling(mp)
@@ -631,7 +615,7 @@ def test_pickle_planted_in_redis_user_keys_is_never_unpickled(tmp_path, redis12,
 
     r, prefix = redis12
     store = LocalStore(tmp_path / "artifacts")
-    rid, _, _ = publish(store, make_files(1), "run-1", day(1))
+    rid, _ = publish(store, make_files(1), "run-1", day(1))
     loaded = rel.load_release(store, TENANT, rid)
     refresh.write_release(r, prefix, loaded)
     assert refresh.flip(r, prefix, TENANT, rid, grace_seconds=60)[0]

@@ -369,10 +369,10 @@ def test_cross_tenant_access_never_leaks(served, tmp_path):
     store = open_store(settings.artifact_root)
     tenants = ["acme", "beta", "gamma", "delta", "omega"]
     # beta and gamma get releases of their own (same files, their own manifests and pointers)
-    files = {n: store.get(f"tenants/acme/releases/{rel.release_id}/{n}") for n in rel.manifest["files"]}
+    files = {n: release.read_file(store, "acme", rel.release_id, n, rel.manifest) for n in rel.manifest["files"]}
     for t in ("beta", "gamma"):
-        release.write_release(store, t, rel.release_id, files, {"data_interval_end": INTERVAL_END.isoformat()})
-        release.try_flip(store, t, release.Pointer(rel.release_id, INTERVAL_END.isoformat()))
+        manifest = {"run_id": rel.manifest["run_id"], "data_interval_end": INTERVAL_END.isoformat()}
+        assert release.publish_release(store, t, files, manifest).release_id == rel.release_id
     keys = {t: f"key-of-{t}" for t in tenants}
     (tmp_path / "keys.yaml").write_text("".join(f"{t}: [{hash_key(k)}]\n" for t, k in keys.items()))
     secured = settings.model_copy(update={"auth_disabled": False, "api_keys_file": tmp_path / "keys.yaml"})

@@ -20,7 +20,7 @@ from pipeline.release import refresh
 from pipeline.samples import synthetic
 from pipeline.serving.app import create_app
 from pipeline.stages import run_all
-from pipeline.storage import codecs, open_store
+from pipeline.storage import open_store
 from tests.conftest import INTERVAL_END, REDIS_URL, isolated_settings, write_tenant
 
 pytestmark = pytest.mark.integration
@@ -70,12 +70,21 @@ def two_releases(tmp_path_factory, mlflow_uri):
     results = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings))
     store = open_store(settings.artifact_root)
     a = release.load_release(store, "acme", results["publish"]["release_id"])
-    files = {n: store.get(f"tenants/acme/releases/{a.release_id}/{n}") for n in a.manifest["files"]}
     other = np.roll(a.item_vectors, 17, axis=0) * np.float32(1.5)
-    files["item_vectors.npy"] = codecs.npy_bytes(other)
-    files["items.faiss"] = ann.serialize(index.build_index(other)[0])
+    files = release.files_from_vectors(
+        a.user_ids,
+        a.item_ids,
+        a.user_vectors,
+        other,
+        a.seen_indptr,
+        a.seen_indices,
+        index_bytes=ann.serialize(index.build_index(other)[0]),
+        model_meta=a.model_meta,
+        popular_items=len(a.popular),
+    )
     b_id = release.release_id_for("20250402T000000Z", files)
-    release.write_release(store, "acme", b_id, files, {"data_interval_end": "2025-04-02T00:00:00+00:00"})
+    manifest = {"run_id": "20250402T000000Z", "data_interval_end": "2025-04-02T00:00:00+00:00"}
+    release.write_release(store, "acme", b_id, files, manifest)  # not flipped: the test flips Redis
     b = release.load_release(store, "acme", b_id)
     return settings, a, b
 

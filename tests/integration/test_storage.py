@@ -1,107 +1,84 @@
-"""ObjectStore contract, run against the local folder and S3 through moto's real HTTP server."""
+"""What the two object stores do beyond their shared contract (tests/contracts/object_store.py)."""
 
 from __future__ import annotations
 
-import abc
-import threading
+import os
 import uuid
 
 import pytest
 
-from pipeline.storage import LocalStore, PreconditionFailed, StoreError
+from pipeline.storage import LocalStore, StoreError, open_store
+from pipeline.storage.s3 import S3Store
 
 
-class ObjectStoreContract(abc.ABC):
-    @pytest.fixture
-    @abc.abstractmethod
-    def store(self):
-        """The store under test, supplied by each subclass."""
-
-    def test_put_get_exists_list_delete(self, store):
-        store.put("a/b/one.bin", b"1")
-        store.put("a/two.bin", b"22")
-        store.put("c/three.bin", b"333")
-        assert store.get("a/b/one.bin") == b"1"
-        assert store.exists("a/two.bin") and not store.exists("a/missing")
-        assert store.list("a/") == ["a/b/one.bin", "a/two.bin"]
-        store.delete("a/two.bin")
-        assert not store.exists("a/two.bin")
-        with pytest.raises(FileNotFoundError):
-            store.get("a/two.bin")
-
-    def test_overwrite_is_whole(self, store):
-        store.put("k", b"x" * 1000)
-        store.put("k", b"y")
-        assert store.get("k") == b"y"
-
-    def test_conditional_put(self, store):
-        store.put_if("ptr", b"v1", etag=None)
-        with pytest.raises(PreconditionFailed):
-            store.put_if("ptr", b"again", etag=None)
-        data, etag = store.get_with_etag("ptr")
-        assert data == b"v1"
-        store.put_if("ptr", b"v2", etag=etag)
-        with pytest.raises(PreconditionFailed):
-            store.put_if("ptr", b"v3", etag=etag)  # stale etag loses
-        assert store.get("ptr") == b"v2"
-        assert store.get_with_etag("nothing") is None
-
-    def test_concurrent_conditional_writers_exactly_one_wins(self, store):
-        store.put_if("race", b"base", etag=None)
-        _, etag = store.get_with_etag("race")
-        wins, losses = [], []
-        barrier = threading.Barrier(8)
-
-        def writer(n: int) -> None:
-            barrier.wait()
-            try:
-                store.put_if("race", f"w{n}".encode(), etag=etag)
-                wins.append(n)
-            except PreconditionFailed:
-                losses.append(n)
-
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(wins) == 1 and len(losses) == 7
-        assert store.get("race") == f"w{wins[0]}".encode()
-
-    def test_keys_cannot_escape_the_root(self, store):
-        with pytest.raises(StoreError):
-            store.put("../outside", b"x")
+def test_open_store_picks_the_implementation_by_scheme(tmp_path, s3_env):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert open_store(f"file://{tmp_path}").root == str(tmp_path.resolve())
+    assert isinstance(open_store("s3://bucket/prefix"), S3Store)
+    with pytest.raises(StoreError, match="unsupported artifact root"):
+        open_store("gs://bucket/prefix")
+    with pytest.raises(StoreError, match="not an s3:// URI"):
+        S3Store("s3:///no-bucket")
 
 
-class TestLocalStore(ObjectStoreContract):
-    @pytest.fixture
-    def store(self, tmp_path):
-        return LocalStore(tmp_path / "root")
+def test_local_temp_and_lock_files_are_never_listed(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_if("tenants/t/current.json", b"{}", etag=None)  # leaves .current.json.lock beside it
+    store.put("tenants/t/data.bin", b"1")
+    assert (tmp_path / "tenants/t/.current.json.lock").exists()
+    assert store.list("") == ["tenants/t/current.json", "tenants/t/data.bin"]
+
+
+def test_local_failed_write_keeps_the_old_object_and_no_temp_file(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+    store.put("k.bin", b"old")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.put("k.bin", b"new")
+    monkeypatch.undo()
+    assert store.get("k.bin") == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.bin"]
+
+
+def test_local_symlink_out_of_the_root_is_refused(tmp_path):
+    (tmp_path / "outside").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(StoreError, match="escapes"):
+        LocalStore(root).put("link/x", b"x")
+    assert not (tmp_path / "outside" / "x").exists()
 
 
 @pytest.mark.integration
-class TestS3Store(ObjectStoreContract):
-    @pytest.fixture
-    def store(self, s3_endpoint, monkeypatch):
-        import boto3
+def test_s3_large_objects_go_up_in_parts(s3_env, monkeypatch):
+    import boto3
 
-        from pipeline.storage.s3 import S3Store
+    from pipeline.storage import s3
 
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": s3_endpoint,
-        }.items():
-            monkeypatch.setenv(k, v)
-        bucket = f"b-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        return S3Store(f"s3://{bucket}/prefix")
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    store = S3Store(f"s3://{bucket}/prefix")
+    blob = os.urandom(6 * 1024 * 1024 + 7)
+    store.put("big.bin", blob)
+    data, etag = store.get_with_etag("big.bin")
+    assert data == blob and etag.strip('"').endswith("-2")  # S3's etag of a 2-part upload
+    store.put("small.bin", b"x")
+    assert "-" not in store.get_with_etag("small.bin")[1]
 
-    def test_multipart_upload_round_trips(self, store, monkeypatch):
-        from pipeline.storage import s3
 
-        monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-        blob = bytes(range(256)) * (6 * 1024 * 1024 // 256 + 7)
-        store.put("big.bin", blob)
-        assert store.get("big.bin") == blob
+@pytest.mark.integration
+def test_s3_store_at_the_bucket_root(s3_env):
+    import boto3
+
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    store = S3Store(f"s3://{bucket}")
+    store.put("a/b", b"1")
+    S3Store(f"s3://{bucket}/a").put("c", b"2")  # the same bucket through a prefixed store
+    assert store.list("") == ["a/b", "a/c"] and store.uri("a/b") == f"s3://{bucket}/a/b"

@@ -203,6 +203,7 @@ def test_release_ids_are_content_addressed_and_immutable(tmp_path):
         release.write_release(store, "acme", rid, _files(b"b"), {"x": 1})
     manifest = release.read_manifest(store, "acme", rid)
     assert manifest["files"]["items.faiss"]["sha256"] == release.sha256(files["items.faiss"])
+    assert (manifest["x"], manifest["format"], manifest["tenant"], manifest["release_id"]) == (1, 1, "acme", rid)
     with pytest.raises(release.ReleaseError, match="no manifest"):
         release.read_manifest(store, "acme", "missing")
 
@@ -210,25 +211,28 @@ def test_release_ids_are_content_addressed_and_immutable(tmp_path):
 def test_pointer_moves_forward_only_and_records_previous(tmp_path):
     store = LocalStore(tmp_path)
     p = lambda rid, end: release.Pointer(rid, end)  # noqa: E731
-    assert release.flip_pointer(store, "acme", p("r2", "2026-01-02T00:00:00+00:00"))[0]
-    moved, why = release.flip_pointer(store, "acme", p("r1", "2026-01-01T00:00:00+00:00"))
-    assert not moved and "not moved backwards" in why
-    assert release.flip_pointer(store, "acme", p("r3", "2026-01-03T00:00:00+00:00"))[0]
+    Outcome = release.FlipOutcome
+    assert release.flip_pointer(store, "acme", p("r2", "2026-01-02T00:00:00+00:00")).outcome is Outcome.MOVED
+    back = release.flip_pointer(store, "acme", p("r1", "2026-01-01T00:00:00+00:00"))
+    assert back.outcome is Outcome.OLDER_THAN_LIVE and not back.moved and "not moved backwards" in back.reason
+    again = release.flip_pointer(store, "acme", p("r2", "2026-01-02T00:00:00+00:00"))
+    assert again == release.Flip(Outcome.ALREADY_LIVE, "already live: r2")
+    assert release.flip_pointer(store, "acme", p("r3", "2026-01-03T00:00:00+00:00")).moved
     doc, _ = release.read_pointer(store, "acme")
     assert doc["release_id"] == "r3" and doc["previous_release_id"] == "r2"
     # rollback is explicit
-    assert release.flip_pointer(store, "acme", p("r1", "2026-01-01T00:00:00+00:00"), allow_backwards=True)[0]
+    assert release.flip_pointer(store, "acme", p("r1", "2026-01-01T00:00:00+00:00"), allow_backwards=True).moved
 
 
 def test_concurrent_publishers_exactly_one_pointer_wins(tmp_path):
     store = LocalStore(tmp_path)
     release.flip_pointer(store, "acme", release.Pointer("r0", "2026-01-01T00:00:00+00:00"))
     barrier = threading.Barrier(6)
-    outcomes: list[tuple[bool, str]] = []
+    outcomes: list[release.Flip] = []
 
     def publisher(n: int) -> None:
         barrier.wait()
-        outcomes.append(release.try_flip(store, "acme", release.Pointer(f"r{n}", "2026-01-02T00:00:00+00:00")))
+        outcomes.append(release.flip_pointer(store, "acme", release.Pointer(f"r{n}", "2026-01-02T00:00:00+00:00")))
 
     # serialise the read-then-write window so every publisher reads the same etag
     original = store.get_with_etag
@@ -249,6 +253,45 @@ def test_concurrent_publishers_exactly_one_pointer_wins(tmp_path):
     for t in threads:
         t.join()
     store.get_with_etag = original  # type: ignore[method-assign]
-    winners = [o for o in outcomes if o[0]]
-    assert len(winners) == 1 and sum("another publisher" in o[1] for o in outcomes) == 5
+    kinds = sorted(o.outcome.value for o in outcomes)
+    assert kinds == ["lost_race"] * 5 + ["moved"]
+    assert all(o.reason.startswith("another publisher moved the pointer first") for o in outcomes if not o.moved)
     assert release.read_pointer(store, "acme")[0]["previous_release_id"] == "r0"
+
+
+class _Overtaken:
+    """A store whose first pointer write is beaten by another publisher's (release `rival`)."""
+
+    def __init__(self, inner, rival: str, rival_end: str) -> None:
+        self.inner, self.rival, self.rival_end, self.overtaken = inner, rival, rival_end, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_if(self, key: str, data: bytes, *, etag: str | None) -> None:
+        if not self.overtaken:
+            self.overtaken = True
+            release.flip_pointer(self.inner, "acme", release.Pointer(self.rival, self.rival_end))
+        self.inner.put_if(key, data, etag=etag)
+
+
+@pytest.mark.parametrize(
+    ("rival_end", "retries", "outcome", "live"),
+    [
+        ("2026-01-02T00:00:00+00:00", 1, "moved", "ours"),  # an older winner: the retry moves past it
+        ("2026-01-09T00:00:00+00:00", 1, "older_than_live", "rival"),  # a newer winner stays live
+        ("2026-01-02T00:00:00+00:00", 0, "lost_race", "rival"),
+    ],
+)
+def test_publish_retries_a_lost_race_once(tmp_path, rival_end, retries, outcome, live):
+    store = LocalStore(tmp_path)
+    release.flip_pointer(store, "acme", release.Pointer("r0", "2026-01-01T00:00:00+00:00"))
+    files = _files(b"ours")
+    manifest = {"run_id": "20260105T000000Z", "data_interval_end": "2026-01-05T00:00:00+00:00"}
+    out = release.publish_release(_Overtaken(store, "rival", rival_end), "acme", files, manifest, retries=retries)
+    assert out.written and out.release_id == release.release_id_for("20260105T000000Z", files)
+    assert out.flip.outcome is release.FlipOutcome(outcome)
+    doc, _ = release.read_pointer(store, "acme")
+    assert doc["release_id"] == {"ours": out.release_id, "rival": "rival"}[live]
+    if live == "ours":
+        assert doc["previous_release_id"] == "rival"

@@ -1,0 +1,86 @@
+"""The UserStore contract, run by the embedded store and by Redis (real server, keys written by
+the refresh stage's own `write_release` + `flip`), plus what each does beyond it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.release import refresh
+from pipeline.serving.user_store import FOLD_TTL_SECONDS, EmbeddedStore, InvalidUserData, RedisStore
+from pipeline.storage.redis import key, redis_client
+from tests.conftest import REDIS_URL
+from tests.contracts.user_store import CORRUPT, DIM, N_ITEMS, TENANT, UserStoreContract, assert_user
+
+
+class TestEmbeddedStore(UserStoreContract):
+    tracks_current = False  # by design: no store of its own; the artifact store's pointer names the release
+
+    @pytest.fixture
+    def make(self):
+        return lambda rel: EmbeddedStore()
+
+    def test_folded_users_are_an_lru_of_bounded_size(self, rel):
+        store = EmbeddedStore(max_folded=2)
+        vec = np.ones(DIM, dtype=np.float32)
+        for user_id in ("u1", "u2", "u1", "u3"):  # u2 is the least recently folded when u3 comes
+            store.fold(rel, user_id, vec, np.array([0], dtype=np.int32))
+        assert_user(store.user(rel, "u1"), vec, np.array([0], dtype=np.int32))
+        assert_user(store.user(rel, "u3"), vec, np.array([0], dtype=np.int32))
+        assert_user(store.user(rel, "u2"), rel.user_vectors[2], rel.seen(2))  # evicted: the release's data again
+
+    def test_max_folded_zero_turns_folding_off(self, rel):
+        store = EmbeddedStore(max_folded=0)
+        store.fold(rel, "newcomer", np.ones(DIM, dtype=np.float32), np.array([0], dtype=np.int32))
+        assert store.user(rel, "newcomer") is None
+
+
+@pytest.mark.integration
+class TestRedisStore(UserStoreContract):
+    tracks_current = True  # the refresh stage's Redis pointer, flipped last
+
+    @pytest.fixture
+    def client(self):
+        r = redis_client(REDIS_URL)
+        yield r
+        r.close()
+
+    @pytest.fixture
+    def make(self, client, redis_prefix):
+        def make(rel):
+            refresh.write_release(client, redis_prefix, rel)
+            assert refresh.flip(client, redis_prefix, TENANT, rel.release_id, grace_seconds=60)[0]
+            return RedisStore(client, redis_prefix)
+
+        return make
+
+    @pytest.mark.parametrize(
+        ("part", "value", "match"),
+        [
+            ("u", b"\x00" * (DIM * 4 - 3), "bytes, expected"),  # not a whole number of float32s
+            ("u", b"\x00" * (DIM * 4 + 4), "bytes, expected"),  # whole, but another dimension
+            ("seen", b"\x00" * 6, "not a multiple of 4"),
+            ("seen", np.array([N_ITEMS], dtype=np.int32).tobytes(), "out of range"),
+            ("seen", np.array([-1], dtype=np.int32).tobytes(), "out of range"),
+        ],
+    )
+    def test_malformed_bytes_are_refused(self, store, rel, client, redis_prefix, part, value, match):
+        client.set(key(redis_prefix, TENANT, rel.release_id, part, "u5"), value)
+        with pytest.raises(InvalidUserData, match=match):
+            store.user(rel, "u5")
+        got = store.users(rel, ["u4", "u5"])
+        assert_user(got[0], rel.user_vectors[4], rel.seen(4)) and isinstance(got[1], InvalidUserData)
+
+    def test_many_users_are_one_round_trip(self, store, rel, client, monkeypatch):
+        calls = []
+        real = client.mget
+        monkeypatch.setattr(client, "mget", lambda keys: calls.append(len(keys)) or real(keys))
+        assert len(store.users(rel, [f"u{i}" for i in range(40)] + [CORRUPT, "nobody"])) == 42
+        assert calls == [42 * 4]  # fold-in vector and seen, release vector and seen, per user
+
+    def test_folds_live_under_the_release_and_expire(self, store, rel, client, redis_prefix):
+        store.fold(rel, "u6", np.ones(DIM, dtype=np.float32), np.array([1], dtype=np.int32))
+        for part in ("fu", "fseen"):
+            ttl = client.ttl(key(redis_prefix, TENANT, rel.release_id, part, "u6"))
+            assert FOLD_TTL_SECONDS - 60 < ttl <= FOLD_TTL_SECONDS
+        assert client.get(key(redis_prefix, TENANT, rel.release_id, "u", "u6")) == rel.user_vectors[6].tobytes()
