@@ -87,3 +87,28 @@ def test_with_params_validates(small_df):
     with pytest.raises(ValueError):
         select.with_params(cand, {"factors": -1})
     assert np.isclose(select.with_params(cand, {"alpha": 2.5}).alpha, 2.5)
+
+
+def test_item_item_kinds_are_selected_trained_and_evaluated(settings, small_df):
+    cfg = write_tenant(
+        settings,
+        "acme",
+        small_df,
+        selection={
+            "trials": 3,
+            "candidates": [
+                {"kind": "als", "factors": 1, "iterations": 2, "regularization": 500.0},  # hopeless
+                {"kind": "item_knn", "search": {"neighbours": {"low": 5, "high": 60, "int": True}}},
+                {"kind": "ease", "regularization": 50.0, "neighbours": 40},
+            ],
+        },
+    )
+    ctx = RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings)
+    out = run_all(ctx, until="evaluate")
+    chosen = out["select"]["config"]["kind"]
+    values = [c["value"] for c in out["select"]["candidates"]]
+    assert chosen in ("item_knn", "ease") and max(values[1:]) > values[0]
+    assert out["train"]["kind"] == chosen and out["evaluate"]["model"] == chosen
+    assert out["evaluate"]["metrics"][chosen]["ndcg@10"] > out["evaluate"]["metrics"]["popularity"]["ndcg@10"]
+    model = train.load_model(ctx, "train")  # the evaluated model, back from safetensors
+    assert model.kind == chosen and model.similarity().shape == (features.load(ctx).n_items,) * 2
