@@ -8,8 +8,9 @@ Objective over all (u, i) of the training events (unobserved cells have target 0
               Counted in events, not seconds, so it is unit-free across tenants.
   reg         r = lambda * max(n, 1) ** reg_exponent (ALS-WR: n = the row's pairs)
 After training, users are re-solved once with Y fixed and a sharper recency target (the
-"fold-in"); those are the vectors served. On MovieLens-100K (per-user temporal 80/20,
-full ranking) this takes NDCG@10 from 0.194 (plain ALS, tuned) to 0.268.
+"fold-in"; its terms come from pipeline/models/als_fold.py, which serving uses for new
+events too); those are the vectors served. On MovieLens-100K (per-user temporal 80/20, full
+ranking) this takes NDCG@10 from 0.194 (plain ALS, tuned) to 0.268.
 
 Each half-step solves A_u x_u = b_u for every row, A_u = YtY + sum_i (c_ui - 1) y_i y_i^T + r_u I,
 b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.config.models import ALSConfig
+from pipeline.models.als_fold import confidence, fold_in_terms, row_regularization
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
 from pipeline.models.pairs import recency_target, training_pairs
 
@@ -130,7 +132,7 @@ class ALS:
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
         crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
         as_f = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
-        reg = reg_lambda * np.power(np.maximum(counts, 1).astype(np.float64), cfg.reg_exponent)
+        reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
         indptr = np.concatenate(([0], np.cumsum(counts)))
         cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(rows), self.block_nnz)), n_rows])
         blocks = [
@@ -293,7 +295,7 @@ class ALS:
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
         pairs = training_pairs(data)
-        conf = 1.0 + cfg.alpha * np.log2(1.0 + pairs.events)
+        conf = confidence(pairs.events, cfg.alpha)
         target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
         user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
         item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
@@ -323,14 +325,14 @@ class ALS:
             if cfg.solver == "cholesky" or it == cfg.iterations:
                 report(it, None)
         if cfg.fold_in_half_life:
-            sharp = recency_target(pairs.newer, cfg.fold_in_half_life, cfg.fold_in_floor)
-            n = torch.clamp(user_side.counts, min=1).to(torch.float32)
+            terms = fold_in_terms(cfg)
+            sharp = recency_target(pairs.newer, terms.half_life, terms.floor)
             self.X = self._solve(
                 user_side,
                 self.Y,
                 self.X,
                 target=as_t(conf * sharp),  # Pairs' order is the user side's
-                reg=cfg.fold_in_regularization * n**cfg.reg_exponent,
+                reg=as_t(row_regularization(user_side.counts.cpu().numpy(), terms.regularization, cfg.reg_exponent)),
                 steps=cfg.fold_in_cg_steps,
             )
             if not torch.isfinite(self.X).all():
