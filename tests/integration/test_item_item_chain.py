@@ -22,7 +22,7 @@ from pipeline.release import format as release
 from pipeline.release.export import topk_table
 from pipeline.samples import synthetic
 from pipeline.serving.app import create_app
-from pipeline.stages import GateRejected, run_all
+from pipeline.stages import GateRejected, run_all, run_stage
 from pipeline.storage import codecs, paths
 from tests.conftest import INTERVAL_END, isolated_settings, write_tenant
 
@@ -71,6 +71,9 @@ def test_the_chain_publishes_s_and_what_is_evaluated_is_served(chain):
     assert manifest["model"] == kind and manifest["index"]["nnz"] == rel.similarity.nnz == manifest["similarity_nnz"]
     model = read_model(ctx, paths.REFITTED)
     assert (rel.similarity != model.similarity()).nnz == 0
+    # a FAISS file left by an earlier vector model of this interval is removed, never published
+    ctx.store.put(ctx.key(paths.INDEX), b"stale")
+    assert run_stage("index", ctx) == results["index"] and not ctx.store.exists(ctx.key(paths.INDEX))
     # the release's seen lists are the refit model's X: serving scores users exactly as evaluation did
     for row in (0, 17, len(rel.user_ids) - 1):
         offline = score_users(model.interactions(), model.similarity(), np.array([row]))[0]
