@@ -135,7 +135,7 @@ class EASEConfig(ModelBase):
 
     The solve is dense (n_items^2 memory, n_items^3 time): a kind for catalogs up to some
     tens of thousands of items. B is pruned to each item's `neighbours` largest |weights|
-    right after the solve, so the model evaluated and gated is the one that would be served:
+    right after the solve, so the model evaluated and gated is the one that is served:
     a sparse matrix a server can hold and sum rows of, not a dense n^2 one. On MovieLens-100K
     200 per row costs ~1% NDCG@10 against dense (benchmarks/quality.py prints both rows).
     `seed` is unused: the solve is exact.

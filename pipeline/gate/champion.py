@@ -2,7 +2,9 @@
 
 Both models rank the same users on held-out events at or after the champion's data cutoff,
 with the same exclusions; users the champion does not know get its popularity list, items it
-does not know cannot be ranked by it. See pipeline/gate/stage.py for how the gate uses this.
+does not know cannot be ranked by it. A dot-product champion scores from its user and item
+vectors; an item-item one (EASE, item-kNN) from its S and its own seen lists, as serving
+does. See pipeline/gate/stage.py for how the gate uses this.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pipeline.config.tenant import GateConfig
 from pipeline.evaluation import metrics, ranking, scoring
 from pipeline.features.dataset import Features
 from pipeline.gate.policy import GroupRecall
+from pipeline.models.itemitem import score_users
 from pipeline.release import format as release
 
 
@@ -63,6 +66,31 @@ def _champion_vectors(champ: release.Release, feats: Features) -> tuple[np.ndarr
     return U, V, allowed
 
 
+def _champion_top(champ: release.Release, feats: Features, rows: np.ndarray, k: int, exclude: sp.csr_matrix):
+    """The champion's top-k for these user rows of the challenger's index space."""
+    if champ.scoring == "dot":
+        U, V, allowed = _champion_vectors(champ, feats)
+        return ranking.topk_dot(U[rows], V, k, exclude=exclude, item_allowed=allowed)
+    assert champ.similarity is not None
+    S = champ.similarity
+    urow = champ.user_ids.get_indexer(feats.users["user_id"].astype(str).to_numpy())[rows]
+    irow = champ.item_ids.get_indexer(feats.items["item_id"].astype(str).to_numpy())
+    allowed = irow >= 0
+    X = champ.seen_matrix()[np.maximum(urow, 0)]
+    unknown = (urow < 0) | (np.diff(X.indptr) == 0)  # as serving: nothing to score from, popular items
+    X = sp.csr_matrix(sp.diags((~unknown).astype(np.float32)) @ X)
+    pop = champ.item_popularity[irow[allowed]]
+    pop = (pop / max(pop.max(), 1.0)).astype(np.float32) if len(pop) else pop.astype(np.float32)
+
+    def scores(start: int, stop: int) -> np.ndarray:
+        out = np.zeros((stop - start, feats.n_items), dtype=np.float32)
+        known = score_users(X, S, np.arange(start, stop))[:, irow[allowed]]
+        out[:, allowed] = np.where(unknown[start:stop, None], pop[None, :], known)
+        return out
+
+    return ranking.topk_scores(scores, len(rows), feats.n_items, k, exclude, allowed)
+
+
 @dataclass(frozen=True)
 class FreshComparison:
     """Both models on held-out events the champion never trained on (same users, same events)."""
@@ -104,8 +132,7 @@ def compare_on_fresh_holdout(
     exclude.eliminate_zeros()
     rows = np.flatnonzero(np.diff(fresh.indptr) > 0)
     ch = _ranked(scoring.topk(challenger, rows, k, exclude=exclude[rows]), rows, fresh)
-    U, V, allowed = _champion_vectors(champ, feats)
-    cp = _ranked(ranking.topk_dot(U[rows], V, k, exclude=exclude[rows], item_allowed=allowed), rows, fresh)
+    cp = _ranked(_champion_top(champ, feats, rows, k, exclude[rows]), rows, fresh)
     rel_rows = fresh[ch.rows]
     recalls = {}
     for name, mask in groups.items():

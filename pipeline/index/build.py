@@ -9,6 +9,11 @@ knob go into the stage result and the release manifest.
 
 Ids are the release's item indices, so no id map is needed. Reading an index back and
 searching it, what serving needs, is pipeline/index/search.py.
+
+An item-item model (EASE, item-kNN; registry.scoring) has no vectors to index: serving sums
+rows of its sparse S exactly. The stage then checks S (square over the catalog, finite)
+and writes only `info.json` (kind "item_item", its size), removing a FAISS file a rerun of
+the interval with a vector model may have left, so publish never sees a stale index.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from pipeline.config.tenant import IndexConfig
 from pipeline.context import RunContext, StageIO
 from pipeline.index.search import SCORE_CHUNK, knob_value, serialize
-from pipeline.models import registry
+from pipeline.models import DotProduct, ItemItem, registry
 from pipeline.models.io import read_model
 from pipeline.storage import codecs, paths
 
@@ -222,10 +227,10 @@ def index(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.config.index
     faiss.omp_set_num_threads(max(1, min(4, faiss.omp_get_max_threads())))
     model = read_model(ctx, paths.REFITTED)
-    if registry.scoring(model.kind) != "dot":  # an item-item release (ease, item_knn) is not servable yet
-        raise ctx.error(STAGE, f"model kind {model.kind!r} is trained and evaluated, but cannot be served yet")
-    vectors_ = model.item_vectors()
-    users = model.user_vectors()
+    if registry.scoring(model.kind) == "item_item":
+        return _item_item(ctx, cast(ItemItem, model))
+    vectors_ = cast(DotProduct, model).item_vectors()
+    users = cast(DotProduct, model).user_vectors()
     rng = np.random.default_rng(cfg.seed)
     users = users[np.sort(rng.choice(len(users), size=min(cfg.recall_probes, len(users)), replace=False))]
     try:
@@ -248,3 +253,29 @@ def index(ctx: RunContext) -> dict[str, Any]:
         info["build_seconds"],
     )
     return ctx.write_result(STAGE, result)
+
+
+def _item_item(ctx: RunContext, model: ItemItem) -> dict[str, Any]:
+    """No ANN index for an item-item model: check S and record its size (publish ships S itself)."""
+    S = model.similarity()
+    n = S.shape[0]
+    if S.shape != (n, n) or n == 0 or not np.isfinite(S.data).all():
+        raise ctx.error(STAGE, f"similarity matrix of shape {S.shape} is not a finite square matrix over the items")
+    ctx.delete(paths.INDEX)
+    per_row = np.diff(S.indptr)
+    info = {
+        "kind": "item_item",
+        "items": int(n),
+        "nnz": int(S.nnz),
+        "max_neighbours": int(per_row.max()),
+        "bytes": 8 * (n + 1) + 8 * int(S.nnz),  # as released: int64 indptr, int32 indices, float32 values
+    }
+    ctx.write(paths.INDEX_INFO, codecs.json_bytes(info))
+    ctx.logger(STAGE).info(
+        "index: item-item model, no vector index; S has %d items, %d entries (at most %d per item, %.1f MB)",
+        n,
+        info["nnz"],
+        info["max_neighbours"],
+        info["bytes"] / 1e6,
+    )
+    return ctx.write_result(STAGE, info)

@@ -7,9 +7,7 @@ X is the binary user x item training matrix. The inverse is dense: O(n^3) time a
 memory in the number of items, so EASE suits catalogs up to some tens of thousands of items
 (the evaluate stage's baseline stops at `evaluation.ease_max_items`). Each row of B is then
 pruned to its `neighbours` largest |weights| (EASEConfig says why): the sparse S that is
-evaluated, persisted and would be served is that pruned matrix.
-
-Training and evaluation: yes (a registered kind). Serving an item-item release: not yet.
+evaluated, persisted and served (pipeline/serving/live.py) is that pruned matrix.
 """
 
 from __future__ import annotations

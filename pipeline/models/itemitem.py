@@ -2,7 +2,9 @@
 
 A user is scored from the items they have seen: scores = sum over seen items i of S[i, :],
 i.e. X[u] @ S with X binary. Numpy and scipy only, so serving can import it without torch:
-`score_seen` is what a server calls with a user's seen item rows and the release's S.
+`score_seen` is what a server calls with a user's seen item rows and the release's S,
+`seen_matrix` + `score_users` the same for a block of users, and `top_k` ranks the result
+(serving and the batch export share it, so both order ties the same way).
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ def binary_matrix(data: TrainData) -> sp.csr_matrix:
     return m
 
 
+def seen_matrix(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """Binary users x items X from CSR seen lists (a release's seen_indptr / seen_indices)."""
+    m = sp.csr_matrix(
+        (np.ones(len(indices), dtype=np.float32), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
+        shape=(len(indptr) - 1, n_items),
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
 def score_seen(similarity: sp.csr_matrix, seen_rows: np.ndarray) -> np.ndarray:
     """float32 [n_items]: one user's scores from the item rows they have seen (repeats count once)."""
     rows = np.unique(np.asarray(seen_rows, dtype=np.int64))
@@ -35,6 +48,33 @@ def score_seen(similarity: sp.csr_matrix, seen_rows: np.ndarray) -> np.ndarray:
 def score_users(interactions: sp.csr_matrix, similarity: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
     """float32 [len(users), n_items]: X[users] @ S, for a block of users at once (evaluation)."""
     return (interactions[users] @ similarity).toarray().astype(np.float32, copy=False)
+
+
+def top_k(scores: np.ndarray, k: int, tie_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `scores` [m, n]: the k best items (int64 [m, k]) and their scores (float32 [m, k]).
+
+    Equal scores go to the lower `tie_rank` (a permutation of the items; serving passes the
+    popularity order, so a user whose seen items reach fewer than k items gets the most
+    popular of the rest, not the lowest indices). -inf marks an ineligible item: it is never
+    returned, and rows with fewer than k eligible items are padded with -1 / -inf.
+    """
+    m, n = scores.shape
+    kk = min(k, n)
+    ids = np.full((m, k), -1, dtype=np.int64)
+    out = np.full((m, k), -np.inf, dtype=np.float32)
+    if kk == 0 or m == 0:
+        return ids, out
+    kth = np.partition(scores, n - kk, axis=1)[:, n - kk : n - kk + 1]  # the k-th best score per row
+    # all items above the k-th score first, then the tied ones by rank: one key, one partition
+    key = np.where(scores > kth, -1, np.where(scores == kth, tie_rank[None, :], n))
+    pick = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (m, 1))
+    picked = np.take_along_axis(scores, pick, axis=1)
+    order = np.lexsort((tie_rank[pick], -picked), axis=1)
+    pick, picked = np.take_along_axis(pick, order, axis=1), np.take_along_axis(picked, order, axis=1)
+    ok = np.isfinite(picked)
+    ids[:, :kk] = np.where(ok, pick, -1)
+    out[:, :kk] = np.where(ok, picked, -np.inf)
+    return ids, out
 
 
 def _csr_state(name: str, m: sp.csr_matrix, values: bool = True) -> dict[str, np.ndarray]:

@@ -6,8 +6,8 @@ score(u, j) = sum over the user's items i of S_ij, i.e. X[u] @ S. The similarity
 block of items at a time (sparse co-occurrences -> dense block -> top-k), so memory stays
 at block x n_items.
 
-Training and evaluation: yes (a registered kind, and the evaluate stage's baseline).
-Serving an item-item release: not yet.
+Also the evaluate stage's baseline. Served like EASE: a release carries S, serving sums its
+rows over the user's seen items (pipeline/serving/live.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Every model kind: its class, its config, how it scores, and whether serving can fold a user in.
+"""Every model kind: its class, its config, how it scores, and how serving folds a user's new events in.
 
 Every model class takes `(config, device)` (popularity takes nothing); configs live in
 pipeline/config/models.py. Model modules are imported when a model is built, so this table
-costs no torch import: serving asks it `folds_in(kind)` without loading a training stack.
+costs no torch import: serving asks it `scoring(kind)` and `fold_in(kind)` without loading a training stack.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     import torch
 
 Scoring = Literal["dot", "item_item"]  # base.DotProduct or base.ItemItem
+# How serving updates a user from events posted to the API, before the next release:
+# "vector" re-solves their vector (ALS: models/als_fold.py); "seen_list" stores their new seen
+# list, which is all an item-item kind scores from (X[u] @ S).
+FoldIn = Literal["vector", "seen_list"]
 
 
 @dataclass(frozen=True)
@@ -37,18 +41,18 @@ class Kind:
     cls: str
     config: type[ModelBase] | None  # None: a baseline without parameters
     scoring: Scoring = "dot"
-    folds_in: bool = False  # serving re-solves a user's vector from their history (models/als_fold.py)
+    fold_in: FoldIn | None = None  # None: posted events reach the user with the next release
 
 
 KINDS: dict[str, Kind] = {
     "popularity": Kind("popularity", "Popularity", None),
-    "als": Kind("als", "ALS", ALSConfig, folds_in=True),
+    "als": Kind("als", "ALS", ALSConfig, fold_in="vector"),
     "bpr": Kind("bpr", "BPR", BPRConfig),
     "two_tower": Kind("two_tower", "TwoTower", TwoTowerConfig),
     "graphsage": Kind("graphsage", "GraphSAGE", GraphSAGEConfig),
     "lightgcn": Kind("graphsage", "LightGCN", LightGCNConfig),
-    "ease": Kind("ease", "EASE", EASEConfig, scoring="item_item"),
-    "item_knn": Kind("itemknn", "ItemKNN", ItemKNNConfig, scoring="item_item"),
+    "ease": Kind("ease", "EASE", EASEConfig, scoring="item_item", fold_in="seen_list"),
+    "item_knn": Kind("itemknn", "ItemKNN", ItemKNNConfig, scoring="item_item", fold_in="seen_list"),
 }
 
 
@@ -63,9 +67,14 @@ def scoring(name: str) -> Scoring:
     return kind(name).scoring
 
 
+def fold_in(name: str) -> FoldIn | None:
+    """How serving folds a user's new events in at once (None: not at all, or an unknown kind)."""
+    return KINDS[name].fold_in if name in KINDS else None
+
+
 def folds_in(name: str) -> bool:
-    """Whether serving can fold a user's new events into their vector (False for unknown kinds)."""
-    return name in KINDS and KINDS[name].folds_in
+    """Whether serving folds a user's new events in at once (False for unknown kinds)."""
+    return fold_in(name) is not None
 
 
 def resolve_device(preference: str | None = None) -> torch.device:

@@ -22,16 +22,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from safetensors.numpy import save as st_save
 
-from pipeline.release.loaded import Release, item_attributes
+from pipeline.models.registry import Scoring
+from pipeline.release.loaded import OPTIONAL_FILES as OPTIONAL_FILES  # re-exported beside FILES (decode reads them)
+from pipeline.release.loaded import Release, ReleaseError, decode
 from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # the manifest's "format": bump when readers must tell old releases from new
-FILES = (
+# The required files are a function of how the model scores (registry.scoring): a dot-product
+# release carries vectors and their FAISS index, an item-item release the CSR arrays of S.
+FILES = (  # a dot-product release
     "model.safetensors",
     "model.json",
     "user_vectors.npy",
@@ -43,8 +48,52 @@ FILES = (
     "popular.npy",
     "items.faiss",
 )
-# item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables
-OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet")
+SIMILARITY_FILES = ("similarity_indptr.npy", "similarity_indices.npy", "similarity_data.npy")
+ITEM_ITEM_FILES = (
+    *(f for f in FILES if f not in ("user_vectors.npy", "item_vectors.npy", "items.faiss")),
+    *SIMILARITY_FILES,
+)
+
+
+def required_files(scoring: Scoring) -> tuple[str, ...]:
+    return FILES if scoring == "dot" else ITEM_ITEM_FILES
+
+
+def scoring_of(manifest: dict[str, Any]) -> Scoring:
+    """How a written release scores, from its files (load_release checks model.json agrees)."""
+    return "item_item" if SIMILARITY_FILES[0] in manifest["files"] else "dot"
+
+
+@dataclass(frozen=True)
+class VectorScoring:
+    """What scores a dot-product release: user and item vectors, and the FAISS index over the items."""
+
+    user_vectors: np.ndarray
+    item_vectors: np.ndarray
+    index_bytes: bytes
+
+
+@dataclass(frozen=True)
+class SimilarityScoring:
+    """What scores an item-item release: S (float32 CSR, items x items); users come with their seen lists."""
+
+    similarity: sp.csr_matrix
+
+
+def _scoring_files(scores: VectorScoring | SimilarityScoring) -> dict[str, bytes]:
+    if isinstance(scores, VectorScoring):
+        return {
+            "user_vectors.npy": codecs.npy_bytes(np.asarray(scores.user_vectors, dtype=np.float32)),
+            "item_vectors.npy": codecs.npy_bytes(np.asarray(scores.item_vectors, dtype=np.float32)),
+            "items.faiss": scores.index_bytes,
+        }
+    S = sp.csr_matrix(scores.similarity, dtype=np.float32)
+    S.sort_indices()
+    return {
+        "similarity_indptr.npy": codecs.npy_bytes(S.indptr.astype(np.int64)),
+        "similarity_indices.npy": codecs.npy_bytes(S.indices.astype(np.int32)),
+        "similarity_data.npy": codecs.npy_bytes(S.data),
+    }
 
 
 def assemble_files(
@@ -52,17 +101,15 @@ def assemble_files(
     model_state: dict[str, np.ndarray],
     model_kind: str,
     model_json: bytes,
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
+    scores: VectorScoring | SimilarityScoring,
     users: pd.DataFrame,
     items: pd.DataFrame,
     seen_indptr: np.ndarray,
     seen_indices: np.ndarray,
     popular_items: int,
-    index_bytes: bytes,
 ) -> dict[str, bytes]:
-    """The required files of a release (FILES, in order): publish, tests and benchmarks all
-    build releases here, so a format change cannot leave one of them writing the old one.
+    """The required files of a release (`required_files`, in order): publish, tests and benchmarks
+    all build releases here, so a format change cannot leave one of them writing the old one.
 
     users: user_id, user_idx; items: item_id, item_idx (n_users is derived from the seen
     lists, and so is the popularity list: most distinct users first, ties by item index).
@@ -71,20 +118,19 @@ def assemble_files(
     n_users_per_item = np.bincount(seen_indices, minlength=n_items)
     popular = np.lexsort((np.arange(n_items), -n_users_per_item))[:popular_items].astype(np.int32)
     items = items[["item_id", "item_idx"]].assign(n_users=n_users_per_item.astype(np.int64))
-    files = {
+    parts = {
         "model.safetensors": st_save(model_state, metadata={"kind": model_kind}),
         "model.json": model_json,
-        "user_vectors.npy": codecs.npy_bytes(np.asarray(user_vectors, dtype=np.float32)),
-        "item_vectors.npy": codecs.npy_bytes(np.asarray(item_vectors, dtype=np.float32)),
         "users.parquet": codecs.parquet_bytes(users[["user_id", "user_idx"]]),
         "items.parquet": codecs.parquet_bytes(items),
         "seen_indptr.npy": codecs.npy_bytes(seen_indptr),
         "seen_indices.npy": codecs.npy_bytes(seen_indices),
         "popular.npy": codecs.npy_bytes(popular),
-        "items.faiss": index_bytes,
+        **_scoring_files(scores),
     }
-    assert tuple(files) == FILES
-    return files
+    layout = required_files("dot" if isinstance(scores, VectorScoring) else "item_item")
+    assert set(parts) == set(layout)
+    return {name: parts[name] for name in layout}
 
 
 def files_from_vectors(
@@ -105,14 +151,37 @@ def files_from_vectors(
         model_state={"user_factors": user_vectors, "item_factors": item_vectors},
         model_kind=model_meta["kind"],
         model_json=codecs.json_bytes(model_meta),
-        user_vectors=user_vectors,
-        item_vectors=item_vectors,
+        scores=VectorScoring(user_vectors, item_vectors, index_bytes),
         users=_id_frame("user", user_ids),
         items=_id_frame("item", item_ids),
         seen_indptr=seen_indptr,
         seen_indices=seen_indices,
         popular_items=popular_items,
-        index_bytes=index_bytes,
+    )
+
+
+def files_from_similarity(
+    user_ids: Sequence[str],
+    item_ids: Sequence[str],
+    similarity: sp.csr_matrix,
+    seen_indptr: np.ndarray,
+    seen_indices: np.ndarray,
+    *,
+    model_meta: dict[str, Any],
+    popular_items: int = 100,
+) -> dict[str, bytes]:
+    """`files_from_vectors` for an item-item release: the model's state is S's CSR arrays."""
+    S = sp.csr_matrix(similarity, dtype=np.float32)
+    return assemble_files(
+        model_state={"similarity_indptr": S.indptr, "similarity_indices": S.indices, "similarity_data": S.data},
+        model_kind=model_meta["kind"],
+        model_json=codecs.json_bytes(model_meta),
+        scores=SimilarityScoring(S),
+        users=_id_frame("user", user_ids),
+        items=_id_frame("item", item_ids),
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
+        popular_items=popular_items,
     )
 
 
@@ -120,10 +189,6 @@ def _id_frame(kind: str, ids: Sequence[str]) -> pd.DataFrame:
     """{kind}_id, {kind}_idx (int32, as the features stage writes them), in the order given."""
     idx = np.arange(len(ids), dtype=np.int32)
     return pd.DataFrame({f"{kind}_id": pd.array(ids, dtype="string"), f"{kind}_idx": idx})
-
-
-class ReleaseError(RuntimeError):
-    """A release is missing, incomplete or fails its checksums; it must not be served."""
 
 
 def sha256(data: bytes) -> str:
@@ -298,47 +363,17 @@ def load_release(store: ObjectStore, tenant: str, release_id: str) -> Release:
             "refusing to serve another tenant's or release's files"
         )
     get = lambda name: read_file(store, tenant, release_id, name, manifest)  # noqa: E731
-    get("model.safetensors")  # serving does not use the weights, but a release is whole or refused
+    scoring = scoring_of(manifest)
+    for name in required_files(scoring):  # a release is whole or refused, weights included
+        if name not in manifest["files"]:
+            raise ReleaseError(f"release {tenant}/{release_id}: {name} is not in the manifest")
+    get("model.safetensors")  # serving does not use the weights, but they must be intact
     try:
-        return _decode(tenant, release_id, manifest, get)
+        return decode(tenant, release_id, manifest, scoring, get)
     except ReleaseError:
         raise
     except Exception as exc:  # e.g. an .npy that needs pickle: never loaded with allow_pickle
         raise ReleaseError(f"release {tenant}/{release_id}: unreadable content ({type(exc).__name__}: {exc})") from exc
-
-
-def _decode(tenant: str, release_id: str, manifest: dict[str, Any], get) -> Release:
-    users = codecs.read_parquet(get("users.parquet"))
-    items = codecs.read_parquet(get("items.parquet"))
-    optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
-    user_vectors = codecs.read_npy(get("user_vectors.npy")).astype(np.float32, copy=False)
-    item_vectors = codecs.read_npy(get("item_vectors.npy")).astype(np.float32, copy=False)
-    seen_indptr = codecs.read_npy(get("seen_indptr.npy"))
-    seen_indices = codecs.read_npy(get("seen_indices.npy"))
-    if (
-        len(user_vectors) != len(users)
-        or len(item_vectors) != len(items)
-        or len(seen_indptr) != len(users) + 1
-        or (len(seen_indices) and (seen_indices.min() < 0 or seen_indices.max() >= len(items)))
-    ):
-        raise ReleaseError(f"release {tenant}/{release_id}: vectors, id maps and seen lists disagree in size")
-    return Release(
-        tenant=tenant,
-        release_id=release_id,
-        manifest=manifest,
-        user_ids=pd.Index(users["user_id"].astype(str).to_numpy(), dtype=object),
-        item_ids=pd.Index(items["item_id"].astype(str).to_numpy(), dtype=object),
-        user_vectors=user_vectors,
-        item_vectors=item_vectors,
-        seen_indptr=seen_indptr,
-        seen_indices=seen_indices,
-        popular=codecs.read_npy(get("popular.npy")),
-        item_popularity=items["n_users"].to_numpy(dtype=np.float64),
-        index_bytes=get("items.faiss"),
-        model_meta=json.loads(get("model.json")),
-        **item_attributes(optional["item_attributes.parquet"], len(items)),
-        user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
-    )
 
 
 def list_releases(store: ObjectStore, tenant: str) -> list[str]:

@@ -1,15 +1,35 @@
-"""A loaded release: what scoring needs, in memory, decoded from bytes `format` has verified."""
+"""A loaded release: what scoring needs, in memory, decoded from bytes `format` has verified.
+
+A release scores users one of two ways (pipeline/models/registry.py: `scoring`): "dot"
+releases carry user and item vectors and a FAISS index; "item_item" releases (EASE,
+item-kNN) carry the sparse item x item S instead, and score a user from their seen list.
+In memory an item-item release has zero-width vectors, so the per-user data every store
+keeps (a vector and a seen list) has one shape for both.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.models import registry
+from pipeline.models.itemitem import seen_matrix
+from pipeline.models.registry import Scoring
 from pipeline.storage import codecs
+
+# item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables
+OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet")
+
+
+class ReleaseError(RuntimeError):
+    """A release is missing, incomplete or fails its checksums; it must not be served."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +47,7 @@ class Release:
     seen_indices: np.ndarray
     popular: np.ndarray
     item_popularity: np.ndarray
-    index_bytes: bytes
+    index_bytes: bytes | None  # the FAISS index (None for item-item releases: nothing to search)
     model_meta: dict[str, Any] = field(default_factory=dict)  # model.json: kind + config (fold-in needs it)
     item_category: np.ndarray | None = None  # int32 code per item, -1 = none
     categories: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
@@ -35,10 +55,100 @@ class Release:
     tags: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object))
     item_titles: np.ndarray | None = None  # object array of str/None, for human-readable reasons
     user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
+    similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
+
+    @property
+    def scoring(self) -> Scoring:
+        return "dot" if self.similarity is None else "item_item"
 
     def seen(self, user_row: int) -> np.ndarray:
         """The user's distinct items, most recent first."""
         return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
+
+    @cached_property
+    def popularity_rank(self) -> np.ndarray:
+        """Each item's place in the popularity order (most distinct users first, then index):
+        how item-item rankings order equal scores, in serving and in the export alike."""
+        pop = self.item_popularity
+        rank = np.empty(len(pop), dtype=np.int64)
+        rank[np.lexsort((np.arange(len(pop)), -pop))] = np.arange(len(pop))
+        return rank
+
+    def seen_matrix(self) -> sp.csr_matrix:
+        """Binary users x items matrix of the seen lists (what an item-item release scores from)."""
+        return seen_matrix(self.seen_indptr, self.seen_indices, len(self.item_ids))
+
+
+def decode(
+    tenant: str, release_id: str, manifest: dict[str, Any], scoring: Scoring, get: Callable[[str], bytes]
+) -> Release:
+    """The in-memory release from its verified files (`get` checks each file's sha256)."""
+    users = codecs.read_parquet(get("users.parquet"))
+    items = codecs.read_parquet(get("items.parquet"))
+    model_meta = json.loads(get("model.json"))
+    kind = model_meta.get("kind", "")
+    if kind in registry.KINDS and registry.scoring(kind) != scoring:
+        raise ReleaseError(
+            f"release {tenant}/{release_id}: model.json says {kind!r}, which scores by {registry.scoring(kind)}, "
+            f"but the release carries the files of a {scoring} release"
+        )
+    n_users, n_items = len(users), len(items)
+    seen_indptr = codecs.read_npy(get("seen_indptr.npy"))
+    seen_indices = codecs.read_npy(get("seen_indices.npy"))
+    similarity, index_bytes = None, None
+    if scoring == "dot":
+        user_vectors = codecs.read_npy(get("user_vectors.npy")).astype(np.float32, copy=False)
+        item_vectors = codecs.read_npy(get("item_vectors.npy")).astype(np.float32, copy=False)
+        index_bytes = get("items.faiss")
+    else:
+        similarity = _similarity(tenant, release_id, n_items, get)
+        user_vectors = np.zeros((n_users, 0), dtype=np.float32)
+        item_vectors = np.zeros((n_items, 0), dtype=np.float32)
+    if (
+        len(user_vectors) != n_users
+        or len(item_vectors) != n_items
+        or len(seen_indptr) != n_users + 1
+        or (len(seen_indices) and (seen_indices.min() < 0 or seen_indices.max() >= n_items))
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: vectors, id maps and seen lists disagree in size")
+    optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
+    return Release(
+        tenant=tenant,
+        release_id=release_id,
+        manifest=manifest,
+        user_ids=pd.Index(users["user_id"].astype(str).to_numpy(), dtype=object),
+        item_ids=pd.Index(items["item_id"].astype(str).to_numpy(), dtype=object),
+        user_vectors=user_vectors,
+        item_vectors=item_vectors,
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
+        popular=codecs.read_npy(get("popular.npy")),
+        item_popularity=items["n_users"].to_numpy(dtype=np.float64),
+        index_bytes=index_bytes,
+        model_meta=model_meta,
+        **item_attributes(optional["item_attributes.parquet"], n_items),
+        user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
+        similarity=similarity,
+    )
+
+
+def _similarity(tenant: str, release_id: str, n_items: int, get: Callable[[str], bytes]) -> sp.csr_matrix:
+    """S from its CSR arrays, refused unless it is a well-formed finite n_items x n_items matrix."""
+    indptr = codecs.read_npy(get("similarity_indptr.npy")).astype(np.int64, copy=False)
+    indices = codecs.read_npy(get("similarity_indices.npy")).astype(np.int32, copy=False)
+    data = codecs.read_npy(get("similarity_data.npy")).astype(np.float32, copy=False)
+    if (
+        indptr.ndim != 1
+        or len(indptr) != n_items + 1
+        or indptr[0] != 0
+        or indptr[-1] != len(indices)
+        or len(data) != len(indices)
+        or (np.diff(indptr) < 0).any()
+        or (len(indices) and (indices.min() < 0 or indices.max() >= n_items))
+        or not np.isfinite(data).all()
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: the similarity matrix disagrees with the id maps")
+    return sp.csr_matrix((data, indices, indptr), shape=(n_items, n_items))
 
 
 def item_attributes(data: bytes | None, n_items: int) -> dict[str, Any]:

@@ -1,14 +1,20 @@
-"""publish: write the immutable release, then flip the tenant's pointer (last)."""
+"""publish: write the immutable release, then flip the tenant's pointer (last).
+
+What scores the release follows the model's kind (registry.scoring): a dot-product model
+ships its user/item vectors and the index stage's FAISS index; an item-item model (EASE,
+item-kNN) ships its similarity matrix S, and the index stage wrote no FAISS file for it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
 from pipeline.features.dataset import Features
+from pipeline.models import DotProduct, ItemItem, Recommender, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
 from pipeline.release import format as release
@@ -63,31 +69,36 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     model_json = ctx.read(paths.REFITTED.meta)
     model = from_bytes(codecs.read_json(model_json), ctx.read(paths.REFITTED.weights))
     indptr, indices = _seen_csr(feats)
+    scores = _scores(ctx, model)
     files = release.assemble_files(
         model_state=model.state(),
         model_kind=model.kind,
         model_json=model_json,
-        user_vectors=model.user_vectors(),
-        item_vectors=model.item_vectors(),
+        scores=scores,
         users=feats.users,
         items=feats.items,
         seen_indptr=indptr,
         seen_indices=indices,
         popular_items=ctx.config.serving.popular_items,
-        index_bytes=ctx.read(paths.INDEX),
     )
     for table in (paths.USER_STATS, paths.ITEM_STATS):  # offline feature tables travel with the release
         files[table.name] = ctx.read(table)
     attributes = _item_attributes(ctx, feats)
     if attributes is not None:
         files["item_attributes.parquet"] = attributes
-    info = {
-        "users": feats.n_users,
-        "items": feats.n_items,
-        "dim": int(model.item_vectors().shape[1]),
-        "model": model.kind,
-    }
+    info: dict[str, Any] = {"users": feats.n_users, "items": feats.n_items, "model": model.kind}
+    if isinstance(scores, release.VectorScoring):
+        info["dim"] = int(scores.item_vectors.shape[1])
+    else:
+        info |= {"dim": 0, "scoring": "item_item", "similarity_nnz": int(scores.similarity.nnz)}
     return files, info
+
+
+def _scores(ctx: RunContext, model: Recommender) -> release.VectorScoring | release.SimilarityScoring:
+    if registry.scoring(model.kind) == "item_item":
+        return release.SimilarityScoring(cast(ItemItem, model).similarity())
+    dot = cast(DotProduct, model)
+    return release.VectorScoring(dot.user_vectors(), dot.item_vectors(), ctx.read(paths.INDEX))
 
 
 def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:

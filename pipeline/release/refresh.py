@@ -4,6 +4,9 @@ Keys are versioned by release and written in pipelined batches; the tenant's Red
 flips last, with a compare-and-set, only once the release's `meta` (complete=1) is written.
 A refresh killed halfway leaves the old release fully live; rerunning finishes the job.
 The replaced release's keys expire after RECSYS_REDIS_GRACE_SECONDS.
+
+An item-item release (EASE, item-kNN) scores a user from their seen list alone: its users'
+`u:` keys hold an empty (zero-width) vector, which still marks the user as known.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def write_release(r, prefix: str, rel: release.Release, batch: int | None = None
             pipe.execute()
     popular = rel.popular.astype(np.int32).tobytes()
     r.set(key(prefix, t, rid, "popular"), popular)
-    meta = {"users": len(ids), "dim": rel.user_vectors.shape[1], "complete": 1}
+    meta = {"users": len(ids), "dim": rel.user_vectors.shape[1], "scoring": rel.scoring, "complete": 1}
     if rel.user_stats is not None:
         meta["user_features"] = ",".join(feature_tables.ONLINE_USER_FEATURES)
     r.hset(key(prefix, t, rid, "meta"), mapping=meta)

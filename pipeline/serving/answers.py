@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 MAX_FUTURE_SKEW = timedelta(hours=1)  # events stamped further ahead are refused (clock bugs)
 MIN_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)  # as validation's default min_timestamp
-REASON_SEEN_ITEMS = 200  # reasons look at the user's most recent items only
 
 
 class Metrics:
@@ -81,7 +80,7 @@ def rerank_rows(live: LiveRelease, rows: np.ndarray, scores: np.ndarray, opts: O
     if opts.max_per_category is not None:
         pos = rerank.cap_per_category(rows, live.release.item_category, len(rows), opts.max_per_category)
     if opts.diversity > 0:
-        pos = pos[rerank.mmr(rows[pos], scores[pos], live.release.item_vectors, opts.k, opts.diversity)]
+        pos = pos[rerank.mmr(rows[pos], scores[pos], live.item_space, opts.k, opts.diversity)]
     return pos[: opts.k]
 
 
@@ -101,17 +100,17 @@ def fallback_items(live: LiveRelease, opts: Options, allowed: np.ndarray | None,
 def recommend_many(
     live: LiveRelease, tenant: str, user_ids: list[str], opts: Options, metrics: Metrics
 ) -> list[Recommendations]:
-    """One index search for every known user of the request; popular items for the others."""
+    """One scoring pass for every known user of the request (an index search, or the item-item
+    sums); popular items for the others, and for item-item users with nothing seen."""
     allowed = live.allowed(opts.filters())
     excluded, _ = live.rows_of(opts.exclude)
     users = live.users.users(live.release, user_ids)
-    known = [j for j, u in enumerate(users) if isinstance(u, tuple)]
+    known = [j for j, u in enumerate(users) if isinstance(u, tuple) and live.personal(u)]
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if known:
-        vectors = np.stack([users[j][0] for j in known])
         exclude = [np.concatenate((users[j][1], excluded)) for j in known]
         want = min(max(opts.k * 5, 50), live.n_items) if opts.reranks else opts.k
-        rows, scores = live.search(vectors, want, exclude=exclude, allowed=allowed)
+        rows, scores = live.top_items([users[j] for j in known], want, exclude, allowed)
         for n, j in enumerate(known):
             ok = rows[n] >= 0
             found[j] = (rows[n][ok], scores[n][ok])
@@ -124,13 +123,15 @@ def recommend_many(
             pos = rerank_rows(live, rows, scores, opts)
             rows, scores = rows[pos], scores[pos]
             if opts.explain:
-                because = rerank.reasons(rows, users[j][1][:REASON_SEEN_ITEMS], live.release.item_vectors)
+                because = live.reasons(rows, users[j][1])
             reason = None
         else:
             rows, scores = fallback_items(live, opts, allowed, excluded)
             if isinstance(users[j], InvalidUserData):
                 log.error("tenant %s: %s; serving the fallback", tenant, users[j])
                 reason = "invalid_user_data"
+            elif isinstance(users[j], tuple):  # known, but an item-item release has nothing to score from
+                reason = "no_seen_items"
             else:
                 reason = "unknown_user_matched_on_attributes" if filtered else "unknown_user"
             metrics.fallbacks.labels(tenant, reason).inc()
@@ -168,20 +169,28 @@ def rejected_events(stamps: list[datetime], now: datetime) -> list[RejectedEvent
 
 
 def fold_in_events(live: LiveRelease, tenant: str, events: pd.DataFrame, rows: np.ndarray, metrics: Metrics) -> int:
-    """Re-solve each user's vector from their history plus these events (the model's fold-in,
-    for kinds the registry says fold in) and store it under the live release; returns how
-    many users were folded in."""
+    """Update each user from their history plus these events, the way the registry says the
+    release's kind folds in, and store it under the live release; returns how many users.
+
+    "vector" (ALS): re-solve the vector (the model's closed form). "seen_list" (item-item): the
+    new seen list, newest first, is the update: the next request scores from it.
+    """
     folded = 0
     if live.can_fold_in:
         known = events.assign(row=rows)[rows >= 0].sort_values("timestamp", ascending=False, kind="stable")
         for user_id, part in known.groupby("user_id", sort=True):  # the users of one request
             new_rows = part["row"].to_numpy()
-            new_counts = pd.Series(new_rows).value_counts(sort=False)
             current = one_user(live, tenant, str(user_id))
             old = current[1] if current is not None else np.empty(0, dtype=np.int32)
             history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
-            counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
-            vector = als_fold.fold_in_user(live.release.item_vectors, live.gram, history, counts, live.fold_in_config)
+            if live.fold_in == "seen_list":
+                vector = np.empty(0, dtype=np.float32)  # zero-width, as the release's own vectors
+            else:
+                new_counts = pd.Series(new_rows).value_counts(sort=False)
+                counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
+                vector = als_fold.fold_in_user(
+                    live.release.item_vectors, live.gram, history, counts, live.fold_in_config
+                )
             live.users.fold(live.release, str(user_id), vector, history.astype(np.int32))
             folded += 1
         metrics.fold_ins.labels(tenant).inc(folded)

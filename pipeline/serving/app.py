@@ -163,14 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if row < 0:
             raise HTTPException(404, f"unknown item {item_id!r} for tenant {tenant!r}")
         excluded, _ = live.rows_of(opts.exclude)
-        rows, scores = live.search(
-            live.release.item_vectors[row],
-            candidates_wanted(live, opts),
-            exclude=[np.concatenate(([row], excluded))],
-            allowed=live.allowed(opts.filters()),
-        )
-        ok = rows[0] >= 0
-        rows, scores = rows[0][ok], scores[0][ok]
+        rows, scores = live.similar_items(row, candidates_wanted(live, opts), excluded, live.allowed(opts.filters()))
+        ok = rows >= 0
+        rows, scores = rows[ok], scores[ok]
         pos = rerank_rows(live, rows, scores, opts)
         observe(tenant, "similar", started)
         return SimilarItems(
@@ -192,13 +187,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         rows, unknown = live.rows_of(list(dict.fromkeys(body.item_ids)))
         user = one_user(live, tenant, user_id)
-        if user is not None:
-            scores = live.release.item_vectors[rows] @ user[0]
+        if user is not None and live.personal(user):
+            scores = live.scores_of(user, rows)
             reason = None
         else:
             pop = live.release.item_popularity
             scores = (pop[rows] / max(float(pop.max()), 1.0)).astype(np.float32)
-            reason = "unknown_user"
+            reason = "unknown_user" if user is None else "no_seen_items"
             metrics.fallbacks.labels(tenant, reason).inc()
         order = np.lexsort((rows, -scores))
         observe(tenant, "rank", started)
@@ -235,8 +230,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     def events(request: Request, tenant: TenantId, live: Live, body: Annotated[EventsRequest, Body()]):
         """Appends the events to the tenant's event log (the next extract reads them) and folds
-        each user's vector in with the ALS closed form, so their next recommendations already
-        reflect these events without retraining.
+        each user in (ALS: the vector's closed form; EASE, item-kNN: the new seen list), so their
+        next recommendations already reflect these events without retraining.
         """
         started = time.perf_counter()
         now = datetime.now(UTC)

@@ -1,7 +1,10 @@
 """Live releases for serving: loaded lazily, verified, swapped whole.
 
 A request takes one `LiveRelease` reference and uses only it, so a swap in between never
-mixes two releases in one response. Pointers are re-read at most every
+mixes two releases in one response. A `LiveRelease` answers the questions routes ask (top
+items, similar items, scores, reasons) the way its release scores: FAISS over user and item
+vectors, or, for item-item releases (EASE, item-kNN), exact sums of rows of S over the
+user's seen items (`models/itemitem.py`), ties going to the more popular item. Pointers are re-read at most every
 `release_poll_seconds`; a release that fails its checksums is refused and the old one
 keeps serving.
 """
@@ -16,17 +19,19 @@ from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipeline.config.models import ALSConfig
 from pipeline.index import search as ann
-from pipeline.models import registry
+from pipeline.models import itemitem, registry
 from pipeline.release import format as rel
 from pipeline.serving import rerank
-from pipeline.serving.user_store import EmbeddedStore, UserStore
+from pipeline.serving.user_store import EmbeddedStore, UserData, UserStore
 from pipeline.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 _thread = threading.local()
+REASON_SEEN_ITEMS = 200  # reasons by vector similarity look at the user's most recent items only
 
 
 def _one_faiss_thread() -> None:
@@ -48,12 +53,26 @@ class LiveRelease:
     """One verified release plus its index and user store: everything a response may use."""
 
     release: rel.Release
-    index: object  # faiss.Index (search is thread-safe for reads)
+    index: object | None  # faiss.Index (search is thread-safe for reads); None for item-item releases
     users: UserStore
 
     @property
     def release_id(self) -> str:
         return self.release.release_id
+
+    @property
+    def scoring(self) -> registry.Scoring:
+        return self.release.scoring
+
+    @property
+    def similarity(self) -> sp.csr_matrix:
+        assert self.release.similarity is not None, "a dot-product release has no similarity matrix"
+        return self.release.similarity
+
+    @cached_property
+    def item_space(self) -> np.ndarray | sp.csr_matrix:
+        """What items are compared by (MMR's cosine): item vectors, or the rows of S."""
+        return self.release.item_vectors if self.scoring == "dot" else self.similarity
 
     @property
     def n_items(self) -> int:
@@ -66,8 +85,17 @@ class LiveRelease:
         return y.T @ y
 
     @cached_property
+    def fold_in(self) -> registry.FoldIn | None:
+        """How posted events update a user at once (the registry's word for the release's kind)."""
+        return registry.fold_in(self.release.model_meta.get("kind", ""))
+
+    @property
     def can_fold_in(self) -> bool:
-        return registry.folds_in(self.release.model_meta.get("kind", ""))
+        return self.fold_in is not None
+
+    def personal(self, user: UserData) -> bool:
+        """Whether the user's data can score items: any vector, or a non-empty seen list (item-item)."""
+        return self.scoring == "dot" or len(user[1]) > 0
 
     @cached_property
     def fold_in_config(self) -> ALSConfig:
@@ -120,6 +148,58 @@ class LiveRelease:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         _one_faiss_thread()
         return ann.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
+
+    def top_items(
+        self, users: list[UserData], k: int, exclude: list[np.ndarray], allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and scores [len(users), k] (-1 / -inf padded) for these users' data."""
+        if self.scoring == "dot":
+            return self.search(np.stack([u[0] for u in users]), k, exclude=exclude, allowed=allowed)
+        lengths = np.array([len(u[1]) for u in users], dtype=np.int64)
+        indptr = np.concatenate(([0], np.cumsum(lengths)))
+        X = itemitem.seen_matrix(indptr, np.concatenate([u[1] for u in users]), self.n_items)
+        rows = np.empty((len(users), k), dtype=np.int64)
+        scores = np.empty((len(users), k), dtype=np.float32)
+        step = max(1, ann.SCORE_CHUNK // max(self.n_items, 1))  # bounds the dense block of scores
+        for start in range(0, len(users), step):  # blocks of the request's users
+            stop = min(start + step, len(users))
+            dense = itemitem.score_users(X, self.similarity, np.arange(start, stop))
+            rows[start:stop], scores[start:stop] = self._top(dense, k, exclude[start:stop], allowed)
+        return rows, scores
+
+    def similar_items(
+        self, row: int, k: int, exclude: np.ndarray, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items like item `row` (1-d rows and scores, -1 / -inf padded), the item itself excluded."""
+        exclude = np.concatenate(([row], exclude)).astype(np.int64)
+        if self.scoring == "dot":
+            rows, scores = self.search(self.release.item_vectors[row], k, exclude=[exclude], allowed=allowed)
+        else:  # S's row: what having seen `row` adds to every item's score
+            rows, scores = self._top(self.similarity[row].toarray(), k, [exclude], allowed)
+        return rows[0], scores[0]
+
+    def scores_of(self, user: UserData, rows: np.ndarray) -> np.ndarray:
+        """float32 scores of the given item rows for one user (the rank route)."""
+        if self.scoring == "dot":
+            return self.release.item_vectors[rows] @ user[0]
+        return itemitem.score_seen(self.similarity, user[1])[rows]
+
+    def reasons(self, rec_rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Per recommended item, the seen item behind it (-1: none): the closest seen item by
+        cosine of item vectors, or for item-item releases the seen item adding most to its score."""
+        if self.scoring == "dot":
+            return rerank.reasons(rec_rows, seen[:REASON_SEEN_ITEMS], self.release.item_vectors)
+        return rerank.strongest_contributor(rec_rows, seen, self.similarity)
+
+    def _top(
+        self, dense: np.ndarray, k: int, exclude: list[np.ndarray], allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k per row of dense scores, after the filter mask and each row's exclusions."""
+        if allowed is not None:
+            dense[:, ~allowed] = -np.inf
+        excl = [np.asarray(e, dtype=np.int64) for e in exclude]
+        dense[np.repeat(np.arange(len(excl)), [len(e) for e in excl]), np.concatenate(excl)] = -np.inf
+        return itemitem.top_k(dense, k, self.release.popularity_rank)
 
 
 class ReleaseCache:
@@ -184,7 +264,10 @@ class ReleaseCache:
                 return live
             try:
                 loaded = rel.load_release(self.store, tenant, rid)
-                new = LiveRelease(loaded, ann.deserialize(loaded.index_bytes, loaded.manifest.get("index")), users)
+                index = None
+                if loaded.index_bytes is not None:  # dot-product releases; item-item ones sum rows of S
+                    index = ann.deserialize(loaded.index_bytes, loaded.manifest.get("index"))
+                new = LiveRelease(loaded, index, users)
             except Exception as exc:  # checksum, missing file, bad bytes, faiss: never swap to it
                 log.error(
                     "tenant %s: cannot load release %s (%s); keeping %s",

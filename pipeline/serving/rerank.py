@@ -1,5 +1,5 @@
 """Request-time math on one release: filters, diversity and reasons (the ALS fold-in is the
-model's: pipeline/models/als_fold.py).
+model's: pipeline/models/als_fold.py; item-item scoring is models/itemitem.py's).
 
 Pure numpy functions of a release's arrays, vectorised over items; the only loops are over
 the k picks of MMR and over the users of one request.
@@ -53,19 +53,33 @@ def attribute_mask(
     return allowed
 
 
-def mmr(rows: np.ndarray, scores: np.ndarray, item_vectors: np.ndarray, k: int, diversity: float) -> np.ndarray:
+def cosine_among(items: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """Dense [len(rows), len(rows)] cosine of the given rows of item vectors, or of a sparse
+    item x item S (an item-item release compares items by their rows of S)."""
+    if sp.issparse(items):
+        v = sp.csr_matrix(items[rows], dtype=np.float32)
+        norm = np.sqrt(np.asarray(v.multiply(v).sum(axis=1), dtype=np.float32).ravel())
+        v = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ v
+        return np.asarray((v @ v.T).toarray(), dtype=np.float32)
+    v = items[rows].astype(np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v @ v.T
+
+
+def mmr(
+    rows: np.ndarray, scores: np.ndarray, item_vectors: np.ndarray | sp.csr_matrix, k: int, diversity: float
+) -> np.ndarray:
     """Maximal marginal relevance: positions into `rows` of the k picks, best first.
 
     Each pick maximises (1 - diversity) * relevance - diversity * max cosine to the picks so
-    far; relevance is the score rescaled to [0, 1] over the candidates.
+    far; relevance is the score rescaled to [0, 1] over the candidates. Items are compared by
+    `item_vectors` (an item-item release passes S: `cosine_among`).
     """
     n = len(rows)
     k = min(k, n)
     if n == 0 or diversity <= 0:
         return np.arange(k)
-    v = item_vectors[rows].astype(np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    sims = v @ v.T
+    sims = cosine_among(item_vectors, rows)
     lo, hi = float(scores.min()), float(scores.max())
     rel = (scores - lo) / (hi - lo) if hi > lo else np.ones(n, dtype=np.float32)
     max_sim = np.zeros(n, dtype=np.float32)
@@ -104,6 +118,17 @@ def reasons(rec_rows: np.ndarray, seen_rows: np.ndarray, item_vectors: np.ndarra
     rec = rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
     seen = seen / np.maximum(np.linalg.norm(seen, axis=1, keepdims=True), 1e-12)
     return seen_rows[np.argmax(rec @ seen.T, axis=1)]
+
+
+def strongest_contributor(rec_rows: np.ndarray, seen_rows: np.ndarray, similarity: sp.csr_matrix) -> np.ndarray:
+    """For each recommended item j, the seen item i with the largest S[i, j] (its biggest share
+    of j's item-item score); -1 when no seen item adds anything positive."""
+    if len(seen_rows) == 0 or len(rec_rows) == 0:
+        return np.full(len(rec_rows), -1, dtype=np.int64)
+    seen_rows = np.asarray(seen_rows, dtype=np.int64)
+    share = similarity[seen_rows][:, rec_rows].toarray()  # [seen, recommended]
+    best = np.argmax(share, axis=0)
+    return np.where(share[best, np.arange(len(rec_rows))] > 0, seen_rows[best], -1)
 
 
 def popular_topk(popularity: np.ndarray, k: int, eligible: np.ndarray | None) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 Key layout (all values binary, never pickle):
   {prefix}:{tenant}:current                  -> release id (flipped last, atomically)
-  {prefix}:{tenant}:{release}:u:{user_id}    -> float32 user vector
+  {prefix}:{tenant}:{release}:u:{user_id}    -> float32 user vector (empty for item-item releases: the
+                                                seen list scores the user; the key marks them known)
   {prefix}:{tenant}:{release}:seen:{user_id} -> int32 item indices of the release
   {prefix}:{tenant}:{release}:popular        -> int32 item indices, most popular first
-  {prefix}:{tenant}:{release}:meta           -> hash: users, dim, complete=1 (written last)
+  {prefix}:{tenant}:{release}:meta           -> hash: users, dim, scoring, complete=1 (written last)
   {prefix}:{tenant}:{release}:uf:{user_id}   -> float32 online user features (names in meta.user_features)
-  {prefix}:{tenant}:{release}:fu:{user_id}   -> float32 vector folded in from API events (serving)
+  {prefix}:{tenant}:{release}:fu:{user_id}   -> float32 vector folded in from API events (serving; empty
+                                                for item-item releases, as `u:`)
   {prefix}:{tenant}:{release}:fseen:{user_id} -> int32 item indices after those events, newest first
 
 The refresh stage writes the release's keys and flips `current`; serving reads them

@@ -73,9 +73,10 @@ def test_serving_fold_in_of_a_trained_users_history_is_their_stored_vector(solve
 
 
 def test_the_registry_says_which_kinds_fold_in():
-    assert registry.folds_in("als")
-    assert not any(registry.folds_in(k) for k in registry.KINDS if k != "als")
-    assert not registry.folds_in("no-such-kind")
+    assert registry.fold_in("als") == "vector"  # the closed form above
+    assert registry.fold_in("ease") == registry.fold_in("item_knn") == "seen_list"  # they score from it
+    assert {k for k in registry.KINDS if registry.folds_in(k)} == {"als", "ease", "item_knn"}
+    assert not registry.folds_in("no-such-kind") and registry.fold_in("no-such-kind") is None
 
 
 def test_serving_and_the_registry_load_no_torch():
