@@ -7,9 +7,10 @@ The split and ranking are exactly the pipeline's (features stage: per-user tempo
 evaluate: full ranking excluding training items). Rows:
 
 * popularity, item_knn and ease: the evaluation baselines, default configs;
-* every kind in `pipeline.models.registry.KINDS` with its default config (seeds 0, 1, 2 for
-  als and bpr, seed 0 for the others): a newly registered kind appears here by itself;
-* ALS ablations (no recency; plain ALS);
+* every other kind in `pipeline.models.registry.KINDS` with its default config (seeds 0, 1,
+  2 for als and bpr, seed 0 for the others): a newly registered kind appears here by itself;
+* ALS ablations (no recency; plain ALS); EASE unpruned ("ease, dense": what the default's
+  200 weights per item cost);
 * "bpr (tuned)": the selection stage's Optuna search (pipeline/training/select.py) over BPR ranges
   on a validation split carved from the TRAIN events, `--bpr-trials` trials, then the
   chosen config on the holdout (seeds 0, 1, 2);
@@ -35,17 +36,14 @@ import numpy as np
 import torch
 
 from pipeline.config import Settings, load_tenant_file
-from pipeline.config.models import ALSConfig, BPRConfig, SearchRange, model_config
+from pipeline.config.models import ALSConfig, BPRConfig, EASEConfig, SearchRange, model_config
 from pipeline.context import RunContext
 from pipeline.evaluation import scoring
 from pipeline.features import dataset
-from pipeline.features import stage as features
-from pipeline.models import TrainData, TrainingDiverged, build
-from pipeline.models.ease import EASE
-from pipeline.models.itemknn import ItemKNN
-from pipeline.models.popularity import Popularity
+from pipeline.models import TrainData, TrainingDiverged, build, build_by_kind
 from pipeline.models.registry import KINDS
-from pipeline.samples import demo, extract
+from pipeline.samples import demo
+from pipeline.stages import run_all
 from pipeline.training import select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +59,14 @@ BPR_SEARCH = {
 }
 
 
+BASELINES = ("popularity", "item_knn", "ease")
+
+
 def _score(name, model, feats, seconds, params=None):
-    summary, _, _ = scoring.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
+    if isinstance(model, tuple):  # (user vectors, item vectors) of a model from another library
+        summary, _, _ = scoring.evaluate_vectors(*model, feats.relevant(), feats.matrix(False), 10)
+    else:
+        summary, _, _ = scoring.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
     row = {"model": name, **scoring.at_k(summary, 10), "fit_seconds": round(seconds, 2), "params": params or {}}
     print(f"{name:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}  fit {seconds:.1f}s", flush=True)
     return row
@@ -127,16 +131,6 @@ def _implicit_rows(train, feats):
     )
     m.data[:] = 1.0
 
-    class Vectors:  # implicit's factors as a dot-product model for evaluate_model
-        def __init__(self, model):
-            self.model = model
-
-        def user_vectors(self):
-            return np.asarray(self.model.user_factors)
-
-        def item_vectors(self):
-            return np.asarray(self.model.item_factors)
-
     rows, best = [], {}
     grids = {
         "implicit-als": (
@@ -159,7 +153,8 @@ def _implicit_rows(train, feats):
                 t = time.perf_counter()
                 model.fit(m, show_progress=False)
                 secs = time.perf_counter() - t
-            row = _score(f"{family} {a} {b} {c}", Vectors(model), feats, secs, {"grid": [a, b, c]})
+            vectors = (np.asarray(model.user_factors), np.asarray(model.item_factors))
+            row = _score(f"{family} {a} {b} {c}", vectors, feats, secs, {"grid": [a, b, c]})
             rows.append(row)
             if family not in best or row["ndcg@10"] > best[family]["ndcg@10"]:
                 best[family] = row
@@ -190,17 +185,16 @@ def main() -> None:
         demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
         cfg = load_tenant_file(ROOT / "include" / "tenants" / "demo.yaml")
         ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
-        extract.extract(ctx)
-        features.features(ctx)
+        run_all(ctx, until="features")  # extract, validate, features: the tables training reads
         feats = dataset.Features.read(ctx)
     train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
     rows = []
-    for name, model in (("popularity", Popularity()), ("item_knn", ItemKNN()), ("ease", EASE())):
-        model, secs = _fit(model, train)
+    for name in BASELINES:
+        model, secs = _fit(build_by_kind(name), train)
         rows.append(_score(name, model, feats, secs))
     only = {k for k in args.kinds.split(",") if k}
     for kind in KINDS:  # every registered model with its default config
-        if kind == "popularity" or (only and kind not in only):
+        if kind in BASELINES or (only and kind not in only):
             continue
         seeds = SEEDS if kind in ("als", "bpr") else SEEDS[:1]
         rows += _seeds(f"{kind} (default config)", model_config({"kind": kind}), train, feats, seeds)
@@ -213,6 +207,8 @@ def main() -> None:
         }
         for name, als_cfg in ablations.items():
             rows += _seeds(name, als_cfg, train, feats, SEEDS)
+    if not only or "ease" in only:
+        rows += _seeds("ease, dense", EASEConfig(neighbours=None), train, feats, SEEDS[:1])
     if args.bpr_trials and (not only or "bpr" in only):
         t = time.perf_counter()
         tuned, value = _tune_bpr(feats, args.bpr_trials)

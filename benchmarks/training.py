@@ -10,6 +10,7 @@ under var/cache/. `--quick`: 50k x 5k, ~850k pairs.
 Jobs (each in its own subprocess, so peak RSS is per model):
   als               our ALS, default config (3 CG steps per solve), `--als-iterations` (15), 64 factors
   als_cholesky      the same with exact Cholesky solves (not run unless named in --only: ~35 min)
+  ease              not run unless named in --only: its dense items^2 solve is for smaller catalogs
   implicit_als      implicit 0.7 AlternatingLeastSquares, same (its default: 3 CG steps per solve)
   implicit_als_exact  the same with use_cg=False (Cholesky)
   bpr               our BPR, `--bpr-epochs` (100) epochs, 64 factors, default config otherwise
@@ -238,8 +239,9 @@ def jobs(only: list[str] | None) -> list[str]:
     from pipeline.models.registry import KINDS
 
     names = ["als", "implicit_als", "implicit_als_exact", "bpr", "implicit_bpr"]
-    names += [k for k in KINDS if k not in ("popularity", "als", "bpr")]  # new kinds appear here by themselves
-    return [n for n in names if not only or n in only] + [n for n in ("als_cholesky",) if n in (only or [])]
+    named_only = ("als_cholesky", "ease")  # ease: a dense items^2 solve, 20 GB at 50k items; run it with --only
+    names += [k for k in KINDS if k not in ("popularity", "als", "bpr", *named_only)]  # new kinds appear by themselves
+    return [n for n in names if not only or n in only] + [n for n in named_only if n in (only or [])]
 
 
 def main() -> None:

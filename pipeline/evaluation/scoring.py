@@ -1,22 +1,21 @@
 """Offline scoring of any model on a holdout: full ranking, then the metrics of pipeline/evaluation/metrics.py.
 
-Used by the evaluate stage, by selection (on its validation split) and by benchmarks, so a
-number means the same thing wherever it is printed. Dot-product models are ranked with
-`ranking.topk_dot`; models that score a block of users directly (`score_block`: EASE,
-item-kNN) with `ranking.topk_scores`.
+Used by the evaluate stage, by selection (on its validation split), by the gate (the
+challenger on fresh events) and by benchmarks, so a number means the same thing wherever it
+is printed. A kind is ranked the way the registry says it scores: dot-product kinds with
+`ranking.topk_dot`, item-item kinds (EASE, item-kNN: X[u] @ S) with `ranking.topk_scores`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
 
 from pipeline.evaluation import metrics, ranking
-from pipeline.models import TrainData
-from pipeline.models.popularity import Popularity
+from pipeline.models import DotProduct, ItemItem, Recommender, TrainData, registry
+from pipeline.models.itemitem import score_users
 
 Evaluation = tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]  # summary, per-user, user rows
 
@@ -35,22 +34,36 @@ def evaluate_vectors(
     return _score_lists(top, rows, relevant)
 
 
-def evaluate_scorer(
-    score_block: Callable[[np.ndarray], np.ndarray], relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int
-) -> Evaluation:
-    """`evaluate_vectors` for a model that scores user rows directly: score_block(rows) -> [b, n_items]."""
+def evaluate_model(model: Recommender, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int) -> Evaluation:
+    """`evaluate_vectors` for a model of any registered kind."""
     rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    top = ranking.topk_scores(
-        lambda start, stop: score_block(rows[start:stop]), len(rows), relevant.shape[1], k, exclude=exclude[rows]
-    )
-    return _score_lists(top, rows, relevant)
+    return _score_lists(topk(model, rows, k, exclude=exclude[rows]), rows, relevant)
 
 
-def evaluate_model(model: Any, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int) -> Evaluation:
-    """Either kind of model: `score_block` when it has one, else its user and item vectors."""
-    if hasattr(model, "score_block"):
-        return evaluate_scorer(model.score_block, relevant, exclude, k)
-    return evaluate_vectors(model.user_vectors(), model.item_vectors(), relevant, exclude, k)
+def topk(
+    model: Recommender,
+    rows: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    item_allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """The model's top-k items [len(rows), k] for these user rows (rows of `exclude` align with `rows`)."""
+    if registry.scoring(model.kind) == "item_item":
+        n_items = cast(ItemItem, model).similarity().shape[0]
+        return ranking.topk_scores(
+            lambda start, stop: user_scores(model, rows[start:stop]), len(rows), n_items, k, exclude, item_allowed
+        )
+    dot = cast(DotProduct, model)
+    return ranking.topk_dot(dot.user_vectors()[rows], dot.item_vectors(), k, exclude=exclude, item_allowed=item_allowed)
+
+
+def user_scores(model: Recommender, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), n_items]: every item's score for these users, as `topk` ranks them."""
+    if registry.scoring(model.kind) == "item_item":
+        item_item = cast(ItemItem, model)
+        return score_users(item_item.interactions(), item_item.similarity(), rows)
+    dot = cast(DotProduct, model)
+    return (dot.user_vectors()[rows] @ dot.item_vectors().T).astype(np.float32, copy=False)
 
 
 def _score_lists(top: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> Evaluation:
@@ -59,15 +72,11 @@ def _score_lists(top: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> 
     return metrics.summarize(per_user, top, relevant.shape[1]), per_user, rows
 
 
-def baselines(data: TrainData, ease_max_items: int) -> dict[str, Any]:
-    """The reference models every run is compared with, fitted on the same train split."""
-    from pipeline.models.ease import EASE
-    from pipeline.models.itemknn import ItemKNN
-
-    out: dict[str, Any] = {"popularity": Popularity().fit(data), "item_knn": ItemKNN().fit(data)}
-    if data.n_items <= ease_max_items:
-        out["ease"] = EASE().fit(data)
-    return out
+def baselines(data: TrainData, ease_max_items: int) -> dict[str, Recommender]:
+    """The reference models every run is compared with, fitted on the same train split with
+    their kinds' default configs (EASE only up to `ease_max_items` items: a dense n^3 solve)."""
+    kinds = ["popularity", "item_knn"] + (["ease"] if data.n_items <= ease_max_items else [])
+    return {kind: registry.build_by_kind(kind).fit(data) for kind in kinds}
 
 
 def at_k(summary: dict[str, float], k: int) -> dict[str, float]:

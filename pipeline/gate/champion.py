@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.config.tenant import GateConfig
-from pipeline.evaluation import metrics, ranking
+from pipeline.evaluation import metrics, ranking, scoring
 from pipeline.features.dataset import Features
 from pipeline.gate.policy import GroupRecall
 from pipeline.release import format as release
@@ -37,9 +37,7 @@ class _Ranked:
     per_user: dict[str, np.ndarray]
 
 
-def _rank(U, V, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int, allowed=None) -> _Ranked:
-    rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    top = ranking.topk_dot(U[rows], V, k, exclude=exclude[rows], item_allowed=allowed)
+def _ranked(top: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> _Ranked:
     hits = metrics.hits_matrix(top, rows, relevant)
     return _Ranked(rows, top, hits, metrics.per_user_metrics(hits, np.diff(relevant.indptr)[rows]))
 
@@ -104,9 +102,10 @@ def compare_on_fresh_holdout(
     seen = feats.matrix(None)
     exclude = (seen - seen.multiply(fresh > 0)).tocsr()
     exclude.eliminate_zeros()
-    ch = _rank(challenger.user_vectors(), challenger.item_vectors(), fresh, exclude, k)
+    rows = np.flatnonzero(np.diff(fresh.indptr) > 0)
+    ch = _ranked(scoring.topk(challenger, rows, k, exclude=exclude[rows]), rows, fresh)
     U, V, allowed = _champion_vectors(champ, feats)
-    cp = _rank(U, V, fresh, exclude, k, allowed)
+    cp = _ranked(ranking.topk_dot(U[rows], V, k, exclude=exclude[rows], item_allowed=allowed), rows, fresh)
     rel_rows = fresh[ch.rows]
     recalls = {}
     for name, mask in groups.items():

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.config.tenant import IndexConfig
 from pipeline.context import RunContext, StageIO
 from pipeline.index.search import SCORE_CHUNK, knob_value, serialize
+from pipeline.models import registry
 from pipeline.models.io import read_model
 from pipeline.storage import codecs, paths
 
@@ -221,6 +222,8 @@ def index(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.config.index
     faiss.omp_set_num_threads(max(1, min(4, faiss.omp_get_max_threads())))
     model = read_model(ctx, paths.REFITTED)
+    if registry.scoring(model.kind) != "dot":  # an item-item release (ease, item_knn) is not servable yet
+        raise ctx.error(STAGE, f"model kind {model.kind!r} is trained and evaluated, but cannot be served yet")
     vectors_ = model.item_vectors()
     users = model.user_vectors()
     rng = np.random.default_rng(cfg.seed)

@@ -8,8 +8,9 @@ Objective over all (u, i) of the training events (unobserved cells have target 0
               Counted in events, not seconds, so it is unit-free across tenants.
   reg         r = lambda * max(n, 1) ** reg_exponent (ALS-WR: n = the row's pairs)
 After training, users are re-solved once with Y fixed and a sharper recency target (the
-"fold-in"); those are the vectors served. On MovieLens-100K (per-user temporal 80/20,
-full ranking) this takes NDCG@10 from 0.194 (plain ALS, tuned) to 0.268.
+"fold-in"; its terms come from pipeline/models/als_fold.py, which serving uses for new
+events too); those are the vectors served. On MovieLens-100K (per-user temporal 80/20, full
+ranking) this takes NDCG@10 from 0.194 (plain ALS, tuned) to 0.268.
 
 Each half-step solves A_u x_u = b_u for every row, A_u = YtY + sum_i (c_ui - 1) y_i y_i^T + r_u I,
 b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
@@ -21,10 +22,9 @@ b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
             instead of O(nnz f^2 + rows f^3). On the CPU rows go in blocks of ~64k nonzeros,
             each through all its steps, so the other side's rows it touches stay in cache.
             The loss reported for iteration k comes from iteration k+1's first product.
-            ML-100K: NDCG@10 0.2682 vs 0.2685 exact; 500k x 50k, 8.5M pairs, 64 factors,
-            1 thread: 3.6 s per iteration vs 141 s exact (benchmarks/training.py).
+            Its quality and speed against the exact solve: benchmarks/quality.py, training.py.
   cholesky  exact: the sum is one sparse x dense product C @ Z with Z_i = upper triangle of
-            y_i y_i^T (9x faster than scattering outer products), tiled so memory stays within
+            y_i y_i^T (far faster than scattering outer products), tiled so memory stays within
             `block_floats`, then a batched Cholesky solve.
 No Python loop over users or items; the device is chosen once by the caller.
 """
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.config.models import ALSConfig
+from pipeline.models.als_fold import confidence, fold_in_terms, row_regularization
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
 from pipeline.models.pairs import recency_target, training_pairs
 
@@ -112,7 +113,7 @@ class ALS:
         self.device = torch.device(device)
         self.block_floats = block_floats
         # CG runs block by block on the CPU so the other side's rows a block touches stay in
-        # cache across its steps (1.4x faster at 64k nonzeros); a GPU wants one big launch
+        # cache across its steps (faster than one pass over all rows); a GPU wants one big launch
         self.block_nnz = block_nnz or (1 << 16 if self.device.type == "cpu" else 1 << 62)
         self.X: torch.Tensor | None = None
         self.Y: torch.Tensor | None = None
@@ -121,16 +122,16 @@ class ALS:
     def _side(self, rows, cols, conf, target, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
         """rows, cols: the pairs in (user, item) order (Pairs' order), for either side."""
         cfg, dev = self.config, self.device
-        # a stable sort keeps cols ascending within a row (torch's on int32: 3x numpy's here)
+        # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
         order = torch.sort(torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64), stable=True)
         order = order.indices.numpy()
         rows, cols, conf, target = rows[order], cols[order], conf[order], target[order]
         counts = np.bincount(rows, minlength=n_rows)
-        # int32 indices: CSR x dense runs ~1.6x faster than with int64 (MKL's 32-bit interface)
+        # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface)
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
         crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
         as_f = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
-        reg = reg_lambda * np.power(np.maximum(counts, 1).astype(np.float64), cfg.reg_exponent)
+        reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
         indptr = np.concatenate(([0], np.cumsum(counts)))
         cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(rows), self.block_nnz)), n_rows])
         blocks = [
@@ -216,7 +217,7 @@ class ALS:
         # one CSR per block whose values are rewritten in place (no index copies per product);
         # zeros, not empty: sampled_addmm reads them even with beta=0 (0 * NaN garbage = NaN)
         S = _with_values(block.crow, col, torch.zeros(hi - lo, device=F.device), (n, side.n_cols))
-        rowdot = lambda a, b: torch.einsum("ij,ij->i", a, b)  # noqa: E731  (2-3x faster than (a*b).sum(1))
+        rowdot = lambda a, b: torch.einsum("ij,ij->i", a, b)  # noqa: E731  (faster than (a*b).sum(1))
 
         def product(P: torch.Tensor) -> torch.Tensor:  # S = p_u . y_i at the nonzeros
             return torch.sparse.sampled_addmm(S, P, Ft, beta=0.0, out=S).values()
@@ -293,7 +294,7 @@ class ALS:
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
         pairs = training_pairs(data)
-        conf = 1.0 + cfg.alpha * np.log2(1.0 + pairs.events)
+        conf = confidence(pairs.events, cfg.alpha)
         target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
         user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
         item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
@@ -323,14 +324,14 @@ class ALS:
             if cfg.solver == "cholesky" or it == cfg.iterations:
                 report(it, None)
         if cfg.fold_in_half_life:
-            sharp = recency_target(pairs.newer, cfg.fold_in_half_life, cfg.fold_in_floor)
-            n = torch.clamp(user_side.counts, min=1).to(torch.float32)
+            terms = fold_in_terms(cfg)
+            sharp = recency_target(pairs.newer, terms.half_life, terms.floor)
             self.X = self._solve(
                 user_side,
                 self.Y,
                 self.X,
                 target=as_t(conf * sharp),  # Pairs' order is the user side's
-                reg=cfg.fold_in_regularization * n**cfg.reg_exponent,
+                reg=as_t(row_regularization(user_side.counts.cpu().numpy(), terms.regularization, cfg.reg_exponent)),
                 steps=cfg.fold_in_cg_steps,
             )
             if not torch.isfinite(self.X).all():

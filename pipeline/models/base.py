@@ -1,7 +1,13 @@
-"""The one model interface: every recommender is a dot-product model over user and item vectors.
+"""The model interface: every kind fits, persists its state, and scores in one of two shapes.
 
-That single shape is what evaluation, the gate, FAISS and Redis consume: score(u, i) =
-user_vectors[u] . item_vectors[i]. Popularity fits it too (a 1-d model: user 1, item count).
+* DotProduct: score(u, i) = user_vectors[u] . item_vectors[i]. What FAISS and the user store
+  consume. ALS, BPR, the neural models, and popularity (a 1-d model: user 1, item count).
+* ItemItem: score(u, .) = X[u] @ S, X the user's seen items (binary), S a sparse item x item
+  matrix. EASE and item-kNN. A server needs only S and the user's seen item rows
+  (pipeline/models/itemitem.py: `score_seen`).
+
+Which shape a kind has is the registry's word (`registry.scoring(kind)`), not a guess from
+the methods an object happens to have.
 """
 
 from __future__ import annotations
@@ -67,17 +73,31 @@ class TrainData:
 
 @runtime_checkable
 class Recommender(Protocol):
+    """What every kind has. Its scores come from DotProduct or ItemItem below."""
+
     kind: str
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> Recommender: ...
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Tensors to persist with safetensors (never pickle)."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> Recommender: ...
+
+
+@runtime_checkable
+class DotProduct(Recommender, Protocol):
     def user_vectors(self) -> np.ndarray:
         """float32 [n_users, dim]"""
 
     def item_vectors(self) -> np.ndarray:
         """float32 [n_items, dim]"""
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Tensors to persist with safetensors (never pickle)."""
 
-    def load_state(self, state: dict[str, np.ndarray]) -> Recommender: ...
+@runtime_checkable
+class ItemItem(Recommender, Protocol):
+    def interactions(self) -> sp.csr_matrix:
+        """float32 [n_users, n_items], 1 per (user, item) fitted on: the rows users are scored from."""
+
+    def similarity(self) -> sp.csr_matrix:
+        """float32 [n_items, n_items] S: row i is what having seen item i adds to every item's score."""

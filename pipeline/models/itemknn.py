@@ -4,7 +4,10 @@
 Each item keeps its `neighbours` most similar items (a sparse n_items x n_items matrix S);
 score(u, j) = sum over the user's items i of S_ij, i.e. X[u] @ S. The similarity is built a
 block of items at a time (sparse co-occurrences -> dense block -> top-k), so memory stays
-at block x n_items. An evaluation baseline scored with `score_block`, not published.
+at block x n_items.
+
+Training and evaluation: yes (a registered kind, and the evaluate stage's baseline).
+Serving an item-item release: not yet.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import torch
 
 from pipeline.config.models import ItemKNNConfig
 from pipeline.models.base import ProgressCallback, TrainData
-from pipeline.models.ease import binary_matrix
+from pipeline.models.itemitem import ItemItemModel, binary_matrix
 
 
-class ItemKNN:
+class ItemKNN(ItemItemModel):
     kind = "item_knn"
 
     def __init__(
@@ -27,8 +30,6 @@ class ItemKNN:
         self.config = config or ItemKNNConfig()
         self.device = torch.device(device)
         self.block_floats = block_floats
-        self.X: sp.csr_matrix | None = None
-        self.S: sp.csr_matrix | None = None
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ItemKNN:
         cfg, dev, n = self.config, self.device, data.n_items
@@ -48,13 +49,8 @@ class ItemKNN:
             rows.append((torch.nonzero(keep)[:, 0] + r0).cpu().numpy())
             cols.append(best.indices[keep].cpu().numpy())
             vals.append(best.values[keep].cpu().numpy())
-        self.X = X
-        self.S = sp.csr_matrix(
+        S = sp.csr_matrix(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n), dtype=np.float32
         )
+        self._set(X, S)
         return self
-
-    def score_block(self, users: np.ndarray) -> np.ndarray:
-        """Dense scores [len(users), n_items] for these user rows."""
-        assert self.X is not None and self.S is not None, "fit first"
-        return (self.X[users] @ self.S).toarray().astype(np.float32, copy=False)

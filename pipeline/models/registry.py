@@ -1,64 +1,99 @@
-"""Maps `model.kind` to its class, and resolves the torch device once.
+"""Every model kind: its class, its config, how it scores, and whether serving can fold a user in.
 
-Every model class takes `(config, device)`; configs live in pipeline/config/models.py.
+Every model class takes `(config, device)` (popularity takes nothing); configs live in
+pipeline/config/models.py. Model modules are imported when a model is built, so this table
+costs no torch import: serving asks it `folds_in(kind)` without loading a training stack.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from pipeline.config.models import ALSConfig, BPRConfig, ModelBase, model_config
-from pipeline.models.als import ALS
+from pipeline.config.models import (
+    ALSConfig,
+    BPRConfig,
+    EASEConfig,
+    GraphSAGEConfig,
+    ItemKNNConfig,
+    LightGCNConfig,
+    ModelBase,
+    TwoTowerConfig,
+    model_config,
+)
 from pipeline.models.base import Recommender
-from pipeline.models.bpr import BPR
-from pipeline.models.popularity import Popularity
+
+if TYPE_CHECKING:
+    import torch
+
+Scoring = Literal["dot", "item_item"]  # base.DotProduct or base.ItemItem
 
 
-def _two_tower():
-    from pipeline.models import two_tower
-
-    return two_tower
-
-
-def _graph():  # imported on use: torch_geometric takes seconds to import
-    from pipeline.models import graphsage
-
-    return graphsage
+@dataclass(frozen=True)
+class Kind:
+    module: str  # pipeline.models.<module>, imported on first build (torch_geometric takes seconds)
+    cls: str
+    config: type[ModelBase] | None  # None: a baseline without parameters
+    scoring: Scoring = "dot"
+    folds_in: bool = False  # serving re-solves a user's vector from their history (models/als_fold.py)
 
 
-# kind -> factory(config, device). Baselines without a config take none.
-KINDS: dict[str, Callable[[ModelBase | None, torch.device], Recommender]] = {
-    "popularity": lambda _cfg, _dev: Popularity(),
-    "als": lambda cfg, dev: ALS(cfg or ALSConfig(), device=dev),
-    "bpr": lambda cfg, dev: BPR(cfg or BPRConfig(), device=dev),
-    "two_tower": lambda cfg, dev: _two_tower().TwoTower(cfg, device=dev),
-    "graphsage": lambda cfg, dev: _graph().GraphSAGE(cfg, device=dev),
-    "lightgcn": lambda cfg, dev: _graph().LightGCN(cfg, device=dev),
+KINDS: dict[str, Kind] = {
+    "popularity": Kind("popularity", "Popularity", None),
+    "als": Kind("als", "ALS", ALSConfig, folds_in=True),
+    "bpr": Kind("bpr", "BPR", BPRConfig),
+    "two_tower": Kind("two_tower", "TwoTower", TwoTowerConfig),
+    "graphsage": Kind("graphsage", "GraphSAGE", GraphSAGEConfig),
+    "lightgcn": Kind("graphsage", "LightGCN", LightGCNConfig),
+    "ease": Kind("ease", "EASE", EASEConfig, scoring="item_item"),
+    "item_knn": Kind("itemknn", "ItemKNN", ItemKNNConfig, scoring="item_item"),
 }
+
+
+def kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise ValueError(f"unknown model kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
+
+
+def scoring(name: str) -> Scoring:
+    """How models of this kind score: "dot" (user . item vectors) or "item_item" (X[u] @ S)."""
+    return kind(name).scoring
+
+
+def folds_in(name: str) -> bool:
+    """Whether serving can fold a user's new events into their vector (False for unknown kinds)."""
+    return name in KINDS and KINDS[name].folds_in
 
 
 def resolve_device(preference: str | None = None) -> torch.device:
     """RECSYS_DEVICE=cpu|cuda|auto (default auto: CUDA when present)."""
+    import torch
+
     pref = (preference or os.environ.get("RECSYS_DEVICE", "auto")).lower()
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(pref)
 
 
+def _make(name: str, config: ModelBase | None, device: torch.device) -> Recommender:
+    spec = kind(name)
+    cls: Any = getattr(importlib.import_module(f"pipeline.models.{spec.module}"), spec.cls)
+    if spec.config is None:
+        return cls()
+    return cls(config or spec.config(), device=device)
+
+
 def build(config: ModelBase, device: torch.device | None = None) -> Recommender:
-    kind = config.kind  # type: ignore[attr-defined]
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}")
-    return KINDS[kind](config, device or resolve_device())
+    return _make(config.kind, config, device or resolve_device())  # type: ignore[attr-defined]
 
 
-def build_by_kind(kind: str, config: ModelBase | dict | None = None, device: torch.device | None = None) -> Recommender:
-    """A model of `kind` (for loading saved weights: CPU unless told otherwise)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}")
-    if isinstance(config, dict):
-        config = model_config({**config, "kind": kind})
-    return KINDS[kind](config, device or torch.device("cpu"))
+def build_by_kind(name: str, config: ModelBase | dict | None = None, device: torch.device | None = None) -> Recommender:
+    """A model of kind `name` (for loading saved weights: CPU unless told otherwise)."""
+    import torch
+
+    if isinstance(config, dict) and kind(name).config is not None:
+        config = model_config({**config, "kind": name})
+    return _make(name, config if isinstance(config, ModelBase) else None, device or torch.device("cpu"))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pipeline.models import als_fold
 from pipeline.serving import rerank
 from pipeline.serving.live import LiveRelease
 from pipeline.serving.schemas import Options, Reason, Recommendations, RejectedEvent, ScoredItem
@@ -167,8 +168,9 @@ def rejected_events(stamps: list[datetime], now: datetime) -> list[RejectedEvent
 
 
 def fold_in_events(live: LiveRelease, tenant: str, events: pd.DataFrame, rows: np.ndarray, metrics: Metrics) -> int:
-    """Re-solve each user's vector from their history plus these events (ALS closed form) and
-    store it under the live release; returns how many users were folded in."""
+    """Re-solve each user's vector from their history plus these events (the model's fold-in,
+    for kinds the registry says fold in) and store it under the live release; returns how
+    many users were folded in."""
     folded = 0
     if live.can_fold_in:
         known = events.assign(row=rows)[rows >= 0].sort_values("timestamp", ascending=False, kind="stable")
@@ -179,9 +181,7 @@ def fold_in_events(live: LiveRelease, tenant: str, events: pd.DataFrame, rows: n
             old = current[1] if current is not None else np.empty(0, dtype=np.int32)
             history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
             counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
-            vector = rerank.fold_in(
-                live.release.item_vectors, live.gram, history, counts, live.release.model_meta.get("config", {})
-            )
+            vector = als_fold.fold_in_user(live.release.item_vectors, live.gram, history, counts, live.fold_in_config)
             live.users.fold(live.release, str(user_id), vector, history.astype(np.int32))
             folded += 1
         metrics.fold_ins.labels(tenant).inc(folded)

@@ -17,7 +17,9 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.config.models import ALSConfig
 from pipeline.index import search as ann
+from pipeline.models import registry
 from pipeline.release import format as rel
 from pipeline.serving import rerank
 from pipeline.serving.user_store import EmbeddedStore, UserStore
@@ -65,7 +67,12 @@ class LiveRelease:
 
     @cached_property
     def can_fold_in(self) -> bool:
-        return self.release.model_meta.get("kind") == "als"
+        return registry.folds_in(self.release.model_meta.get("kind", ""))
+
+    @cached_property
+    def fold_in_config(self) -> ALSConfig:
+        """The trained model's config, typed once per release (the fold-in's terms come from it)."""
+        return ALSConfig.model_validate(self.release.model_meta["config"])
 
     def rows_of(self, item_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
         """Item rows of known ids, and the ids this release does not know."""

@@ -1,12 +1,11 @@
-"""Request-time math on one release: filters, diversity, reasons and the ALS fold-in.
+"""Request-time math on one release: filters, diversity and reasons (the ALS fold-in is the
+model's: pipeline/models/als_fold.py).
 
 Pure numpy functions of a release's arrays, vectorised over items; the only loops are over
 the k picks of MMR and over the users of one request.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -119,31 +118,3 @@ def popular_topk(popularity: np.ndarray, k: int, eligible: np.ndarray | None) ->
     part = np.argpartition(-pop, k - 1)[:k] if k < len(pop) else np.arange(len(pop))
     order = np.lexsort((part, -pop[part]))
     return part[order][:k]
-
-
-def fold_in(
-    item_vectors: np.ndarray,
-    gram: np.ndarray,
-    history: np.ndarray,
-    events: np.ndarray,
-    model_config: dict[str, Any],
-) -> np.ndarray:
-    """One user's vector from their history with the item factors fixed: the ALS closed form.
-
-    `history`: distinct item rows, most recent first; `events`: events per item. Same
-    confidence, recency target and regularisation as the model's own fold-in
-    (pipeline/models/als.py), so a user who just acted is scored like a trained one.
-    """
-    cfg = model_config
-    alpha = float(cfg.get("alpha", 1.0))
-    half_life = cfg.get("fold_in_half_life") or cfg.get("recency_half_life")
-    floor = float(cfg.get("fold_in_floor", cfg.get("recency_floor", 0.0)))
-    reg = float(cfg.get("fold_in_regularization", cfg.get("regularization", 0.1)))
-    reg *= max(len(history), 1) ** float(cfg.get("reg_exponent", 1.0))
-    newer = np.arange(len(history), dtype=np.float64)
-    target = floor + (1.0 - floor) * np.power(0.5, newer / float(half_life)) if half_life else np.ones_like(newer)
-    conf = 1.0 + alpha * np.log2(1.0 + events.astype(np.float64))
-    y = item_vectors[history].astype(np.float64)
-    a = gram + (y.T * (conf - 1.0)) @ y + reg * np.eye(y.shape[1])
-    b = y.T @ (conf * target)
-    return np.linalg.solve(a, b).astype(np.float32)

@@ -117,7 +117,7 @@ class Event(BaseModel):
         default=None, description="ISO 8601 time it happened (default: when received)."
     )
     event_type: Annotated[str, AfterValidator(_utf8)] = Field(default="interaction", min_length=1, max_length=64)
-    rating: float | None = Field(default=None, allow_inf_nan=False)
+    rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)  # true/false is no rating
 
 
 class EventsRequest(BaseModel):

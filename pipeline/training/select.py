@@ -79,7 +79,7 @@ def with_params(candidate: ModelBase, params: dict[str, Any]) -> ModelBase:
 
 def score(cfg: ModelBase, data: TrainData, relevant, exclude, k: int, metric: str, device) -> float:
     model = build(cfg, device).fit(data)
-    summary, _, _ = scoring.evaluate_vectors(model.user_vectors(), model.item_vectors(), relevant, exclude, k)
+    summary, _, _ = scoring.evaluate_model(model, relevant, exclude, k)
     return float(summary[metric])
 
 

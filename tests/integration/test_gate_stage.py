@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.context import RunContext
+from pipeline.context import RunContext, StageError
 from pipeline.release import format as release
 from pipeline.stages import GateRejected, run_all, run_stage
 from pipeline.storage import codecs, paths
@@ -79,3 +79,25 @@ def test_gate_log_has_one_line_per_check(published, caplog):
         assert f"{c['status']:<4} {c['name']}" in text
     assert decision["checks"][1]["name"] == "vs_champion" and "point comparison" in decision["checks"][1]["detail"]
     assert results["gate"]["publish"]
+
+
+def test_an_item_item_challenger_is_gated_against_a_live_release(ctx, settings, small_df):
+    from tests.conftest import write_tenant
+
+    early = RunContext(config=ctx.config, interval_end=datetime(2025, 3, 1, tzinfo=UTC), settings=settings)
+    champ_id = run_all(early)["publish"]["release_id"]  # an ALS release is live
+    cfg = write_tenant(settings, "acme", small_df, selection={"candidates": [{"kind": "item_knn", "neighbours": 30}]})
+    late = RunContext(config=cfg, interval_end=ctx.interval_end, settings=settings)
+    try:
+        run_all(late, until="gate")
+    except GateRejected:
+        pass
+    decision = codecs.read_json(late.store.get(late.key(paths.DECISION)))
+    assert late.read_result("train")["kind"] == "item_knn"
+    assert decision["basis"] == "same_holdout" and decision["champion_release_id"] == champ_id
+    paired = codecs.read_parquet(late.store.get(late.key(paths.PAIRED)))
+    assert len(paired) == decision["ci"]["users"] and paired["challenger"].between(0, 1).all()
+    assert paired["challenger"].mean() > 0  # the item-item model ranks the fresh events, not nothing
+    run_stage("refit", late)
+    with pytest.raises(StageError, match="cannot be served yet"):  # the serving side comes separately
+        run_stage("index", late)

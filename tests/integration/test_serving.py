@@ -184,30 +184,6 @@ def test_batch_matches_single_requests(client, served):
     assert client.post("/v1/tenants/acme/recommendations/batch", json={"user_ids": []}).status_code == 422
 
 
-def test_fold_in_is_the_closed_form_least_squares():
-    rng = np.random.default_rng(0)
-    y = rng.normal(size=(30, 4)).astype(np.float32)
-    history, events = np.array([7, 2, 19]), np.array([2, 1, 1])
-    cfg = {
-        "alpha": 1.0,
-        "fold_in_half_life": 2.0,
-        "fold_in_floor": 0.1,
-        "fold_in_regularization": 0.3,
-        "reg_exponent": 1.0,
-    }
-    got = rerank.fold_in(y, (y.T @ y).astype(np.float64), history, events, cfg)
-    # the same objective, solved independently as weighted least squares over ALL items
-    c = np.ones(30)
-    p = np.zeros(30)
-    c[history] = 1 + np.log2(1 + events)
-    p[history] = 0.1 + 0.9 * 0.5 ** (np.arange(3) / 2.0)
-    reg = 0.3 * 3
-    a = np.vstack([np.sqrt(c)[:, None] * y, np.sqrt(reg) * np.eye(4)])
-    b = np.concatenate([np.sqrt(c) * p, np.zeros(4)])
-    want = np.linalg.lstsq(a, b, rcond=None)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-
-
 def test_events_fold_in_at_once_and_reach_the_next_extract(client, served):
     settings, rel = served
     liked = list(rel.item_ids[[10, 11]])

@@ -119,16 +119,9 @@ def test_hive_partitions_read_only_the_days_the_run_needs(settings):
 
 
 @pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
+def bucket(s3_env):
     import boto3
 
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-    }.items():
-        monkeypatch.setenv(k, v)
     name = f"src-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3")
     client.create_bucket(Bucket=name)

@@ -7,6 +7,7 @@ from pipeline.config.models import EASEConfig, ItemKNNConfig
 from pipeline.evaluation import ranking, scoring
 from pipeline.models import TrainData
 from pipeline.models.ease import EASE
+from pipeline.models.itemitem import score_seen, score_users
 from pipeline.models.itemknn import ItemKNN
 from pipeline.storage import codecs, paths
 
@@ -22,12 +23,25 @@ def _data(x: np.ndarray, repeat_first: bool = True) -> TrainData:
 
 
 def test_ease_matches_the_closed_form():
-    model = EASE(EASEConfig(regularization=0.5)).fit(_data(X))
+    model = EASE(EASEConfig(regularization=0.5, neighbours=None)).fit(_data(X))
     P = np.linalg.inv(X.T @ X + 0.5 * np.eye(4))
     B = np.eye(4) - P / np.diag(P)  # column j divided by P_jj
     np.fill_diagonal(B, 0.0)
-    assert np.allclose(model.B, B, atol=1e-6)
-    assert np.allclose(model.score_block(np.array([2, 0])), X[[2, 0]] @ B, atol=1e-5)
+    assert np.allclose(model.similarity().toarray(), B, atol=1e-6)
+    assert np.allclose(scoring.user_scores(model, np.array([2, 0])), X[[2, 0]] @ B, atol=1e-5)
+
+
+def test_ease_keeps_each_rows_largest_weights_by_magnitude():
+    rng = np.random.default_rng(0)
+    x = (rng.random((30, 8)) < 0.4).astype(np.float64)
+    full = EASE(EASEConfig(regularization=2.0, neighbours=None)).fit(_data(x, repeat_first=False)).similarity()
+    pruned = EASE(EASEConfig(regularization=2.0, neighbours=3)).fit(_data(x, repeat_first=False)).similarity()
+    B = full.toarray()
+    keep = np.argsort(-np.abs(B), axis=1, kind="stable")[:, :3]
+    want = np.zeros_like(B)
+    np.put_along_axis(want, keep, np.take_along_axis(B, keep, axis=1), axis=1)
+    assert (np.diff(pruned.indptr) <= 3).all() and np.allclose(pruned.toarray(), want)
+    assert (pruned.toarray() < 0).any()  # negative weights are kept when they are large
 
 
 def test_item_knn_is_cosine_with_top_k_neighbours():
@@ -35,22 +49,31 @@ def test_item_knn_is_cosine_with_top_k_neighbours():
     cosine = (X.T @ X) / np.sqrt(np.outer(counts, counts))
     np.fill_diagonal(cosine, 0.0)
     full = ItemKNN(ItemKNNConfig(neighbours=10)).fit(_data(X))
-    assert np.allclose(full.S.toarray(), cosine, atol=1e-6)
+    assert np.allclose(full.similarity().toarray(), cosine, atol=1e-6)
     # item 1's neighbours: items 0 and 2 (2/3 each) beat item 3 (1/sqrt(3)); block_floats forces tiling
-    top2 = ItemKNN(ItemKNNConfig(neighbours=2), block_floats=5).fit(_data(X)).S.toarray()
+    top2 = ItemKNN(ItemKNNConfig(neighbours=2), block_floats=5).fit(_data(X)).similarity().toarray()
     assert np.allclose(top2[1], [2 / 3, 0, 2 / 3, 0], atol=1e-6)
     assert (np.count_nonzero(top2, axis=1) <= 2).all()
-    shrunk = ItemKNN(ItemKNNConfig(neighbours=10, shrinkage=3.0)).fit(_data(X)).S.toarray()
+    shrunk = ItemKNN(ItemKNNConfig(neighbours=10, shrinkage=3.0)).fit(_data(X)).similarity().toarray()
     assert np.isclose(shrunk[0, 1], 2 / (3 + 3.0))
-    assert np.allclose(full.score_block(np.arange(4)), X @ cosine, atol=1e-5)
+    assert np.allclose(scoring.user_scores(full, np.arange(4)), X @ cosine, atol=1e-5)
 
 
 def test_items_and_users_without_events_score_zero():
     x = np.zeros((3, 5))
     x[0, [0, 1]] = x[1, [1, 2]] = 1  # user 2 and items 3, 4 have no events
     for model in (EASE().fit(_data(x)), ItemKNN().fit(_data(x))):
-        scores = model.score_block(np.arange(3))
+        scores = scoring.user_scores(model, np.arange(3))
         assert np.isfinite(scores).all() and not scores[2].any() and not scores[:, 3:].any()
+
+
+def test_a_user_is_scored_from_their_seen_rows_alone():
+    S = sp.csr_matrix(np.array([[0, 2, 0, 1], [1, 0, 0, 0], [0, 0.5, 0, 3], [4, 0, 1, 0]], dtype=np.float32))
+    # seen items 0 and 2 (2 twice): row 0 + row 2 = [0, 2.5, 0, 4]
+    assert score_seen(S, np.array([2, 0, 2])).tolist() == [0, 2.5, 0, 4]
+    assert score_seen(S, np.array([], dtype=np.int64)).tolist() == [0, 0, 0, 0]
+    X4 = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32))
+    assert np.array_equal(score_users(X4, S, np.array([0, 1])), [score_seen(S, [0, 2]), score_seen(S, [3])])
 
 
 def test_topk_scores_agrees_with_topk_dot_and_masks():
@@ -67,13 +90,14 @@ def test_topk_scores_agrees_with_topk_dot_and_masks():
     assert set(short[1][:2]) == {0, 1} and short[1][2] == -1
 
 
-def test_evaluate_scorer_equals_evaluate_vectors_for_a_dot_product():
+def test_item_item_ranking_is_the_dot_product_of_seen_rows_and_similarity_columns():
     rng = np.random.default_rng(1)
-    U, V = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(15, 4)).astype(np.float32)
+    x = (rng.random((20, 15)) < 0.3).astype(np.float64)
     rel = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
-    exc = sp.csr_matrix((rng.random((20, 15)) < 0.2).astype(np.float32))
-    a = scoring.evaluate_vectors(U, V, rel, exc, 5)
-    b = scoring.evaluate_scorer(lambda rows: U[rows] @ V.T, rel, exc, 5)
+    model = ItemKNN(ItemKNNConfig(neighbours=5)).fit(_data(x, repeat_first=False))
+    exc = model.interactions()
+    a = scoring.evaluate_model(model, rel, exc, 5)
+    b = scoring.evaluate_vectors(exc.toarray(), model.similarity().T.toarray(), rel, exc, 5)
     assert a[0] == b[0] and np.array_equal(a[2], b[2])
 
 

@@ -70,3 +70,18 @@ def test_tenant_id_rules(bad):
 def test_load_tenant_rejects_bad_id_before_touching_disk(tmp_path):
     with pytest.raises(TenantConfigError, match="invalid"):
         load_tenant("../etc/passwd", tmp_path)
+
+
+def test_tenants_choose_and_search_the_item_item_kinds(tmp_path):
+    text = MINIMAL + (
+        "model: {kind: ease, regularization: 50, neighbours: 100}\n"
+        "selection:\n"
+        "  candidates:\n"
+        "    - {kind: item_knn, search: {neighbours: {low: 10, high: 200, int: true}, shrinkage: [0, 5]}}\n"
+        "    - {kind: ease, search: {regularization: {low: 10, high: 1000, log: true}}}\n"
+    )
+    cfg = load_tenant_file(_write(tmp_path, text))
+    assert cfg.model.kind == "ease" and cfg.model.neighbours == 100 and cfg.model_kinds() == ["ease", "item_knn"]
+    assert cfg.training.queue_for(*cfg.model_kinds()) == "cpu"
+    with pytest.raises(TenantConfigError, match="unknown parameter"):
+        load_tenant_file(_write(tmp_path, MINIMAL + "model: {kind: item_knn, search: {factors: [8, 16]}}\n"))

@@ -163,6 +163,8 @@ def test_search_exact_flat_equals_numpy_and_pads_small_catalogs():
 
 def test_index_stage_records_recall_and_fails_clearly(ctx, monkeypatch):
     class Model:
+        kind = "als"  # a dot-product kind: the index takes its vectors
+
         def item_vectors(self):
             return ITEMS
 

@@ -17,23 +17,12 @@ def _ndcg(model, feats):
     return summary["ndcg"]
 
 
-def test_als_beats_popularity_and_loss_decreases(split):
-    feats, data = split
+def test_als_loss_decreases_and_never_increases(split):
+    _, data = split
     losses = []
-    als = ALS(ALSConfig(factors=16, iterations=8)).fit(data, callback=lambda it, v: losses.append(v["loss"]))
+    ALS(ALSConfig(factors=16, iterations=8)).fit(data, callback=lambda it, v: losses.append(v["loss"]))
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:], strict=False))  # ALS never increases its objective
-    pop = Popularity().fit(data)
-    assert _ndcg(als, feats) > _ndcg(pop, feats) * 1.1
-
-
-def test_als_is_deterministic_and_round_trips_state(split):
-    _, data = split
-    a = ALS(ALSConfig(factors=8, iterations=3, seed=5)).fit(data)
-    b = ALS(ALSConfig(factors=8, iterations=3, seed=5)).fit(data)
-    assert np.array_equal(a.user_vectors(), b.user_vectors())
-    c = ALS(ALSConfig(factors=8)).load_state(a.state())
-    assert np.array_equal(c.item_vectors(), a.item_vectors())
 
 
 def test_tiled_solver_matches_single_tile(split):

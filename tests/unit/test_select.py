@@ -9,7 +9,9 @@ from pipeline.config.models import ALSConfig, SearchRange
 from pipeline.config.tenant import TenantConfigError
 from pipeline.context import RunContext
 from pipeline.features import dataset
+from pipeline.models.io import read_model
 from pipeline.stages import run_all
+from pipeline.storage import paths
 from pipeline.training import fit, select
 from tests.conftest import INTERVAL_END, write_tenant
 
@@ -87,3 +89,28 @@ def test_with_params_validates(small_df):
     with pytest.raises(ValueError):
         select.with_params(cand, {"factors": -1})
     assert np.isclose(select.with_params(cand, {"alpha": 2.5}).alpha, 2.5)
+
+
+def test_item_item_kinds_are_selected_trained_and_evaluated(settings, small_df):
+    cfg = write_tenant(
+        settings,
+        "acme",
+        small_df,
+        selection={
+            "trials": 3,
+            "candidates": [
+                {"kind": "als", "factors": 1, "iterations": 2, "regularization": 500.0},  # hopeless
+                {"kind": "item_knn", "search": {"neighbours": {"low": 5, "high": 60, "int": True}}},
+                {"kind": "ease", "regularization": 50.0, "neighbours": 40},
+            ],
+        },
+    )
+    ctx = RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings)
+    out = run_all(ctx, until="evaluate")
+    chosen = out["select"]["config"]["kind"]
+    values = [c["value"] for c in out["select"]["candidates"]]
+    assert chosen in ("item_knn", "ease") and max(values[1:]) > values[0]
+    assert out["train"]["kind"] == chosen and out["evaluate"]["model"] == chosen
+    assert out["evaluate"]["metrics"][chosen]["ndcg@10"] > out["evaluate"]["metrics"]["popularity"]["ndcg@10"]
+    model = read_model(ctx, paths.TRAINED)  # the evaluated model, back from safetensors
+    assert model.kind == chosen and model.similarity().shape == (dataset.Features.read(ctx).n_items,) * 2
