@@ -28,6 +28,7 @@ PORT ?= 8000
 help:
 	@echo "make run   - install, run the demo tenant's DAG through Airflow, print a summary, serve the API"
 	@echo "make test  - install test deps and run the whole suite (what CI runs)"
+	@echo "make lint  - ruff check, ruff format --check, mypy on pipeline/ (make test runs it first)"
 	@echo "make airflow - Airflow standalone (UI on :8080) with the tenant DAGs and the recsys dashboard plugin"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
@@ -69,9 +70,11 @@ run: demo-data airflow-db
 serve: $(STAMP)
 	RECSYS_AUTH_DISABLED=1 $(PY) -m pipeline serve --host $(HOST) --port $(PORT)
 
+# the same checks as .pre-commit-config.yaml; mypy runs on the venv's interpreter (config: pyproject.toml)
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check pipeline dags plugins tests benchmarks
 	$(VENV)/bin/ruff format --check pipeline dags plugins tests benchmarks
+	$(VENV)/bin/mypy
 
 test: $(DEV_STAMP) lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ from pipeline.storage import ObjectStore, codecs, open_store, paths
 from pipeline.storage.paths import Artifact
 
 
-class StageLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class StageLogger(logging.LoggerAdapter[logging.Logger]):
     """Every line carries tenant, run id and stage: as record attributes (for JSON/structured
     handlers) and as a key=value prefix (Airflow's task-log renderer shows only the message)."""
 
@@ -127,7 +127,7 @@ class RunContext:
             self.store.delete(self.key(artifact))
 
     # ------------------------------------------------------------------ stage plumbing
-    def logger(self, stage: str) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+    def logger(self, stage: str) -> logging.LoggerAdapter[logging.Logger]:
         return StageLogger(
             logging.getLogger(f"pipeline.{stage}"),
             {"tenant": self.tenant, "run_id": self.run_id, "stage": stage},

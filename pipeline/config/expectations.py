@@ -204,7 +204,9 @@ def load_suite_config(cfg: TenantConfig, expectations_dir: str | Path) -> tuple[
     """The tenant's effective suite, the files it came from (in the order applied), and for
     each of its `expectations` the file that added it."""
     folder = Path(expectations_dir)
-    suite, used, origins = SuiteConfig(), [], []
+    suite = SuiteConfig()
+    used: list[str] = []
+    origins: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
     default = folder / DEFAULT_FILE
     if default.is_file():

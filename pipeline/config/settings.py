@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys_file", "expectations_dir", mode="before")
     @classmethod
-    def _empty_path(cls, value):
+    def _empty_path(cls, value: object) -> object:
         return None if value == "" else value
 
     release_poll_seconds: float = Field(default=2.0, ge=0, description="How often serving re-reads pointers.")

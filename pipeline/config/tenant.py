@@ -36,7 +36,7 @@ FileFormat = Literal["auto", "csv", "parquet", "jsonl"]
 def is_sql_url(uri: str) -> bool:
     """A SQLAlchemy URL (`postgresql+psycopg://...`, `sqlite:///...`) rather than a path or s3://."""
     m = _URL_SCHEME.match(uri)
-    return bool(m) and m.group(1).split("+", 1)[0].lower() not in ("s3", "file", "http", "https")
+    return m is not None and m.group(1).split("+", 1)[0].lower() not in ("s3", "file", "http", "https")
 
 
 def _check_sql(uri: str, query: str | None, need_binds: bool) -> None:

@@ -18,9 +18,12 @@ from pipeline.storage import codecs, paths
 STAGE = "extract"  # part of the extract stage's output
 
 
-def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
-    """The item catalog: item_id, category (or null), tags (list of str), title; one row per item."""
+def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame | None:
+    """The item catalog: item_id, category (or null), tags (list of str), title; one row per item.
+    None when the tenant has no `catalog:`."""
     cat = ctx.config.catalog
+    if cat is None:
+        return None
     cols = cat.columns
     frames = []
     for name, data in read.files(cat.uri, cat.format, "catalog.uri"):
@@ -51,10 +54,12 @@ def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
     return df
 
 
-def extract_users(ctx: RunContext, read: sources.Reader) -> pd.DataFrame:
+def extract_users(ctx: RunContext, read: sources.Reader) -> pd.DataFrame | None:
     """User attributes: user_id (string) + the mapped attribute columns; one row per user (the
-    last one read wins), sorted by user_id."""
+    last one read wins), sorted by user_id. None when the tenant has no `users:`."""
     cfg = ctx.config.users
+    if cfg is None:
+        return None
     uid = cfg.columns.user_id
     attrs = cfg.columns.attributes
     if attrs is not None and "user_id" in attrs:

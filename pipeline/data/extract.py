@@ -110,7 +110,9 @@ def _read_source(ctx: RunContext, window: history.Window) -> tuple[pd.DataFrame,
         files = [
             f
             for f in files
-            if f.date <= window.last_source_day and (window.first_day is None or f.date >= window.first_day)
+            if f.date is not None  # partitioned: every file has one
+            and f.date <= window.last_source_day
+            and (window.first_day is None or f.date >= window.first_day)
         ]
 
     def one(f: sources.SourceFile) -> pd.DataFrame:

@@ -12,6 +12,7 @@ caller's error (a StageError for the tenant and run).
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import io
 import os
@@ -19,6 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +90,9 @@ def partition_date(rel: str, key: str) -> date | None:
     return None
 
 
-def list_files(uri: str, fmt: str, data_root: Path, partition_key: str = "dt", field_name: str = "source.uri"):
+def list_files(
+    uri: str, fmt: str, data_root: Path, partition_key: str = "dt", field_name: str = "source.uri"
+) -> tuple[list[SourceFile], bool]:
     """Every data file of a file source, sorted by relative path (partitions: by date).
 
     Returns (files, partitioned). Nothing is downloaded yet: `SourceFile.read()` does that.
@@ -102,14 +106,12 @@ def list_files(uri: str, fmt: str, data_root: Path, partition_key: str = "dt", f
         one = S3Store(f"s3://{bucket}/{parent}".rstrip("/")) if key and not uri.endswith("/") else None
         store = S3Store(uri.rstrip("/"))
         if one is not None and one.exists(name):  # a single object
-            files = [SourceFile(uri, name, None, lambda: one.get(name))]
+            files = [SourceFile(uri, name, None, partial(one.get, name))]
         else:
             keys = [k for k in store.list("") if _suffixes(k)[0] in wanted]
             if not keys:
                 raise SourceError(f"{field_name} {uri}: no {sorted(wanted)} objects found")
-            files = [
-                SourceFile(store.uri(k), k, partition_date(k, partition_key), lambda k=k: store.get(k)) for k in keys
-            ]
+            files = [SourceFile(store.uri(k), k, partition_date(k, partition_key), partial(store.get, k)) for k in keys]
     else:
         path = Path(uri)
         if not path.is_absolute():
@@ -221,11 +223,12 @@ class Reader:
         except SourceError as exc:
             raise self.error(str(exc)) from None
 
-    def files(self, uri: str, fmt: str, field_name: str) -> list[tuple[str, bytes]]:
+    # below `list`, annotations in this class must say builtins.list (`list` names the method)
+    def files(self, uri: str, fmt: str, field_name: str) -> builtins.list[tuple[str, bytes]]:
         """(name, bytes) of every file of a source (file, folder, s3 object or prefix), sorted."""
         return [(f.name, f.read()) for f in self.list(uri, fmt, field_name)[0]]
 
-    def table(self, name: str, data: bytes, fmt: str, delimiter: str, id_cols: list[str]) -> pd.DataFrame:
+    def table(self, name: str, data: bytes, fmt: str, delimiter: str, id_cols: builtins.list[str]) -> pd.DataFrame:
         try:
             return read_table(name, data, fmt, delimiter, id_cols)
         except SourceError as exc:

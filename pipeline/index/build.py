@@ -117,24 +117,24 @@ def _construct(x: np.ndarray, kind: str, cfg: IndexConfig) -> tuple[Any, dict[st
     n, d = x.shape
     with _omp_threads(1):
         if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-            index.add(x)
-            return index, {}, 0, 0
+            flat = faiss.IndexFlatIP(d)
+            flat.add(x)
+            return flat, {}, 0, 0
         if kind == "hnsw":
             # level assignment uses FAISS's fixed seed (not settable from Python)
-            index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = cfg.hnsw_ef_construction
-            index.add(x)
+            hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
+            hnsw.add(x)
             params = {"m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction}
-            return index, params, cfg.hnsw_ef_search, max(cfg.hnsw_ef_search, MAX_EF_SEARCH)
+            return hnsw, params, cfg.hnsw_ef_search, max(cfg.hnsw_ef_search, MAX_EF_SEARCH)
         if kind == "ivf":
             nlist = ivf_nlist(n, cfg)
             quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = cfg.seed
-            index.train(x)
-            index.add(x)
-            return index, {"nlist": nlist}, min(cfg.ivf_nprobe, nlist), nlist
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.cp.seed = cfg.seed
+            ivf.train(x)
+            ivf.add(x)
+            return ivf, {"nlist": nlist}, min(cfg.ivf_nprobe, nlist), nlist
     raise ValueError(f"unknown index kind {kind!r}")
 
 

@@ -22,7 +22,10 @@ def knob_value(index, kind: str, value: int | None = None) -> int | None:
     import faiss
 
     if kind == "hnsw":
-        hnsw = faiss.downcast_index(index).hnsw
+        inner = faiss.downcast_index(index)
+        if not isinstance(inner, faiss.IndexHNSW):
+            raise TypeError(f"not an HNSW index: {type(inner).__name__}")
+        hnsw = inner.hnsw
         if value is not None:
             hnsw.efSearch = int(value)
         return int(hnsw.efSearch)
@@ -221,9 +224,13 @@ def _widened(index, kind: str, knob: int | None, fetch: int, k: int):
     """
     import faiss
 
+    if knob is None:  # flat: no knob to widen
+        return None
     if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=int(knob + fetch - k))
+        # faiss 1.15's stub omits SearchParametersHNSW (the SWIG module has it, kwargs included)
+        return faiss.SearchParametersHNSW(efSearch=int(knob + fetch - k))  # type: ignore[attr-defined]
     if kind == "ivf":
-        nlist = faiss.try_extract_index_ivf(index).nlist
-        return faiss.SearchParametersIVF(nprobe=int(min(nlist, math.ceil(knob * math.sqrt(fetch / k)))))
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(min(faiss.extract_index_ivf(index).nlist, math.ceil(knob * math.sqrt(fetch / k))))
+        return params
     return None

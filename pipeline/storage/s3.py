@@ -7,6 +7,7 @@ conditional writes (If-None-Match / If-Match) so two publishers cannot both win.
 from __future__ import annotations
 
 import io
+from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.storage.base import PreconditionFailed, StoreError
@@ -15,7 +16,8 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 
 
 class S3Store:
-    def __init__(self, uri: str, client=None) -> None:
+    def __init__(self, uri: str, client: Any = None) -> None:
+        """`client`: a boto3 S3 client (Any: boto3 ships no type stubs); None builds one from the environment."""
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise StoreError(f"not an s3:// URI: {uri!r}")
@@ -63,7 +65,7 @@ class S3Store:
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
+        keys: list[str] = []
         for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)

@@ -255,6 +255,7 @@ def build(spec: SuiteConfig, frame: Frame, origins: list[str]) -> tuple[list[Any
 def extra_expectations(spec: SuiteConfig, origins: list[str]) -> list[Any]:
     """The tenant's own GX expectations (`expectations:`), checked by GX itself."""
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     out = []
     for i, x in enumerate(spec.expectations):
@@ -264,7 +265,7 @@ def extra_expectations(spec: SuiteConfig, origins: list[str]) -> list[Any]:
                     type=x.type,
                     kwargs=dict(x.kwargs),
                     meta={"check": f"expectations[{i}]"},
-                    severity="critical" if x.severity == "blocking" else "warning",
+                    severity=FailureSeverity.CRITICAL if x.severity == "blocking" else FailureSeverity.WARNING,
                     description=x.description,
                 ).to_domain_obj()
             )

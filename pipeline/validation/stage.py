@@ -55,7 +55,7 @@ def previous_volumes(ctx: RunContext, start: pd.Timestamp, end: pd.Timestamp, wi
     """Interval volumes of the previous runs (interval end before this one's, within `window`
     periods), oldest first, at most `window`. Reruns and backfills see the same history."""
     earliest = end - window * (end - start)
-    found = []
+    found: list[dict[str, Any]] = []
     for run_id in paths.run_ids(ctx.store.list(paths.runs_prefix(ctx.tenant)), ctx.tenant):
         try:
             run_end = pd.Timestamp(paths.interval_end_of(run_id))
@@ -112,7 +112,7 @@ def _stats(df, in_interval, user_hour, spec: SuiteConfig, frame: checks.Frame, c
         unknown = inside.loc[~inside["item_id"].isin(catalog["item_id"]), "item_id"]
         stats["unknown_items"] = list(unknown.value_counts().head(5).index.astype(str))
     median, floor, _ = checks.volume_floor(frame.history, spec.volume)
-    if floor is not None:
+    if median is not None and floor is not None:
         stats["volume"] = {
             "median": median,
             "runs": len(frame.history),
@@ -152,13 +152,13 @@ def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], en
                 kwargs={"min_value": c.min},
             )
         )
-    c = spec.future_timestamps
-    if c.enabled and extracted.get("source_kind") == "partitioned" and end == end.normalize():
+    ft = spec.future_timestamps
+    if ft.enabled and extracted.get("source_kind") == "partitioned" and end == end.normalize():
         n = int(extracted.get("dropped_after_interval_end") or 0)
         out.append(
             reporting.external(
                 "future_timestamps",
-                c.severity,
+                ft.severity,
                 checks.EXTRACT_DROPPED_FUTURE,
                 "no events in this interval's source partitions stamped at or after the interval end",
                 n == 0,
@@ -170,6 +170,7 @@ def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], en
 
 def validate(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
+    assert ctx.settings.expectations_dir is not None  # Settings fills the default at construction
     spec, files, origins = load_suite_config(ctx.config, ctx.settings.expectations_dir)
     df = ctx.read_parquet(paths.INTERACTIONS)
     extracted = ctx.read_json(paths.EXTRACT_RESULT) if ctx.exists(paths.EXTRACT_RESULT) else {}
@@ -206,7 +207,7 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     warnings = [o for o in outcomes if o.status == "warn"]
     docs_uri = ctx.store.uri(docs_key) if docs_key else None
     dup_key = [c for c in (*KEY_COLUMNS, "event_type") if c in df]
-    report = {
+    report: dict[str, Any] = {
         "tenant": ctx.tenant,
         "run_id": ctx.run_id,
         "success": not failures,
