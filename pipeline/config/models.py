@@ -11,7 +11,7 @@ whether serving can fold a user in).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -43,6 +43,7 @@ SearchSpace = SearchRange | list[Any]  # a range, or a list of choices
 class ModelBase(_Strict):
     """What every model config has: a seed and optional search ranges over its own fields."""
 
+    kind: str  # each subclass narrows it to a Literal: the tag of the ModelConfig union
     seed: int = 42
     search: dict[str, SearchSpace] = Field(
         default={}, description="Parameter -> range or choices, searched on a validation split (selection)."
@@ -52,7 +53,7 @@ class ModelBase(_Strict):
     def _search_names_fields(self) -> ModelBase:
         unknown = sorted(set(self.search) - (set(type(self).model_fields) - {"kind", "search", "seed"}))
         if unknown:
-            raise ValueError(f"search names unknown parameter(s) {unknown} of model kind {self.kind!r}")  # type: ignore[attr-defined]
+            raise ValueError(f"search names unknown parameter(s) {unknown} of model kind {self.kind!r}")
         return self
 
     def fixed(self) -> ModelBase:
@@ -250,8 +251,15 @@ def _kind_of(value: Any) -> str:
     return value.get("kind", "als") if isinstance(value, dict) else getattr(value, "kind", "als")
 
 
+# Spelled out (not built from MODEL_CONFIGS) so type checkers see the union; a test checks the two agree.
 ModelConfig = Annotated[
-    Union[tuple(Annotated[c, Tag(c.model_fields["kind"].default)] for c in MODEL_CONFIGS)],  # noqa: UP007
+    Annotated[ALSConfig, Tag("als")]
+    | Annotated[BPRConfig, Tag("bpr")]
+    | Annotated[TwoTowerConfig, Tag("two_tower")]
+    | Annotated[GraphSAGEConfig, Tag("graphsage")]
+    | Annotated[LightGCNConfig, Tag("lightgcn")]
+    | Annotated[EASEConfig, Tag("ease")]
+    | Annotated[ItemKNNConfig, Tag("item_knn")],
     Discriminator(_kind_of),
 ]
 

@@ -62,6 +62,9 @@ def check_finite(loss: float, model: str, epoch: int) -> None:
 class Bags(nn.Module):
     """Rows of a CSR matrix as EmbeddingBag input: rows(items) -> (flat ids, offsets)."""
 
+    indptr: torch.Tensor  # buffers (register_buffer), declared for type checkers
+    indices: torch.Tensor
+
     def __init__(self, matrix: sp.csr_matrix) -> None:
         super().__init__()
         self.width = matrix.shape[1]
@@ -82,6 +85,8 @@ class ItemAttributes(nn.Module):
 
     Each part is zero for an item without it, so an item with no attributes gets a zero vector.
     """
+
+    category_code: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, features: ItemFeatures, dim: int, init_std: float) -> None:
         super().__init__()

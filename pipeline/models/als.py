@@ -123,8 +123,8 @@ class ALS:
         """rows, cols: the pairs in (user, item) order (Pairs' order), for either side."""
         cfg, dev = self.config, self.device
         # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
-        order = torch.sort(torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64), stable=True)
-        order = order.indices.numpy()
+        key = torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64)
+        order = torch.sort(key, stable=True).indices.numpy()
         rows, cols, conf, target = rows[order], cols[order], conf[order], target[order]
         counts = np.bincount(rows, minlength=n_rows)
         # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface)
@@ -284,6 +284,7 @@ class ALS:
         regulariser come from `terms` (see _solve_cg), computed here if not given.
         """
         X, Y = self.X, self.Y
+        assert X is not None and Y is not None, "fit first"
         if terms is None:
             terms = torch.zeros((), dtype=torch.float64, device=X.device)
             self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms)
@@ -324,14 +325,14 @@ class ALS:
             if cfg.solver == "cholesky" or it == cfg.iterations:
                 report(it, None)
         if cfg.fold_in_half_life:
-            terms = fold_in_terms(cfg)
-            sharp = recency_target(pairs.newer, terms.half_life, terms.floor)
+            fold = fold_in_terms(cfg)
+            sharp = recency_target(pairs.newer, fold.half_life, fold.floor)
             self.X = self._solve(
                 user_side,
                 self.Y,
                 self.X,
                 target=as_t(conf * sharp),  # Pairs' order is the user side's
-                reg=as_t(row_regularization(user_side.counts.cpu().numpy(), terms.regularization, cfg.reg_exponent)),
+                reg=as_t(row_regularization(user_side.counts.cpu().numpy(), fold.regularization, cfg.reg_exponent)),
                 steps=cfg.fold_in_cg_steps,
             )
             if not torch.isfinite(self.X).all():

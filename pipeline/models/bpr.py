@@ -219,7 +219,7 @@ class BPR:
         data = (users, items, weight, ptr)
         rule = (cfg.negatives, cfg.learning_rate, cfg.regularization, cfg.item_bias, cfg.optimizer == "adagrad")
         rng = np.random.default_rng(cfg.seed)
-        threads = min(cfg.threads, numba.config.NUMBA_NUM_THREADS)
+        threads = min(cfg.threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # set at import
         numba.set_num_threads(threads)
         no_cands = np.zeros((0, cfg.negatives), np.int64)
         for _ in range(cfg.epochs):
@@ -240,7 +240,8 @@ class BPR:
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         B = min(cfg.batch_size, max(n, 1))
         fixed = (cfg.learning_rate, cfg.regularization, rounds, cfg.optimizer == "adagrad", cfg.item_bias)
-        n_items = params[1].shape[0]
+        P, Q, b, acc_p, acc_q = params
+        n_items = Q.shape[0]
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen, device=dev)
             u_all, i_all, w_all = (a.index_select(0, order) for a in (users, items, w))
@@ -248,7 +249,7 @@ class BPR:
             for start in range(0, n, B):
                 u, i, wb = u_all[start : start + B], i_all[start : start + B], w_all[start : start + B]
                 cand = torch.randint(n_items, (len(u), cfg.negatives), generator=gen, device=dev)
-                total += bpr_step(*params, u, i, cand, wb, ptr, items, *fixed)
+                total += bpr_step(P, Q, b, acc_p, acc_q, u, i, cand, wb, ptr, items, *fixed)
             yield float(total)
 
     # --- vectors and persistence -----------------------------------------------------------

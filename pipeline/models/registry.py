@@ -92,11 +92,11 @@ def _make(name: str, config: ModelBase | None, device: torch.device) -> Recommen
     cls: Any = getattr(importlib.import_module(f"pipeline.models.{spec.module}"), spec.cls)
     if spec.config is None:
         return cls()
-    return cls(config or spec.config(), device=device)
+    return cls(config or spec.config.model_validate({}), device=device)  # {}: the kind's defaults
 
 
 def build(config: ModelBase, device: torch.device | None = None) -> Recommender:
-    return _make(config.kind, config, device or resolve_device())  # type: ignore[attr-defined]
+    return _make(config.kind, config, device or resolve_device())
 
 
 def build_by_kind(name: str, config: ModelBase | dict | None = None, device: torch.device | None = None) -> Recommender:

@@ -17,7 +17,7 @@ from pipeline.models import als_fold
 from pipeline.serving import rerank
 from pipeline.serving.live import LiveRelease
 from pipeline.serving.schemas import Options, Reason, Recommendations, RejectedEvent, ScoredItem
-from pipeline.serving.user_store import InvalidUserData
+from pipeline.serving.user_store import InvalidUserData, UserData
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,13 @@ def recommend_many(
     allowed = live.allowed(opts.filters())
     excluded, _ = live.rows_of(opts.exclude)
     users = live.users.users(live.release, user_ids)
-    known = [j for j, u in enumerate(users) if isinstance(u, tuple) and live.personal(u)]
+    personal: dict[int, UserData] = {j: u for j, u in enumerate(users) if isinstance(u, tuple) and live.personal(u)}
+    known = list(personal)
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if known:
-        exclude = [np.concatenate((users[j][1], excluded)) for j in known]
+        exclude = [np.concatenate((personal[j][1], excluded)) for j in known]
         want = min(max(opts.k * 5, 50), live.n_items) if opts.reranks else opts.k
-        rows, scores = live.top_items([users[j] for j in known], want, exclude, allowed)
+        rows, scores = live.top_items([personal[j] for j in known], want, exclude, allowed)
         for n, j in enumerate(known):
             ok = rows[n] >= 0
             found[j] = (rows[n][ok], scores[n][ok])
@@ -123,7 +124,7 @@ def recommend_many(
             pos = rerank_rows(live, rows, scores, opts)
             rows, scores = rows[pos], scores[pos]
             if opts.explain:
-                because = live.reasons(rows, users[j][1])
+                because = live.reasons(rows, personal[j][1])
             reason = None
         else:
             rows, scores = fallback_items(live, opts, allowed, excluded)

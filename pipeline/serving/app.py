@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
@@ -54,13 +54,16 @@ from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "Missing API key."},
     403: {"model": Error, "description": "The key is not one of this tenant's."},
     404: {"model": Error, "description": "Unknown tenant (nothing published) or unknown item."},
     429: {"model": Error, "description": "The tenant's rate limit is exceeded; see Retry-After."},
 }
-POST_ERRORS = {400: {"model": Error, "description": "The body is not valid JSON."}, **ERRORS}
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "The body is not valid JSON."},
+    **ERRORS,
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

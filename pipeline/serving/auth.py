@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -71,7 +72,7 @@ class RateLimiter:
         self.default = self._parse(default) if default else []
         self.overrides = {t: self._parse(v) if v else [] for t, v in overrides.items()}
         # short timeouts: the check runs on the event loop, and a slow Redis must not stall it
-        options = (
+        options: dict[str, Any] = (
             {"key_prefix": key_prefix, "socket_timeout": 0.05, "socket_connect_timeout": 0.2}
             if storage_uri.startswith("redis")
             else {}

@@ -85,3 +85,16 @@ def test_tenants_choose_and_search_the_item_item_kinds(tmp_path):
     assert cfg.training.queue_for(*cfg.model_kinds()) == "cpu"
     with pytest.raises(TenantConfigError, match="unknown parameter"):
         load_tenant_file(_write(tmp_path, MINIMAL + "model: {kind: item_knn, search: {factors: [8, 16]}}\n"))
+
+
+def test_the_model_config_union_lists_every_kind():
+    """ModelConfig is spelled out for type checkers; it must name exactly MODEL_CONFIGS, tag = kind."""
+    import typing
+
+    from pydantic import Tag
+
+    from pipeline.config.models import MODEL_CONFIGS, ModelConfig
+
+    members = typing.get_args(typing.get_args(ModelConfig)[0])
+    tagged = {typing.get_args(m)[0]: next(a.tag for a in typing.get_args(m)[1:] if isinstance(a, Tag)) for m in members}
+    assert tagged == {c: c.model_fields["kind"].default for c in MODEL_CONFIGS}
