@@ -140,3 +140,14 @@ def s3_env(s3_endpoint, monkeypatch) -> str:
     }.items():
         monkeypatch.setenv(k, v)
     return s3_endpoint
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention (and stalls on a busy CI box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from pipeline.config.models import (
 from pipeline.models import Recommender, registry
 from tests.contracts.recommender import RecommenderContract
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only add contention
 
 
 def test_every_registered_kind_runs_the_contract():

@@ -26,6 +26,8 @@ COLD = {N_WARM: 0, N_WARM + 1: 1}  # item -> cluster: catalog items without even
 N_ITEMS = N_WARM + len(COLD)
 ITEM_CLUSTER = np.concatenate([np.repeat(np.arange(CLUSTERS), ITEMS_PER), list(COLD.values())])
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only add contention
+
 
 def _planted(with_features: bool = True) -> TrainData:
     rng = np.random.default_rng(0)
@@ -57,15 +59,6 @@ def _planted(with_features: bool = True) -> TrainData:
         rating=np.full(n, np.nan),
         item_features=feats,
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention (and stalls on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
