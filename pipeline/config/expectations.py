@@ -107,8 +107,8 @@ class BotUsers(Check):
     max_events_per_hour: int = Field(default=1000, ge=1, description="Per user, per clock hour, in the interval.")
     filter: bool = Field(
         default=False,
-        description="Drop flagged users' events from the table downstream reads (validate/interactions.parquet); "
-        "the check then reports as a warning.",
+        description="List flagged users in validate/excluded_users.parquet: the features stage drops their "
+        "events; the check then reports as a warning.",
     )
 
 
