@@ -60,7 +60,7 @@ def _item_item_topk(rel: release.Release, k: int) -> tuple[np.ndarray, np.ndarra
     step = max(1, BLOCK_FLOATS // max(n_items, 1))
     for start in range(0, n_users, step):  # blocks of users, each one sparse product
         block = X[start : start + step]
-        dense = (block @ rel.similarity).toarray().astype(np.float32, copy=False)
+        dense = itemitem.score_users(X, rel.similarity, np.arange(start, start + len(block.indptr) - 1))
         coo = block.tocoo()
         dense[coo.row, coo.col] = -np.inf  # seen items are not recommended
         dense[np.diff(block.indptr) == 0] = -np.inf

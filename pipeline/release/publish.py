@@ -124,7 +124,7 @@ def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
             ctx.settings.mlflow_tracking_uri,
             ctx.tenant,
             release_id,
-            ctx.store.uri(f"{paths.releases_prefix(ctx.tenant)}/{release_id}"),
+            ctx.store.uri(paths.release_prefix(ctx.tenant, release_id)),
             release.read_manifest(ctx.store, ctx.tenant, release_id),
             run_id,
             champion=True,

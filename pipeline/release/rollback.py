@@ -53,7 +53,7 @@ def sync_registry(settings: Settings, store: ObjectStore, tenant: str, release_i
             settings.mlflow_tracking_uri,
             tenant,
             release_id,
-            store.uri(f"{paths.releases_prefix(tenant)}/{release_id}"),
+            store.uri(paths.release_prefix(tenant, release_id)),
             manifest,
             _fit_run_id(store, tenant, manifest),
             champion=True,

@@ -24,10 +24,6 @@ def interval_end_of(run_id: str) -> datetime:
     return datetime.strptime(run_id, RUN_ID_FORMAT).replace(tzinfo=UTC)
 
 
-def tenant_prefix(tenant: str) -> str:
-    return f"tenants/{tenant}"
-
-
 def runs_prefix(tenant: str) -> str:
     return f"tenants/{tenant}/runs/"
 
