@@ -79,7 +79,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/mypy
 
 test: $(DEV_STAMP) lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf var data/demo
