@@ -333,6 +333,26 @@ def test_paused_redis_answers_degraded_within_bounded_latency(tmp_path, mlflow_u
     print(f"\nredis CLIENT PAUSE: {len(got)} requests, 0 errors, p99 {latency * 1e3:.1f} ms")
 
 
+def test_cold_start_with_redis_down_serves_the_release_files_then_follows_redis(tmp_path, mlflow_uri, own_redis):
+    from pipeline.serving.user_store import ResilientRedisStore
+
+    store = LocalStore(tmp_path / "artifacts")
+    rid = publish(store, "acme", seed=9)
+    own_redis.kill()
+    settings = fault_settings(tmp_path, mlflow_uri, redis_url=own_redis.url, redis_prefix="cold")
+    url = "/v1/tenants/acme/users/u1/recommendations"
+    with TestClient(create_app(settings)) as c:
+        body = c.get(url, params={"k": K}).json()  # the artifact store's pointer, the release's own rows
+        assert body["release_id"] == rid and body["degraded"] is True and body["fallback"] is False
+        own_redis.start()
+        to_redis(own_redis.client(), "cold", store, "acme", rid)
+        deadline = time.monotonic() + 5
+        while c.get(url, params={"k": K}).json()["degraded"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(url, params={"k": K}).json()["degraded"] is False
+        assert isinstance(c.app.state.releases.current("acme").users, ResilientRedisStore)
+
+
 # --------------------------------------------------------------------------- a tenant whose store hangs
 
 
