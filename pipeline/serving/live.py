@@ -317,7 +317,10 @@ class ReleaseCache:
             pointer = self._pointer(tenant, live)
         except Exception as exc:  # damaged pointer, store or Redis down: keep what serves
             self._outcome[tenant] = "loaded" if live else "unreachable"
-            level = logging.WARNING if isinstance(exc, Unavailable) else logging.ERROR
+            # an open breaker is logged once when it opened (by the failing call), not every poll
+            level = logging.ERROR
+            if isinstance(exc, Unavailable):
+                level = logging.DEBUG if isinstance(exc, BreakerOpen) else logging.WARNING
             log.log(level, "tenant %s: cannot read the release pointer (%s); keeping %s", tenant, exc, keeping)
             return live
         if pointer is None:
