@@ -193,13 +193,28 @@ class ResilientRedisStore(RedisStore):
     def read_users(
         self, release: Release, user_ids: list[str]
     ) -> tuple[list[UserData | None | InvalidUserData], str | None]:
-        """`users`, and why they came from the release files instead of Redis (None: from Redis)."""
+        """`users`, and why they came from the release files instead of Redis (None: from Redis).
+
+        A user Redis does not have but the release does means Redis lost its keys (restarted
+        empty, evicted): the refresh writes every user of a release. Their release row
+        serves, degraded, until the next poll sees the pointer gone too.
+        """
         try:
-            return self._call(super().users, release, user_ids), None
+            got = self._call(super().users, release, user_ids)
         except Unavailable as exc:
             reason = "redis_breaker_open" if isinstance(exc, BreakerOpen) else "redis_unavailable"
             log.debug("tenant %s: %s; answering from release %s", release.tenant, exc, release.release_id)
             return self.files.users(release, user_ids), reason
+        missing = [j for j, u in enumerate(got) if u is None]
+        if not missing:
+            return got, None
+        rows = release.user_ids.get_indexer([user_ids[j] for j in missing])
+        lost = [j for j, row in zip(missing, rows, strict=True) if row >= 0]
+        if not lost:  # unknown to the release as well: a cold user, not a degraded answer
+            return got, None
+        for j, u in zip(lost, self.files.users(release, [user_ids[j] for j in lost]), strict=True):
+            got[j] = u
+        return got, "redis_lost_users"
 
     def users(self, release: Release, user_ids: list[str]) -> list[UserData | None | InvalidUserData]:
         return self.read_users(release, user_ids)[0]

@@ -119,3 +119,10 @@ class TestResilientRedisStore(TestRedisStore):
         assert store.read_users(rel, ["u4"])[1] == "redis_breaker_open"
         with pytest.raises(Unavailable):
             store.fold(rel, "u4", np.ones(DIM, dtype=np.float32), np.array([1], dtype=np.int32))
+
+    def test_a_user_redis_lost_is_read_from_the_release(self, store, rel, client, redis_prefix):
+        client.delete(*(key(redis_prefix, TENANT, rel.release_id, part, "u7") for part in ("u", "seen")))
+        got, reason = store.read_users(rel, ["u7", "u8", "nobody"])
+        assert reason == "redis_lost_users" and got[2] is None
+        assert_user(got[0], rel.user_vectors[7], rel.seen(7))
+        assert store.read_users(rel, ["u8", "nobody"])[1] is None  # a cold user is not a degraded answer
