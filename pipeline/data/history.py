@@ -34,7 +34,7 @@ from pipeline.storage import ObjectStore, paths
 COLUMNS = ["user_id", "item_id", "timestamp", "rating", "event_type"]
 PART = "part.parquet"
 DEFAULT_EVENT_TYPE = "interaction"
-_SORT = ["timestamp", "user_id", "item_id", "event_type", "rating"]
+SORT = ["timestamp", "user_id", "item_id", "event_type", "rating"]
 
 
 def midnight(day: date) -> datetime:
@@ -72,7 +72,7 @@ def canonical(df: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
     )
     if not sort:
         return out.reset_index(drop=True)
-    return out.sort_values(_SORT, kind="stable", na_position="last").reset_index(drop=True)
+    return out.sort_values(SORT, kind="stable", na_position="last").reset_index(drop=True)
 
 
 def empty() -> pd.DataFrame:

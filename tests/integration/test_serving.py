@@ -16,7 +16,7 @@ from pipeline.data import event_log, extract
 from pipeline.release import format as release
 from pipeline.samples import synthetic
 from pipeline.serving import rerank
-from pipeline.serving.app import create_app
+from pipeline.serving.app import create_app, receive_time
 from pipeline.serving.auth import hash_key
 from pipeline.stages import run_all
 from pipeline.storage import codecs, open_store, paths
@@ -186,6 +186,7 @@ def test_batch_matches_single_requests(client, served):
 
 def test_events_fold_in_at_once_and_reach_the_next_extract(client, served):
     settings, rel = served
+    client.app.dependency_overrides[receive_time] = lambda: INTERVAL_END + timedelta(hours=13)  # they arrive then
     liked = list(rel.item_ids[[10, 11]])
     before = client.get(URL.format("fresh-user"), params={"k": 10}).json()
     assert before["fallback"] is True
