@@ -117,18 +117,18 @@ def _holders(store: ObjectStore, tenant: str, user_id: str) -> tuple[list[str], 
     releases = sorted(
         k.split("/")[-2] for k in store.list(paths.releases_prefix(tenant) + "/") if k.endswith("/users.parquet")
     )
-    suffix = f"/{paths.INTERACTIONS.stage}/{paths.INTERACTIONS.name}"
-    runs = sorted(k for k in store.list(paths.runs_prefix(tenant) + "/") if k.endswith(suffix))
+    runs = paths.runs_with(store.list(paths.runs_prefix(tenant)), tenant, paths.INTERACTIONS)
 
     def has(key: str) -> bool:
         col = pq.read_table(pa.BufferReader(store.get(key)), columns=["user_id"])["user_id"].cast(pa.string())
         return bool(pc.any(pc.equal(col, user_id)).as_py())
 
-    keys = [paths.release_key(tenant, r, "users.parquet") for r in releases] + runs
+    keys = [paths.release_key(tenant, r, "users.parquet") for r in releases]
+    keys += [paths.INTERACTIONS.key(tenant, r) for r in runs]
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
         found = list(pool.map(has, keys)) if keys else []
     rel = [r for r, f in zip(releases, found[: len(releases)], strict=True) if f]
-    run = [k.split("/")[3] for k, f in zip(runs, found[len(releases) :], strict=True) if f]
+    run = [r for r, f in zip(runs, found[len(releases) :], strict=True) if f]
     return rel, run
 
 
