@@ -2,7 +2,9 @@
 
 Layout: `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet`, the raw events of that UTC day
 (user_id, item_id, timestamp, rating, event_type), rows sorted on every column, so the same
-events always give the same bytes. Days without events have no partition.
+events always give the same bytes. Days without events have no partition. "That day" is the
+event's day for source rows and the ARRIVAL day for API events (pipeline/data/event_log.py),
+so an API event stamped long ago is kept, in the partition of the day it came in.
 
 Each run rewrites a window of whole days and nothing else (`plan`):
 
