@@ -54,7 +54,7 @@ def _frame(events: pd.DataFrame) -> pd.DataFrame:
     n = pd.RangeIndex(len(events))
     events = events.reset_index(drop=True)
     ts = pd.to_datetime(events["timestamp"], utc=True).astype(_US)
-    received = events["received_at"] if "received_at" in events else ts
+    received = pd.to_datetime(events["received_at"], utc=True).fillna(ts) if "received_at" in events else ts
     return pd.DataFrame(
         {
             "user_id": events["user_id"].astype("string"),
@@ -63,7 +63,7 @@ def _frame(events: pd.DataFrame) -> pd.DataFrame:
             "rating": pd.to_numeric(events.get("rating", pd.Series(np.nan, index=n)), errors="coerce").astype(float),
             "event_type": events.get("event_type", pd.Series("interaction", index=n)).astype("string"),
             "event_key": events.get("event_key", pd.Series(pd.NA, index=n, dtype="string")).astype("string"),
-            "received_at": pd.to_datetime(received, utc=True).astype(_US),
+            "received_at": received.astype(_US),
         }
     )
 
