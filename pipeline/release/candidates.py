@@ -34,12 +34,16 @@ def compute(
     n_users, n_items = len(user_vectors), len(item_vectors)
     per_user = min(per_user, n_items)
     out = np.full((n_users, per_user), -1, dtype=np.int32)
+    if not per_user:
+        return out
+    # users in order of seen-list length: a search fetches k + the block's longest list, so
+    # blocks of similar lengths keep the few heavy users from widening everyone's search
+    order = np.argsort(np.diff(seen_indptr), kind="stable")
     for start in range(0, n_users, BATCH):  # blocks of users, one index search each
-        stop = min(start + BATCH, n_users)
-        seen = [seen_indices[seen_indptr[u] : seen_indptr[u + 1]] for u in range(start, stop)]
-        if per_user:
-            rows, _ = ann.search(index, item_vectors, user_vectors[start:stop], per_user, exclude=seen)
-            out[start:stop] = rows
+        users = order[start : start + BATCH]
+        seen = [seen_indices[seen_indptr[u] : seen_indptr[u + 1]] for u in users]
+        rows, _ = ann.search(index, item_vectors, user_vectors[users], per_user, exclude=seen)
+        out[users] = rows
     return out
 
 
