@@ -16,9 +16,10 @@ Two independent gates, both per worker process:
   memory: no Redis round trip on the request path). A batch of 1,000 users x k=100 costs 1,000
   times a single k=100 request, so one tenant's batches cannot eat everyone's CPU: over its
   budget it gets 429 with Retry-After while the others keep flowing. Once a tenant's budget is
-  spent, its next requests are refused by `Admission` from the path alone, before their body is
-  read or parsed and before they take a slot: a flood of over-budget batches costs next to
-  nothing (the route charges the exact cost of those still let in).
+  spent, its next POSTs (batch, rank, events: the requests with a body to parse) are refused by
+  `Admission` from the path alone, before their body is read and before they take a slot: a
+  flood of over-budget batches costs next to nothing. GETs skip that pre-check (they are cheap
+  to parse; one check fewer on the hot path) and the route charges every request its exact cost.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Admission:
             await self.app(scope, receive, send)
             return
         quota = self.quota_of() if self.quota_of is not None else None
-        if quota is not None and scope["path"].startswith(TENANT_PREFIX):
+        if quota is not None and scope["method"] == "POST" and scope["path"].startswith(TENANT_PREFIX):
             tenant = scope["path"][len(TENANT_PREFIX) :].split("/", 1)[0]
             retry = quota.exhausted(tenant)
             if retry is not None:
