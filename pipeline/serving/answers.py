@@ -47,6 +47,12 @@ class Metrics:
         self.rate_limited = Counter("recsys_rate_limited_total", "429 answers", ["tenant"], registry=self.registry)
         self.events = Counter("recsys_events_total", "Events accepted", ["tenant"], registry=self.registry)
         self.fold_ins = Counter("recsys_fold_ins_total", "User vectors folded in", ["tenant"], registry=self.registry)
+        self.candidates = Counter(
+            "recsys_candidate_source_total",
+            "Known users answered from the release's precomputed candidates or by a live search",
+            ["tenant", "source"],
+            registry=self.registry,
+        )
 
     def swapped(self, tenant: str, old: str | None, new: str) -> None:
         if old is not None:
@@ -117,7 +123,10 @@ def recommend_many(
             search.append(j)
         else:
             found[j] = got
+    if found:
+        metrics.candidates.labels(tenant, "precomputed").inc(len(found))
     if search:
+        metrics.candidates.labels(tenant, "search").inc(len(search))
         exclude = [np.concatenate((personal[j][1], excluded)) for j in search]
         rows, scores = live.top_items([personal[j] for j in search], want, exclude, allowed)
         for n, j in enumerate(search):

@@ -113,7 +113,7 @@ class LiveRelease:
             row = self.release.user_ids.get_loc(user_id)
         except KeyError:
             return None
-        return row if isinstance(row, int) else None  # duplicate ids (never written) give a mask
+        return int(row) if isinstance(row, (int, np.integer)) else None  # duplicate ids (never written): a mask
 
     def row_of_item(self, item_id: str) -> int:
         """The item's row, -1 when unknown (as get_indexer, without its per-call cost)."""
@@ -121,7 +121,7 @@ class LiveRelease:
             row = self.release.item_ids.get_loc(item_id)
         except KeyError:
             return -1
-        return row if isinstance(row, int) else -1
+        return int(row) if isinstance(row, (int, np.integer)) else -1
 
     def rows_of(self, item_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
         """Item rows of known ids, and the ids this release does not know."""

@@ -348,7 +348,7 @@ def test_precomputed_candidates_answer_as_the_live_search(limited, tmp_path, mlf
     with TestClient(create_app(settings)) as fast, TestClient(create_app(plain)) as live:
         queries = [
             ("/v1/tenants/acme/users/u{}/recommendations", {"k": 10}),
-            ("/v1/tenants/acme/users/u{}/recommendations", {"k": 20, "exclude": ["i1", "i2", "i3"]}),
+            ("/v1/tenants/acme/users/u{}/recommendations", {"k": 10, "exclude": ["i1", "i2", "i3"]}),
             ("/v1/tenants/acme/users/u{}/recommendations", {"k": 5, "diversity": 0.3}),  # pool 50 > 20: live
         ]
         for path, params in queries:
@@ -366,3 +366,19 @@ def test_precomputed_candidates_answer_as_the_live_search(limited, tmp_path, mlf
         assert fast.post("/v1/tenants/acme/events", json=event).json()["users_folded_in"] == 1
         after = [i["item_id"] for i in fast.get("/v1/tenants/acme/users/u5/recommendations").json()["items"]]
         assert before[0] not in after  # folded in: the stale list is not used, the new seen item is excluded
+        used = {
+            name: {
+                source: _counter(c.get("/metrics").text, "recsys_candidate_source_total", source)
+                for source in ("precomputed", "search")
+            }
+            for name, c in (("fast", fast), ("live", live))
+        }
+    n = len(range(0, N_USERS, 7))
+    # plain and excluded requests and the batch from the list; the wide pool and the folded-in user searched
+    assert used["fast"] == {"precomputed": 2 * n + 40 + 1, "search": n + 1}, used
+    assert used["live"] == {"precomputed": 0, "search": 3 * n + 40}, used
+
+
+def _counter(text: str, name: str, source: str) -> float:
+    lines = [ln for ln in text.splitlines() if ln.startswith(name + "{") and f'source="{source}"' in ln]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
