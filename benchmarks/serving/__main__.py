@@ -70,6 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run uvicorn at this nice value (negative needs root): on a box shared with other jobs, "
         "e.g. -10 approximates a dedicated machine; the generator then runs at the same or higher priority",
     )
+    parser.add_argument(
+        "--no-candidates",
+        action="store_true",
+        help="publish without candidates.npy (every known user is a live FAISS search, as before it existed)",
+    )
+    parser.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.5,
+        help="after the search, offer this multiple of the best passing rate and report admitted p99, "
+        "the share shed (503) and timeouts; 0 skips",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and Redis keys (debugging)")
     args = parser.parse_args(argv)
     if args.rate_limit == "default":
@@ -114,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         artifact_root = str(tmp / "artifacts")
         t = time.perf_counter()
-        release_id, data_stats = publish_synthetic(artifact_root, args.items, args.dim, n_users, args.index_kind)
+        release_id, data_stats = publish_synthetic(
+            artifact_root, args.items, args.dim, n_users, args.index_kind, with_candidates=not args.no_candidates
+        )
         print(f"release {release_id}: {args.items} items x {args.dim} dims, {n_users} users, "
               f"seen/user {data_stats['seen_per_user']} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
         t = time.perf_counter()
@@ -136,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         # warm every worker (release load is lazy, per worker) at a modest rate
         warm = run_loadgen({**base_spec, "rate": 100.0, "warmup": 0.0, "duration": 4.0 if q else 8.0, "seed": 99})
-        if warm["errors"]:
+        # a worker loads the release on its first request; admission control sheds (503) what
+        # piles up meanwhile: expected here, any other error is not
+        if warm["errors"] - warm["statuses"].get("503", 0):
             raise RuntimeError(f"warm-up had errors: {warm['statuses']} {warm['error_kinds']}\n{server.log_tail()}")
         settle(server)
 
@@ -152,6 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_search:
             best, search = find_max_rate(server, base_spec, fixed, steps, search_duration, warmup, redis_url)
 
+        overload = None
+        if args.overload_factor > 0:
+            # capacity: the best passing rate, else the most any window achieved
+            base = best["target_rps"] if best else max(r["achieved_rps"] for r in fixed + search)
+            rate = round(base * args.overload_factor)
+            print(f"overload: {rate} req/s offered ({args.overload_factor:g} x {base:g})", flush=True)
+            res = measure(server, {**base_spec, "seed": 7}, rate, duration, warmup, redis_url)
+            print(report.fmt_row(res) + "   (overload)", flush=True)
+            overload = report.overload_summary(res, base, args.overload_factor)
         calibration = None
         if not args.no_calibrate:
             print("generator floor (null HTTP server, same generator, same rates):", flush=True)
@@ -171,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             search=search,
             search_duration=search_duration,
             calibration=calibration,
+            overload=overload,
         )
     finally:
         if server is not None:

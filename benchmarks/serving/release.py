@@ -21,8 +21,11 @@ def _index_bytes(item_vectors, user_vectors, kind: str | None):
     return ann.serialize(built), info
 
 
-def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None = None, seed: int = 0):
-    """The files of a release, through the release writer's own assembly, from synthetic data."""
+def synthetic_files(
+    n_items: int, dim: int, n_users: int, index_kind: str | None = None, seed: int = 0, with_candidates: bool = True
+):
+    """The files of a release, through the release writer's own assembly, from synthetic data
+    (with each user's precomputed candidates, as publish writes them, unless with_candidates=False)."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -60,6 +63,15 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
         model_meta={"kind": "als", "config": {"factors": dim, "synthetic": True}, "users": n_users, "items": n_items},
         popular_items=200,
     )
+    cand_s = None
+    if with_candidates:
+        from pipeline.release import candidates
+
+        started = time.perf_counter()
+        files[candidates.FILE] = candidates.file_bytes(
+            index_bytes, index_info, item_vectors, user_vectors, indptr, indices
+        )
+        cand_s = round(time.perf_counter() - started, 1)
     lens = np.diff(indptr)
     stats = {
         "seen_per_user": {
@@ -70,17 +82,19 @@ def synthetic_files(n_items: int, dim: int, n_users: int, index_kind: str | None
             "users_with_100_plus": int((lens >= 100).sum()),
         },
         "index": index_info,
+        "candidates_per_user": 100 if with_candidates else None,
+        "candidates_seconds": cand_s,
     }
     return files, stats
 
 
 def publish_synthetic(
-    artifact_root: str, n_items: int, dim: int, n_users: int, index_kind: str | None = None
+    artifact_root: str, n_items: int, dim: int, n_users: int, index_kind: str | None = None, with_candidates=True
 ) -> tuple[str, dict]:
     from pipeline.release import format as release
     from pipeline.storage import open_store
 
-    files, stats = synthetic_files(n_items, dim, n_users, index_kind)
+    files, stats = synthetic_files(n_items, dim, n_users, index_kind, with_candidates=with_candidates)
     manifest = {
         "created_at": INTERVAL_END,
         "data_interval_end": INTERVAL_END,

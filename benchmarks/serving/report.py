@@ -89,6 +89,7 @@ def document(
     search: list[dict],
     search_duration: float,
     calibration: list[dict] | None,
+    overload: dict | None = None,
 ) -> dict:
     """The JSON the benchmark writes (`runtime_s` is filled in by the caller at the very end)."""
     target_500 = next((r for r in fixed if r["target_rps"] == 500.0), None)
@@ -150,8 +151,30 @@ def document(
         "disturbed_windows": [
             r["target_rps"] for r in fixed + search if r.get("disturbed")
         ],  # other processes took > DISTURBED_CORES of CPU: numbers there understate the server
+        "overload": overload,
         "calibration_null_server": calibration,
         "runtime_s": None,
+    }
+
+
+def overload_summary(res: dict, capacity_rps: float, factor: float) -> dict:
+    """What admission control did at `factor` x the best passing rate: the admitted requests'
+    latency, the share shed with 503, and the failures that are not a fast 503 (timeouts...)."""
+    sent = max(res["sent"], 1)
+    shed = res["statuses"].get("503", 0)
+    return {
+        "capacity_rps": capacity_rps,
+        "factor": factor,
+        "offered_rps": res["offered_rps"],
+        "admitted_rps": res["achieved_rps"],
+        "admitted_p50_ms": res.get("p50_ms"),
+        "admitted_p99_ms": res.get("p99_ms"),
+        "shed_503": shed,
+        "shed_share": round(shed / sent, 3),
+        "timeouts": sum(v for k, v in res["error_kinds"].items() if "imeout" in k),
+        "other_errors": res["errors"] - shed,
+        "statuses": res["statuses"],
+        "window": res,
     }
 
 
@@ -163,6 +186,11 @@ def print_summary(result: dict, out: Path, p99_target_ms: float) -> None:
     if result["targets"]["met"] is not None:
         print(f"target p99 <= {p99_target_ms:g} ms at 500 req/s with 0 errors: "
               f"{'met' if result['targets']['met'] else 'NOT met'}")  # fmt: skip
+    ov = result.get("overload")
+    if ov:
+        print(f"overload at {ov['offered_rps']} req/s ({ov['factor']:g} x {ov['capacity_rps']:g}): admitted "
+              f"{ov['admitted_rps']} req/s, p99 {ov['admitted_p99_ms']} ms; shed (503) {ov['shed_share']:.1%}; "
+              f"timeouts {ov['timeouts']}, other errors {ov['other_errors']}")  # fmt: skip
     if result["disturbed_windows"]:
         print(
             f"WARNING: other processes used > {DISTURBED_CORES} cores during the windows at "

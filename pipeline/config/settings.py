@@ -6,6 +6,7 @@ Tenant behaviour lives in the tenant YAML (`pipeline.config.tenant`); this modul
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_concurrency() -> int:
+    """Requests one worker runs at once: enough to keep its CPUs busy while some wait on Redis."""
+    return 4 * (os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):
@@ -78,6 +84,21 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(
         default=None, description="Bearer token for /metrics and the tenant list of /readyz; unset: metrics open."
+    )
+    # Bounded input and admission control (pipeline/serving/limits.py, admission.py), per worker.
+    max_body_bytes: int = Field(default=1_000_000, ge=1, description="Larger request bodies get 413, unread.")
+    max_concurrency: int = Field(
+        default=_default_concurrency(),
+        ge=0,
+        description="Requests inside one worker at once (default 4 per CPU); beyond it plus the queue: 503. 0: off.",
+    )
+    admission_queue: int = Field(default=_default_concurrency(), ge=0, description="Requests waiting for admission.")
+    admission_wait_ms: float = Field(default=20.0, ge=0, description="Longest wait in that queue before a 503.")
+    retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of a 503 from admission control.")
+    tenant_work_limit: str = Field(
+        default="200000/second",
+        description="Per-tenant work budget of one worker in units of users x candidates ('limits' notation: "
+        "a single k=10 request costs 10, a batch of 1,000 users x k=100 costs 100,000); '' disables.",
     )
 
     @model_validator(mode="after")

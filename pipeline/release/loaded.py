@@ -24,8 +24,9 @@ from pipeline.models.itemitem import seen_matrix
 from pipeline.models.registry import Scoring
 from pipeline.storage import codecs
 
-# item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables
-OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet")
+# item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
+# candidates.npy: each user's top items of a dot-product release (pipeline/release/candidates.py)
+OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet", "candidates.npy")
 
 
 class ReleaseError(RuntimeError):
@@ -56,6 +57,7 @@ class Release:
     item_titles: np.ndarray | None = None  # object array of str/None, for human-readable reasons
     user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
     similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
+    candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
 
     @property
     def scoring(self) -> Scoring:
@@ -112,6 +114,16 @@ def decode(
     ):
         raise ReleaseError(f"release {tenant}/{release_id}: vectors, id maps and seen lists disagree in size")
     optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
+    candidates = None
+    if optional["candidates.npy"] is not None:
+        candidates = codecs.read_npy(optional["candidates.npy"])
+        if (
+            candidates.ndim != 2
+            or len(candidates) != n_users
+            or candidates.dtype != np.int32
+            or (candidates.size and (candidates.min() < -1 or candidates.max() >= n_items))
+        ):
+            raise ReleaseError(f"release {tenant}/{release_id}: candidates.npy disagrees with the id maps")
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -129,6 +141,7 @@ def decode(
         **item_attributes(optional["item_attributes.parquet"], n_items),
         user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
         similarity=similarity,
+        candidates=candidates,
     )
 
 

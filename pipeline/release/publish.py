@@ -17,6 +17,7 @@ from pipeline.features.dataset import Features
 from pipeline.models import DotProduct, ItemItem, Recommender, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
+from pipeline.release import candidates
 from pipeline.release import format as release
 from pipeline.storage import codecs, paths
 
@@ -89,6 +90,11 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     info: dict[str, Any] = {"users": feats.n_users, "items": feats.n_items, "model": model.kind}
     if isinstance(scores, release.VectorScoring):
         info["dim"] = int(scores.item_vectors.shape[1])
+        # each user's top candidates, one batched search now instead of one per request
+        files[candidates.FILE] = candidates.file_bytes(
+            scores.index_bytes, ctx.read_json(paths.INDEX_INFO), scores.item_vectors, scores.user_vectors,
+            indptr, indices,
+        )  # fmt: skip
     else:
         info |= {"dim": 0, "scoring": "item_item", "similarity_nnz": int(scores.similarity.nnz)}
     return files, info

@@ -48,6 +48,12 @@ class Metrics:
         self.rate_limited = Counter("recsys_rate_limited_total", "429 answers", ["tenant"], registry=self.registry)
         self.events = Counter("recsys_events_total", "Events accepted", ["tenant"], registry=self.registry)
         self.fold_ins = Counter("recsys_fold_ins_total", "User vectors folded in", ["tenant"], registry=self.registry)
+        self.candidates = Counter(
+            "recsys_candidate_source_total",
+            "Known users answered from the release's precomputed candidates or by a live search",
+            ["tenant", "source"],
+            registry=self.registry,
+        )
         self.degraded = Counter(
             "recsys_degraded_total",
             "Answers served without the configured user store (Redis down, slow or its breaker open)",
@@ -95,15 +101,16 @@ class Metrics:
 def scored(
     live: LiveRelease, rows: np.ndarray, scores: np.ndarray, because: np.ndarray | None = None
 ) -> list[ScoredItem]:
-    ids, titles = live.release.item_ids, live.release.item_titles
+    ids, titles = live.item_id_array, live.release.item_titles
     out = []
-    for j, (r, s) in enumerate(zip(rows, scores, strict=True)):  # the k items of one response
+    item_ids = ids[np.asarray(rows, dtype=np.int64)].tolist()  # one gather: indexing a pd.Index per item is slow
+    for j, (item_id, s) in enumerate(zip(item_ids, np.asarray(scores).tolist(), strict=True)):  # the k items
         reason = None
         if because is not None and because[j] >= 0:
             seen_id = ids[int(because[j])]
             name = titles[int(because[j])] if titles is not None else None
             reason = Reason(because_item_id=seen_id, text=f"because you interacted with {name or seen_id}")
-        out.append(ScoredItem(item_id=ids[int(r)], score=float(s), reason=reason))
+        out.append(ScoredItem(item_id=item_id, score=s, reason=reason))
     return out
 
 
@@ -147,11 +154,21 @@ def recommend_many(
     personal: dict[int, UserData] = {j: u for j, u in enumerate(users) if isinstance(u, tuple) and live.personal(u)}
     known = list(personal)
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if known:
-        exclude = [np.concatenate((personal[j][1], excluded)) for j in known]
-        want = min(max(opts.k * 5, 50), live.n_items) if opts.reranks else opts.k
-        rows, scores = live.top_items([personal[j] for j in known], want, exclude, allowed)
-        for n, j in enumerate(known):
+    want = candidates_wanted(live, opts)
+    search = []
+    for j in known:  # the users of one request: the release's precomputed candidates where they hold
+        got = live.precomputed(user_ids[j], personal[j], want, excluded, allowed) if live.scoring == "dot" else None
+        if got is None:
+            search.append(j)
+        else:
+            found[j] = got
+    if found:
+        metrics.candidates.labels(tenant, "precomputed").inc(len(found))
+    if search:
+        metrics.candidates.labels(tenant, "search").inc(len(search))
+        exclude = [np.concatenate((personal[j][1], excluded)) for j in search]
+        rows, scores = live.top_items([personal[j] for j in search], want, exclude, allowed)
+        for n, j in enumerate(search):
             ok = rows[n] >= 0
             found[j] = (rows[n][ok], scores[n][ok])
     filtered = allowed is not None

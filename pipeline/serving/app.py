@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline.config import Settings, get_settings
 from pipeline.data import event_log
 from pipeline.serving import auth
+from pipeline.serving.admission import Admission, AdmissionMetrics, WorkQuota, charge
 from pipeline.serving.answers import (
     Metrics,
     candidates_wanted,
@@ -37,6 +38,7 @@ from pipeline.serving.answers import (
 )
 from pipeline.serving.breaker import Breaker, outage_types
 from pipeline.serving.deps import EntityId, Live, TenantId
+from pipeline.serving.limits import BodyLimit
 from pipeline.serving.live import ReleaseCache
 from pipeline.serving.loader import Loaders
 from pipeline.serving.middleware import TenantPathGuard
@@ -53,6 +55,7 @@ from pipeline.serving.schemas import (
     Readiness,
     Recommendations,
     SimilarItems,
+    work_units,
 )
 from pipeline.storage import open_store
 
@@ -62,8 +65,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "Missing API key."},
     403: {"model": Error, "description": "The key is not one of this tenant's."},
     404: {"model": Error, "description": "Unknown tenant (nothing published) or unknown item."},
-    429: {"model": Error, "description": "The tenant's rate limit is exceeded; see Retry-After."},
-    503: {"model": Error, "description": "No release loaded yet (store or Redis unavailable); see Retry-After."},
+    429: {"model": Error, "description": "The tenant's rate limit or work quota is exceeded; see Retry-After."},
+    503: {
+        "model": Error,
+        "description": "No release loaded yet (store or Redis unavailable), or the server is at capacity "
+        "(load shedding); see Retry-After.",
+    },
 }
 AdminHeader = Annotated[str | None, Header(include_in_schema=False)]
 
@@ -78,8 +85,10 @@ def serving_tenants(settings: Settings) -> frozenset[str]:
 
 POST_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Error, "description": "The body is not valid JSON."},
+    413: {"model": Error, "description": "The body is over RECSYS_MAX_BODY_BYTES (refused unread)."},
     **ERRORS,
 }
+EVENT_UNITS = 50  # work units of one posted event: a fold-in solve costs about a 50-candidate scoring
 
 
 def receive_time() -> datetime:
@@ -95,6 +104,7 @@ def _utc(stamp: datetime | None) -> datetime | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
+    admission = AdmissionMetrics(metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -152,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 breaker=redis_breaker if settings.redis_url else None,
             )
         app.state.metrics = metrics
+        app.state.work_quota = WorkQuota(settings.tenant_work_limit, admission) if settings.tenant_work_limit else None
         app.state.loaders.start()
         yield
         await app.state.loaders.close()
@@ -167,6 +178,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`release_id` it was computed from; one response never mixes two releases. "
             "Authenticate with the tenant's key in `X-API-Key`."
         ),
+    )
+    # outermost last: CORS, tenant-id guard, body limit + auth of POSTs, admission control, routes
+    app.add_middleware(
+        Admission,
+        capacity=settings.max_concurrency,
+        queue=settings.admission_queue,
+        queue_wait_s=settings.admission_wait_ms / 1e3,
+        retry_after_s=settings.retry_after_seconds,
+        metrics=admission,
+        quota_of=lambda: getattr(app.state, "work_quota", None),
+    )
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        access_of=lambda: None if settings.auth_disabled else getattr(app.state, "access", None),
     )
     app.add_middleware(TenantPathGuard)
     if settings.cors_origins.strip():
@@ -189,13 +215,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
         summary="Top-k items for a user",
     )
-    def recommend(tenant: TenantId, live: Live, user_id: EntityId, opts: Annotated[Options, Query()]):
+    def recommend(request: Request, tenant: TenantId, live: Live, user_id: EntityId, opts: Annotated[Options, Query()]):
         """Personal top-k (seen items excluded), or popular items with `fallback: true` for an unknown user.
 
         Filters (`category`, `tag`, their `exclude_` forms, `exclude`) never make the answer shorter
         than `k` while enough items qualify; `diversity` (MMR) or `max_per_category` re-rank.
         """
         started = time.perf_counter()
+        charge(request, tenant, work_units(1, opts.k, opts.reranks))
         body = recommend_many(live, tenant, [user_id], opts, metrics)[0]
         observe(tenant, "recommendations", started)
         return body
@@ -206,9 +233,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
         summary="Items similar to an item",
     )
-    def similar(tenant: TenantId, live: Live, item_id: EntityId, opts: Annotated[Options, Query()]) -> SimilarItems:
+    def similar(
+        request: Request, tenant: TenantId, live: Live, item_id: EntityId, opts: Annotated[Options, Query()]
+    ) -> SimilarItems:
         started = time.perf_counter()
-        row = live.release.item_ids.get_indexer([item_id])[0]
+        charge(request, tenant, work_units(1, opts.k, opts.reranks))
+        row = live.row_of_item(item_id)
         if row < 0:
             raise HTTPException(404, f"unknown item {item_id!r} for tenant {tenant!r}")
         excluded, _ = live.rows_of(opts.exclude)
@@ -231,9 +261,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=POST_ERRORS,
         summary="Order a candidate list for a user",
     )
-    def rank(tenant: TenantId, live: Live, user_id: EntityId, body: RankRequest) -> Ranked:
+    def rank(request: Request, tenant: TenantId, live: Live, user_id: EntityId, body: RankRequest) -> Ranked:
         """Scores the given candidates (seen ones included: the caller chose them); unknown ids are listed apart."""
         started = time.perf_counter()
+        charge(request, tenant, len(body.item_ids))
         rows, unknown = live.rows_of(list(dict.fromkeys(body.item_ids)))
         user, degraded_by = one_user(live, tenant, user_id)
         if user is not None and live.personal(user):
@@ -264,9 +295,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=POST_ERRORS,
         summary="Top-k items for many users at once",
     )
-    def batch(tenant: TenantId, live: Live, body: BatchRequest) -> BatchRecommendations:
-        """One index search for all users, all answered from the same release."""
+    def batch(request: Request, tenant: TenantId, live: Live, body: BatchRequest) -> BatchRecommendations:
+        """One index search for all users, all answered from the same release; charged users x candidates."""
         started = time.perf_counter()
+        charge(request, tenant, work_units(len(body.user_ids), body.options.k, body.options.reranks))
         results = recommend_many(live, tenant, body.user_ids, body.options, metrics)
         observe(tenant, "batch", started)
         degraded = any(r.degraded for r in results)
@@ -293,6 +325,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retraining.
         """
         started = time.perf_counter()
+        charge(request, tenant, EVENT_UNITS * len(body.events))
         given = [_utc(e.timestamp) for e in body.events]
         stamps = [s or now for s in given]
         rejected = rejected_events(stamps, now)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Path, Query, Request
+from fastapi import Depends, HTTPException, Path, Query, Request, Security
+from fastapi.security import APIKeyHeader
 
 from pipeline.config import TENANT_ID_PATTERN
 from pipeline.serving import auth
@@ -28,12 +29,14 @@ TenantId = Annotated[
 ]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="Number of items, 1..100.")]
 EntityId = Annotated[str, Path(min_length=1, max_length=256, description="A user or item id of the tenant.")]
+# declared as an OpenAPI security scheme, so clients and the schemathesis test send the key
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="The tenant's API key.")
 
 
 async def authorize(
     tenant: TenantId,
     request: Request,
-    x_api_key: Annotated[str | None, Header(description="The tenant's API key.")] = None,
+    x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> str:
     state = request.app.state
     if not state.settings.auth_disabled:

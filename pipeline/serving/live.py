@@ -80,6 +80,11 @@ class LiveRelease:
         """What items are compared by (MMR's cosine): item vectors, or the rows of S."""
         return self.release.item_vectors if self.scoring == "dot" else self.similarity
 
+    @cached_property
+    def item_id_array(self) -> np.ndarray:
+        """Item ids as a numpy object array: responses gather ids with one fancy index."""
+        return self.release.item_ids.to_numpy(dtype=object)
+
     @property
     def n_items(self) -> int:
         return len(self.release.item_ids)
@@ -107,6 +112,22 @@ class LiveRelease:
     def fold_in_config(self) -> ALSConfig:
         """The trained model's config, typed once per release (the fold-in's terms come from it)."""
         return ALSConfig.model_validate(self.release.model_meta["config"])
+
+    def row_of_user(self, user_id: str) -> int | None:
+        """The user's row in the release (a hash lookup: ~100x cheaper than get_indexer on a list of one)."""
+        try:
+            row = self.release.user_ids.get_loc(user_id)
+        except KeyError:
+            return None
+        return int(row) if isinstance(row, (int, np.integer)) else None  # duplicate ids (never written): a mask
+
+    def row_of_item(self, item_id: str) -> int:
+        """The item's row, -1 when unknown (as get_indexer, without its per-call cost)."""
+        try:
+            row = self.release.item_ids.get_loc(item_id)
+        except KeyError:
+            return -1
+        return int(row) if isinstance(row, (int, np.integer)) else -1
 
     def rows_of(self, item_ids: list[str] | tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
         """Item rows of known ids, and the ids this release does not know."""
@@ -154,6 +175,31 @@ class LiveRelease:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         _one_faiss_thread()
         return ann.search(self.index, self.release.item_vectors, q, k, exclude=exclude, allowed=allowed)
+
+    def precomputed(
+        self, user_id: str, user: UserData, k: int, excluded: np.ndarray, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k rows and scores from the release's per-user candidates (`candidates.npy`), exactly
+        re-scored; None when the live search must answer: no such file, k wider than the list, the
+        user's vector is not the release's (folded in since), or the filters leave too few."""
+        table = self.release.candidates
+        if table is None or k > table.shape[1]:
+            return None
+        row = self.row_of_user(user_id)
+        if row is None or not np.array_equal(user[0], self.release.user_vectors[row]):
+            return None
+        rows = table[row]
+        complete = rows[-1] < 0  # -1 padded: the list holds every item the user may get
+        rows = rows[rows >= 0]
+        if allowed is not None:
+            rows = rows[allowed[rows]]
+        if len(excluded):
+            rows = rows[~np.isin(rows, excluded)]
+        if len(rows) < k and not complete:
+            return None
+        scores = self.release.item_vectors[rows] @ user[0]
+        order = np.lexsort((rows, -scores))[:k]  # score desc, then item row (as the exact search)
+        return rows[order].astype(np.int64), scores[order]
 
     def top_items(
         self, users: list[UserData], k: int, exclude: list[np.ndarray], allowed: np.ndarray | None

@@ -5,7 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+MAX_K = 100
+MAX_BATCH_USERS = 1000
+MAX_EVENTS = 1000
+MAX_RANK_ITEMS = 1000
+MAX_WORK_UNITS = 100_000  # users x candidates of one batch: 1,000 users x k=100, or 200 users x a 500 pool
 
 
 def _utf8(value: str) -> str:
@@ -25,12 +31,22 @@ EventId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_ut
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=100)]
 
 
+def candidates(k: int, reranks: bool) -> int:
+    """The candidate pool scored per user: k, or the wider pool (5k, at least 50) a re-ranking picks from."""
+    return max(k * 5, 50) if reranks else k
+
+
+def work_units(n_users: int, k: int, reranks: bool) -> int:
+    """Cost of a request in users x candidates: what the per-tenant work quota charges."""
+    return n_users * candidates(k, reranks)
+
+
 class Options(BaseModel):
     """What to recommend: how many, which items may appear, and how to order them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(default=10, ge=1, le=100, description="Number of items, 1..100.")
+    k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items, 1..100.")
     exclude: Names = Field(default=[], description="Item ids never to return (e.g. already in the cart).")
     category: Names = Field(default=[], description="Only items in any of these categories.")
     exclude_category: Names = Field(default=[], description="No items in any of these categories.")
@@ -87,7 +103,9 @@ class SimilarItems(BaseModel):
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_ids: list[ItemId] = Field(min_length=1, max_length=1000, description="Candidates to order for the user.")
+    item_ids: list[ItemId] = Field(
+        min_length=1, max_length=MAX_RANK_ITEMS, description="Candidates to order for the user (at most 1,000)."
+    )
 
 
 class Ranked(BaseModel):
@@ -107,10 +125,23 @@ class Ranked(BaseModel):
 
 
 class BatchRequest(BaseModel):
+    """At most 1,000 users, and at most 100,000 users x candidates (the candidates are k, or the
+    re-ranking pool of max(5k, 50) with diversity or max_per_category): 422 beyond."""
+
     model_config = ConfigDict(extra="forbid")
 
-    user_ids: list[UserId] = Field(min_length=1, max_length=1000)
+    user_ids: list[UserId] = Field(min_length=1, max_length=MAX_BATCH_USERS, description="1..1,000 user ids.")
     options: Options = Options()
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> BatchRequest:
+        units = work_units(len(self.user_ids), self.options.k, self.options.reranks)
+        if units > MAX_WORK_UNITS:
+            raise ValueError(
+                f"{len(self.user_ids)} users x {candidates(self.options.k, self.options.reranks)} candidates = "
+                f"{units} is over the limit of {MAX_WORK_UNITS} per request; send fewer users or a smaller k"
+            )
+        return self
 
 
 class BatchRecommendations(BaseModel):
@@ -144,7 +175,7 @@ class Event(BaseModel):
 class EventsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    events: list[Event] = Field(min_length=1, max_length=1000)
+    events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS, description="1..1,000 events.")
 
 
 class RejectedEvent(BaseModel):

@@ -84,8 +84,9 @@ class EmbeddedStore:
             folded = self._folded.get(user_id)
         if folded is not None:
             return checked(release, user_id, *folded)
-        row = release.user_ids.get_indexer([user_id])[0]
-        if row < 0:
+        try:  # a hash lookup: get_indexer on a one-id list costs ~100x more (pandas 3)
+            row = release.user_ids.get_loc(user_id)
+        except KeyError:
             return None
         return checked(release, user_id, release.user_vectors[row], release.seen(row))
 

@@ -84,6 +84,10 @@ def test_release_carries_catalog_attributes_and_recency_ordered_seen(served):
     assert rel.categories[rel.item_category[5]] == CATEGORIES[n % 4]
     assert set(rel.tags[rel.item_tags[5].indices]) == {f"t{n % 3}", f"t{n % 5 + 10}"}
     assert rel.item_titles[5] == f"Item number {n}"
+    # publish precomputed each user's top items (seen ones excluded) for serving's fast path
+    assert rel.candidates is not None and rel.candidates.shape == (len(rel.user_ids), min(100, len(rel.item_ids)))
+    first = rel.candidates[0][rel.candidates[0] >= 0]
+    assert len(first) and not np.isin(first, rel.seen(0)).any()
 
 
 def test_filters_keep_k_and_only_allowed_items(client, served):

@@ -1,0 +1,180 @@
+"""Admission control: shed load early and cheaply, and charge each tenant for the work it asks.
+
+Two independent gates, both per worker process:
+
+* `Admission` (ASGI middleware, on `/v1/` routes): at most `capacity` requests inside the
+  application at once, `queue` more waiting at most `queue_wait_s`; anything beyond gets 503 with
+  Retry-After from the event loop, in well under a millisecond, without touching the body or the
+  threadpool. Admitted requests then run on a machine that is not oversubscribed, so their p99
+  holds under 2-3x overload instead of every request queueing behind every other (the failure
+  of an unbounded threadpool queue: at 1,000 req/s offered, 145 req/s got through).
+  Hand-rolled because nothing maintained fits: uvicorn's `--limit-concurrency` counts open
+  keep-alive connections as well as requests (a client pool of idle connections would trip it)
+  and sends no Retry-After; Starlette ships no limiter. It is an asyncio.Semaphore plus counters.
+* `WorkQuota`: a per-tenant budget in work units (users x candidates, `limits.work_units`),
+  through the `limits` library's sliding-window counter with `cost=` (O(1) per hit, in process
+  memory: no Redis round trip on the request path). A batch of 1,000 users x k=100 costs 1,000
+  times a single k=100 request, so one tenant's batches cannot eat everyone's CPU: over its
+  budget it gets 429 with Retry-After while the others keep flowing. Once a tenant's budget is
+  spent, its next POSTs (batch, rank, events: the requests with a body to parse) are refused by
+  `Admission` from the path alone, before their body is read and before they take a slot: a
+  flood of over-budget batches costs next to nothing. GETs skip that pre-check (they are cheap
+  to parse; one check fewer on the hot path) and the route charges every request its exact cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import HTTPException, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pipeline.serving.limits import send_error
+
+GUARDED_PREFIX = "/v1/"  # health, readiness and metrics are never shed
+TENANT_PREFIX = "/v1/tenants/"
+
+
+class AdmissionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.shed = Counter(
+            "recsys_shed_total", "Requests answered 503 by admission control", ["reason"], registry=registry
+        )
+        self.in_flight = Gauge("recsys_in_flight_requests", "Requests inside the application now", registry=registry)
+        self.queued = Gauge("recsys_queued_requests", "Requests waiting for admission now", registry=registry)
+        self.work = Counter(
+            "recsys_work_units_total", "Work charged (users x candidates)", ["tenant"], registry=registry
+        )
+        self.over_quota = Counter(
+            "recsys_work_quota_exceeded_total", "429 answers for the work quota", ["tenant"], registry=registry
+        )
+
+
+class Admission:
+    def __init__(
+        self,
+        app,
+        capacity: int,
+        queue: int,
+        queue_wait_s: float,
+        retry_after_s: int,
+        metrics: AdmissionMetrics,
+        quota_of=None,
+    ) -> None:
+        """`quota_of()`: the app's WorkQuota or None (lifespan makes it after the stack is built)."""
+        self.app = app
+        self.quota_of = quota_of
+        self.capacity = capacity
+        self.queue = queue
+        self.queue_wait_s = queue_wait_s
+        self.retry_after = str(retry_after_s).encode()
+        self.metrics = metrics
+        self.active = 0
+        self.waiting = 0
+        self._sem: asyncio.Semaphore | None = None  # made on the server's loop, at the first request
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        quota = self.quota_of() if self.quota_of is not None else None
+        if quota is not None and scope["method"] == "POST" and scope["path"].startswith(TENANT_PREFIX):
+            tenant = scope["path"][len(TENANT_PREFIX) :].split("/", 1)[0]
+            retry = quota.exhausted(tenant)
+            if retry is not None:
+                await quota.refuse(send, tenant, retry)
+                return
+        if self.capacity <= 0:
+            await self.app(scope, receive, send)
+            return
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.capacity)
+        sem = self._sem
+        if sem.locked():
+            if self.waiting >= self.queue:
+                await self._shed(send, "queue_full")
+                return
+            self.waiting += 1
+            self.metrics.queued.set(self.waiting)
+            try:
+                await asyncio.wait_for(sem.acquire(), self.queue_wait_s)
+            except TimeoutError:
+                await self._shed(send, "queue_timeout")
+                return
+            finally:
+                self.waiting -= 1
+                self.metrics.queued.set(self.waiting)
+        else:
+            await sem.acquire()
+        self.active += 1
+        self.metrics.in_flight.set(self.active)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            self.metrics.in_flight.set(self.active)
+            sem.release()
+
+    async def _shed(self, send, reason: str) -> None:
+        self.metrics.shed.labels(reason).inc()
+        await send_error(
+            send, 503, "the server is at capacity; retry after the delay", [(b"retry-after", self.retry_after)]
+        )
+
+
+class WorkQuota:
+    """Per-tenant work budget (`limits` notation in units, e.g. '200000/second'); '' = none."""
+
+    def __init__(self, spec: str, metrics: AdmissionMetrics) -> None:
+        import limits
+        from limits.storage import MemoryStorage
+        from limits.strategies import SlidingWindowCounterRateLimiter
+
+        self.items = limits.parse_many(spec) if spec.strip() else []
+        self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self.metrics = metrics
+
+    def exhausted(self, tenant: str) -> float | None:
+        """Seconds until the tenant may retry when not even one unit is left; else None (no charge)."""
+        for item in self.items:
+            if not self.limiter.test(item, "work", tenant):
+                stats = self.limiter.get_window_stats(item, "work", tenant)
+                return max(stats.reset_time - time.time(), 0.0)
+        return None
+
+    async def refuse(self, send, tenant: str, retry: float) -> None:
+        self.metrics.over_quota.labels(tenant).inc()
+        await send_error(
+            send,
+            429,
+            f"work quota of tenant {tenant!r} exceeded (users x candidates per second); see Retry-After",
+            [(b"retry-after", str(max(1, round(retry))).encode())],
+        )
+
+    def charge(self, tenant: str, units: int) -> float | None:
+        """None when within budget (and charged); else seconds until the tenant may retry."""
+        self.metrics.work.labels(tenant).inc(units)
+        for item in self.items:
+            if units > item.amount:
+                return float(item.get_expiry())  # can never fit in one window: retrying will not help
+            if not self.limiter.hit(item, "work", tenant, cost=units):
+                stats = self.limiter.get_window_stats(item, "work", tenant)
+                return max(stats.reset_time - time.time(), 0.0)
+        return None
+
+
+def charge(request: Request, tenant: str, units: int) -> None:
+    """Charge `units` of work to the tenant, or raise 429 with Retry-After (a route calls it
+    once it knows its work: after validation, before any search)."""
+    quota: WorkQuota | None = getattr(request.app.state, "work_quota", None)
+    if quota is None:
+        return
+    retry = quota.charge(tenant, units)
+    if retry is not None:
+        quota.metrics.over_quota.labels(tenant).inc()
+        raise HTTPException(
+            429,
+            f"work quota of tenant {tenant!r} exceeded ({units} units asked: users x candidates)",
+            headers={"Retry-After": str(max(1, round(retry)))},
+        )
