@@ -253,9 +253,10 @@ def publish_release(
     blocklisted, already live) is written but not verified and not flipped. Otherwise it is
     read back, loaded as serving loads it and smoke-queried (verify.py; `verify=False` only
     for tests of the pointer alone, with fake bytes); a failure raises ReleaseError and the
-    pointer stays. A lost race is retried `retries` times: the winner may hold an older
-    interval, and the pointer must not stay behind it; a winner of this interval or a newer
-    one makes the retry SAME_INTERVAL / OLDER_THAN_LIVE.
+    pointer stays (a rerun re-uploads files whose stored bytes are not the manifest's).
+    A lost race is retried `retries` times: the winner may hold an older interval, and the
+    pointer must not stay behind it; a winner of this interval or a newer one makes the
+    retry SAME_INTERVAL / OLDER_THAN_LIVE.
     """
     release_id = release_id_for(manifest["run_id"], files)
     written = write_release(store, tenant, release_id, files, manifest)
@@ -267,7 +268,15 @@ def publish_release(
     if verify:
         from pipeline.release import verify as verifier  # imports this module: a call-time import
 
-        checks = verifier.verify_release(store, tenant, release_id, files)
+        try:
+            checks = verifier.verify_release(store, tenant, release_id, files)
+        except ReleaseError:
+            # an earlier attempt's damaged upload (this one wrote nothing): put back the bytes
+            # the manifest promises, then verify again; damage from this very upload is raised
+            repaired = [] if written else verifier.repair(store, tenant, release_id, files)
+            if not repaired:
+                raise
+            checks = {**verifier.verify_release(store, tenant, release_id, files), "repaired": repaired}
     pointer = Pointer(release_id, manifest["data_interval_end"], extra=dict(pointer_extra or {}))
     flip = flip_pointer(store, tenant, pointer)
     for _ in range(retries):

@@ -143,6 +143,8 @@ def refusal(
     """Why a forward flip to `release_id` must not happen now (None: it may). No writes."""
     if doc is not None and doc["release_id"] == release_id:
         return Flip(FlipOutcome.ALREADY_LIVE, f"already live: {release_id}")
+    if doc is not None and doc.get("pinned"):
+        return Flip(FlipOutcome.PINNED, pinned_reason(tenant, doc["pinned"]))
     blocked = read_blocklist(store, tenant).get(release_id)
     if blocked is not None:
         return Flip(
@@ -152,8 +154,6 @@ def refusal(
         )
     if doc is None:
         return None
-    if doc.get("pinned"):
-        return Flip(FlipOutcome.PINNED, pinned_reason(tenant, doc["pinned"]))
     live, new = interval_instant(doc["data_interval_end"]), interval_instant(interval_end)
     if live > new:
         return Flip(

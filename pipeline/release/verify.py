@@ -10,6 +10,7 @@ finite scores and item ids of the release.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from pipeline.release import format as release
 from pipeline.release.loaded import Release, ReleaseError
 from pipeline.storage import ObjectStore, paths
 
+log = logging.getLogger(__name__)
 SMOKE_USERS = 5  # users queried, spread over the release's user rows
 SMOKE_K = 10
 
@@ -111,3 +113,21 @@ def verify_release(store: ObjectStore, tenant: str, release_id: str, files: dict
         )
     servable = load_servable(_ReadBack(store, fetched), tenant, release_id)
     return {"verified_files": len(fetched), **smoke_query(servable)}
+
+
+def repair(store: ObjectStore, tenant: str, release_id: str, files: dict[str, bytes]) -> list[str]:
+    """Re-upload the files whose stored bytes are missing or differ from `files` (whose sha256s
+    the manifest holds: write_release checked); returns their names. Restores, never changes."""
+    repaired = []
+    for name, data in sorted(files.items()):
+        k = paths.release_key(tenant, release_id, name)
+        try:
+            ok = release.sha256(store.get(k)) == release.sha256(data)
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            store.put(k, data)
+            repaired.append(name)
+    if repaired:
+        log.warning("release %s/%s: re-uploaded damaged or missing %s", tenant, release_id, repaired)
+    return repaired
