@@ -37,7 +37,8 @@ def _publish(store, seed: int, day: int) -> str:
 
 def test_admin_dag_rolls_back_and_unpins_from_the_trigger_form(dagbag):
     dag = dagbag.get_dag("recsys_admin")
-    assert dag.timetable.summary == "None" and set(dag.params.keys()) == {"action", "tenant", "to", "reason"}
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual only
+    assert set(dag.params.keys()) == {"action", "tenant", "to", "reason"}
     store = open_store(get_settings().artifact_root)
     first, second = _publish(store, 1, 1), _publish(store, 2, 2)
 
