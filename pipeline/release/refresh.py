@@ -89,7 +89,8 @@ def make_live(
     written = write_release(r, prefix, rel)
     out = redis_pointer.flip(r, prefix, rel.tenant, rel.release_id, grace_seconds, order)
     if out.outcome is redis_pointer.RedisFlipOutcome.REFUSED:
-        redis_pointer.expire_release(r, prefix, rel.tenant, rel.release_id, grace_seconds)
+        if grace_seconds >= 0:  # -1: no expiry pass (as in flip)
+            redis_pointer.expire_release(r, prefix, rel.tenant, rel.release_id, grace_seconds)
     else:
         redis_pointer.persist_release(r, prefix, rel.tenant, rel.release_id, rel.user_ids)
     return out, written

@@ -217,6 +217,8 @@ def test_rollback_pins_blocklists_and_sticks_until_unpin(tmp_path, r, redis_pref
     bad = publish(store, 2, 2).release_id
     assert refresh.refresh(ctx)["flipped"]
     assert r.ttl(key(redis_prefix, TENANT, good, "u", "u1")) > 0  # replaced: expiring
+    refresh.write_release(r, redis_prefix, rel.load_release(store, TENANT, good))  # e.g. a stale refresh's writes
+    assert r.ttl(key(redis_prefix, TENANT, good, "u", "u1")) > 0  # keep the expiry (SET KEEPTTL)
 
     out = rollback(settings, TENANT, reason="bad recommendations", by="test:oncall")
     assert out["moved"] and out["pinned"] and out["release_id"] == good and out["blocklisted"] == bad
