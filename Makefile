@@ -55,7 +55,9 @@ airflow-db: $(STAMP)
 airflow: demo-data airflow-db
 	@echo ">>> Airflow standalone on http://localhost:8080 (user admin; password in"
 	@echo "    $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated). Dashboard: Browse > Recsys tenants."
-	$(VENV)/bin/airflow standalone
+	@# standalone starts its scheduler, dag-processor, triggerer and api-server as `airflow ...`
+	@# subprocesses found on the PATH: the venv's bin must be on it or each one dies at start
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/airflow standalone
 
 run: demo-data airflow-db
 	@echo ">>> airflow dags test recsys_$(DEMO_TENANT) $(DEMO_DATE)  (log: $(RECSYS_HOME)/dags-test.log)"
@@ -77,7 +79,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/mypy
 
 test: $(DEV_STAMP) lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf var data/demo

@@ -1,4 +1,4 @@
-"""`python -m pipeline run | summary | serve | rollback | pin | unpin | demo-data`.
+"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | demo-data`.
 
 Exit codes: 0 published (or nothing to do), 1 a stage failed, 2 bad usage or tenant config,
 3 the gate rejected the model (the run is "skipped", not failed).
@@ -128,6 +128,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check_tenant(args: argparse.Namespace) -> int:
+    from pipeline.config import get_settings
+    from pipeline.ops.onboarding import check_tenant
+
+    report = check_tenant(args.file, _interval_end(args.interval_end), get_settings())
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    if report.ok:
+        return EXIT_OK
+    return EXIT_USAGE if report.steps[-1].name == "config" else EXIT_FAILED
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings
     from pipeline.samples import demo
@@ -164,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == "summary":
             p.add_argument("--curl", action="store_true", help="also print curl examples against the API")
         p.set_defaults(fn=fn)
+    p = sub.add_parser(
+        "check-tenant",
+        help="try a new tenant file before committing it: config, source, validation (writes nothing)",
+    )
+    p.add_argument("file", help="the tenant YAML, e.g. include/tenants/acme.yaml")
+    p.add_argument("--interval-end", help="check the first run of this interval end (default: today 00:00 UTC)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_check_tenant)
     p = sub.add_parser("serve", help="start the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

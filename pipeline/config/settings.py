@@ -55,6 +55,30 @@ class Settings(BaseSettings):
     fold_in_cache_users: int = Field(
         default=100_000, ge=0, description="Users whose folded-in vectors one process keeps without Redis."
     )
+    # Serving's fault budget (pipeline/serving/breaker.py, loader.py): stages keep their long timeouts.
+    redis_timeout_ms: int = Field(
+        default=50, ge=1, description="Serving's Redis connect and read timeout (no retry): a slow Redis degrades."
+    )
+    s3_connect_timeout_s: float = Field(default=2.0, gt=0, description="Serving's S3 connect timeout.")
+    s3_read_timeout_s: float = Field(default=5.0, gt=0, description="Serving's S3 read timeout.")
+    s3_max_attempts: int = Field(default=2, ge=1, description="Serving's S3 attempts per call (botocore retries).")
+    breaker_failures: int = Field(default=5, ge=1, description="Consecutive failures that open a breaker.")
+    breaker_reset_seconds: float = Field(default=5.0, gt=0, description="How long a breaker stays open.")
+    release_retry_seconds: float = Field(
+        default=600.0, ge=0, description="How long a release that failed to load is not tried again."
+    )
+    cold_wait_seconds: float = Field(
+        default=5.0, ge=0, description="How long a request waits for its tenant's first load before a 503."
+    )
+    serving_tenants: str = Field(
+        default="", description="Tenants to preload and wait for in /readyz: a comma list, or '*' (every tenant YAML)."
+    )
+    ready_timeout_s: float = Field(
+        default=120.0, ge=0, description="After this, /readyz is 200 ('partial') with whatever loaded."
+    )
+    admin_token: str | None = Field(
+        default=None, description="Bearer token for /metrics and the tenant list of /readyz; unset: metrics open."
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
@@ -65,7 +89,7 @@ class Settings(BaseSettings):
             object.__setattr__(self, "expectations_dir", self.tenants_dir.parent / "expectations")
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{self.home / 'mlflow.db'}")
-        for name in ("redis_url", "alert_webhook_url"):  # docker-compose passes unset vars as ""
+        for name in ("redis_url", "alert_webhook_url", "admin_token"):  # docker-compose passes unset vars as ""
             if getattr(self, name) == "":
                 object.__setattr__(self, name, None)
         return self

@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline.models import als_fold
 from pipeline.serving import rerank
+from pipeline.serving.breaker import Unavailable
 from pipeline.serving.live import LiveRelease
 from pipeline.serving.schemas import Options, Reason, Recommendations, RejectedEvent, ScoredItem
-from pipeline.serving.user_store import InvalidUserData, UserData
+from pipeline.serving.user_store import InvalidUserData, UserData, read_users
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,43 @@ class Metrics:
         self.rate_limited = Counter("recsys_rate_limited_total", "429 answers", ["tenant"], registry=self.registry)
         self.events = Counter("recsys_events_total", "Events accepted", ["tenant"], registry=self.registry)
         self.fold_ins = Counter("recsys_fold_ins_total", "User vectors folded in", ["tenant"], registry=self.registry)
+        self.degraded = Counter(
+            "recsys_degraded_total",
+            "Answers served without the configured user store (Redis down, slow or its breaker open)",
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
+        self.unavailable = Counter(
+            "recsys_unavailable_total",
+            "503s: no release loaded for the tenant",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.load_failures = Counter(
+            "recsys_release_load_failures_total",
+            "Releases refused (checksum, missing or unreadable file): alert on any increase",
+            ["tenant", "release_id"],
+            registry=self.registry,
+        )
+        self.breaker = Gauge(
+            "recsys_breaker_state",
+            "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open",
+            ["dependency"],
+            registry=self.registry,
+        )
+
+    def breaker_state(self, dependency: str, state: int) -> None:
+        self.breaker.labels(dependency).set(state)
+
+    def load_failed(self, tenant: str, release_id: str) -> None:
+        self.load_failures.labels(tenant, release_id).inc()
+
+    def degrade(self, tenant: str, reason: str | None) -> bool:
+        """Count a degraded answer; returns whether it was one (the response's `degraded`)."""
+        if reason is None:
+            return False
+        self.degraded.labels(tenant, reason).inc()
+        return True
 
     def swapped(self, tenant: str, old: str | None, new: str) -> None:
         if old is not None:
@@ -104,7 +142,8 @@ def recommend_many(
     sums); popular items for the others, and for item-item users with nothing seen."""
     allowed = live.allowed(opts.filters())
     excluded, _ = live.rows_of(opts.exclude)
-    users = live.users.users(live.release, user_ids)
+    users, reason = read_users(live.users, live.release, user_ids, live.degraded)
+    degraded = metrics.degrade(tenant, reason)
     personal: dict[int, UserData] = {j: u for j, u in enumerate(users) if isinstance(u, tuple) and live.personal(u)}
     known = list(personal)
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -144,18 +183,20 @@ def recommend_many(
                 recommendation_id=uuid.uuid4().hex,
                 fallback=reason is not None,
                 fallback_reason=reason,
+                degraded=degraded,
                 items=scored(live, rows, scores, because),
             )
         )
     return out
 
 
-def one_user(live: LiveRelease, tenant: str, user_id: str):
-    try:
-        return live.users.user(live.release, user_id)
-    except InvalidUserData as exc:
-        log.error("tenant %s: %s; serving the fallback", tenant, exc)
-        return None
+def one_user(live: LiveRelease, tenant: str, user_id: str) -> tuple[UserData | None, str | None]:
+    """The user's data (None: unknown, or corrupt and logged) and why it is degraded (None: not)."""
+    (got,), reason = read_users(live.users, live.release, [user_id], live.degraded)
+    if isinstance(got, InvalidUserData):
+        log.error("tenant %s: %s; serving the fallback", tenant, got)
+        return None, reason
+    return got, reason
 
 
 def rejected_events(stamps: list[datetime], now: datetime) -> list[RejectedEvent]:
@@ -169,9 +210,12 @@ def rejected_events(stamps: list[datetime], now: datetime) -> list[RejectedEvent
     ]
 
 
-def fold_in_events(live: LiveRelease, tenant: str, events: pd.DataFrame, rows: np.ndarray, metrics: Metrics) -> int:
+def fold_in_events(
+    live: LiveRelease, tenant: str, events: pd.DataFrame, rows: np.ndarray, metrics: Metrics
+) -> tuple[int, bool]:
     """Update each user from their history plus these events, the way the registry says the
-    release's kind folds in, and store it under the live release; returns how many users.
+    release's kind folds in, and store it under the live release; returns how many users, and
+    whether the user store was unavailable (the rest not folded in: degraded).
 
     "vector" (ALS): re-solve the vector (the model's closed form). "seen_list" (item-item): the
     new seen list, newest first, is the update: the next request scores from it.
@@ -179,20 +223,29 @@ def fold_in_events(live: LiveRelease, tenant: str, events: pd.DataFrame, rows: n
     folded = 0
     if live.can_fold_in:
         known = events.assign(row=rows)[rows >= 0].sort_values("timestamp", ascending=False, kind="stable")
-        for user_id, part in known.groupby("user_id", sort=True):  # the users of one request
-            new_rows = part["row"].to_numpy()
-            current = one_user(live, tenant, str(user_id))
-            old = current[1] if current is not None else np.empty(0, dtype=np.int32)
-            history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
-            if live.fold_in == "seen_list":
-                vector = np.empty(0, dtype=np.float32)  # zero-width, as the release's own vectors
-            else:
-                new_counts = pd.Series(new_rows).value_counts(sort=False)
-                counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
-                vector = als_fold.fold_in_user(
-                    live.release.item_vectors, live.gram, history, counts, live.fold_in_config
-                )
-            live.users.fold(live.release, str(user_id), vector, history.astype(np.int32))
-            folded += 1
+        try:
+            for user_id, part in known.groupby("user_id", sort=True):  # the users of one request
+                new_rows = part["row"].to_numpy()
+                current, reason = one_user(live, tenant, str(user_id))
+                if reason is not None:  # never fold onto the release's stale row: the store must answer
+                    raise Unavailable(reason)
+                old = current[1] if current is not None else np.empty(0, dtype=np.int32)
+                history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
+                if live.fold_in == "seen_list":
+                    vector = np.empty(0, dtype=np.float32)  # zero-width, as the release's own vectors
+                else:
+                    new_counts = pd.Series(new_rows).value_counts(sort=False)
+                    counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)
+                    vector = als_fold.fold_in_user(
+                        live.release.item_vectors, live.gram, history, counts, live.fold_in_config
+                    )
+                live.users.fold(live.release, str(user_id), vector, history.astype(np.int32))
+                folded += 1
+        except Unavailable as exc:  # the events are in the log (the next run learns them); fold-ins wait
+            log.warning(
+                "tenant %s: user store unavailable (%s): events logged, %d users folded in", tenant, exc, folded
+            )
+            metrics.fold_ins.labels(tenant).inc(folded)
+            return folded, metrics.degrade(tenant, "fold_in_skipped")
         metrics.fold_ins.labels(tenant).inc(folded)
-    return folded
+    return folded, False

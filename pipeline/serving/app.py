@@ -9,6 +9,7 @@ matched on the request's category/tag filters) with fallback=true, never a 500.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -17,7 +18,8 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.config import Settings, get_settings
@@ -33,8 +35,10 @@ from pipeline.serving.answers import (
     rerank_rows,
     scored,
 )
+from pipeline.serving.breaker import Breaker, outage_types
 from pipeline.serving.deps import EntityId, Live, TenantId
 from pipeline.serving.live import ReleaseCache
+from pipeline.serving.loader import Loaders
 from pipeline.serving.middleware import TenantPathGuard
 from pipeline.serving.schemas import (
     BatchRecommendations,
@@ -59,7 +63,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": Error, "description": "The key is not one of this tenant's."},
     404: {"model": Error, "description": "Unknown tenant (nothing published) or unknown item."},
     429: {"model": Error, "description": "The tenant's rate limit is exceeded; see Retry-After."},
+    503: {"model": Error, "description": "No release loaded yet (store or Redis unavailable); see Retry-After."},
 }
+AdminHeader = Annotated[str | None, Header(include_in_schema=False)]
+
+
+def serving_tenants(settings: Settings) -> frozenset[str]:
+    """RECSYS_SERVING_TENANTS: '' none, '*' every tenant YAML in RECSYS_TENANTS_DIR, else a comma list."""
+    raw = settings.serving_tenants.strip()
+    if raw == "*":
+        return frozenset(p.stem for p in settings.tenants_dir.glob("*.yaml") if not p.stem.startswith("_"))
+    return frozenset(t.strip() for t in raw.split(",") if t.strip())
+
+
 POST_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Error, "description": "The body is not valid JSON."},
     **ERRORS,
@@ -74,19 +90,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         redis_users = None
         client = None
+        redis_breaker = Breaker(
+            "redis", settings.breaker_failures, settings.breaker_reset_seconds, on_state=metrics.breaker_state
+        )
+        store_breaker = Breaker(
+            "object_store", settings.breaker_failures, settings.breaker_reset_seconds, on_state=metrics.breaker_state
+        )
         if settings.redis_url:
-            from pipeline.serving.user_store import RedisStore
-            from pipeline.storage.redis import redis_client
+            from pipeline.serving.user_store import ResilientRedisStore
+            from pipeline.storage.redis import serving_redis_client
 
-            client = redis_client(settings.redis_url)
-            redis_users = RedisStore(client, settings.redis_prefix)
+            client = serving_redis_client(settings.redis_url, settings.redis_timeout_ms)
+            redis_users = ResilientRedisStore(client, settings.redis_prefix, redis_breaker)
         try:
             import faiss
 
             faiss.omp_set_num_threads(1)  # parallelism comes from concurrent requests
         except ImportError:  # pragma: no cover
             pass
-        store = open_store(settings.artifact_root)
+        s3_config = None
+        if settings.artifact_root.startswith("s3://"):
+            from pipeline.storage.s3 import serving_config
+
+            s3_config = serving_config(
+                settings.s3_connect_timeout_s, settings.s3_read_timeout_s, settings.s3_max_attempts
+            )
+        store = open_store(settings.artifact_root, s3_config=s3_config)
         app.state.store = store
         app.state.releases = ReleaseCache(
             store,
@@ -94,7 +123,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.release_poll_seconds,
             max_folded=settings.fold_in_cache_users,
             on_swap=metrics.swapped,
+            retry_seconds=settings.release_retry_seconds,
+            store_breaker=store_breaker,
+            on_load_failure=metrics.load_failed,
         )
+        app.state.loaders = Loaders(app.state.releases, settings.release_poll_seconds, serving_tenants(settings))
         app.state.settings = settings
         app.state.access = auth.load_access(settings.api_keys_file)
         if not settings.auth_disabled and not app.state.access.key_hashes:
@@ -106,9 +139,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.access.rate_limits,
                 settings.redis_url or "memory://",
                 f"{settings.redis_prefix}:ratelimit",
+                breaker=redis_breaker if settings.redis_url else None,
             )
         app.state.metrics = metrics
+        app.state.loaders.start()
         yield
+        await app.state.loaders.close()
         if client is not None:
             client.close()
 
@@ -189,7 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Scores the given candidates (seen ones included: the caller chose them); unknown ids are listed apart."""
         started = time.perf_counter()
         rows, unknown = live.rows_of(list(dict.fromkeys(body.item_ids)))
-        user = one_user(live, tenant, user_id)
+        user, degraded_by = one_user(live, tenant, user_id)
         if user is not None and live.personal(user):
             scores = live.scores_of(user, rows)
             reason = None
@@ -207,6 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             recommendation_id=uuid.uuid4().hex,
             fallback=reason is not None,
             fallback_reason=reason,
+            degraded=metrics.degrade(tenant, degraded_by),
             items=scored(live, rows[order], scores[order]),
             unknown_item_ids=unknown,
         )
@@ -222,7 +259,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         results = recommend_many(live, tenant, body.user_ids, body.options, metrics)
         observe(tenant, "batch", started)
-        return BatchRecommendations(tenant=tenant, release_id=live.release_id, results=results)
+        degraded = any(r.degraded for r in results)
+        return BatchRecommendations(tenant=tenant, release_id=live.release_id, degraded=degraded, results=results)
 
     @app.post(
         "/v1/tenants/{tenant}/events",
@@ -266,7 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.events.labels(tenant).inc(len(df))
         rows = live.release.item_ids.get_indexer(df["item_id"].to_numpy())
         unknown = sorted(set(df.loc[rows < 0, "item_id"]))
-        folded = fold_in_events(live, tenant, df, rows, metrics)
+        folded, degraded = fold_in_events(live, tenant, df, rows, metrics)
         observe(tenant, "events", started)
         return EventsAccepted(
             tenant=tenant,
@@ -275,18 +313,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             users_folded_in=folded,
             unknown_item_ids=unknown,
             rejected=rejected,
+            degraded=degraded,
         )
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     def healthz() -> Health:
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Readiness, summary="Tenants loaded and their releases")
-    def readyz(request: Request) -> Readiness:
-        return Readiness(status="ok", tenants=request.app.state.releases.loaded())
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Configured tenants still loading."}},
+        summary="Whether the configured tenants are loaded",
+    )
+    def readyz(request: Request, response: Response, authorization: AdminHeader = None) -> Readiness:
+        """503 until every tenant of RECSYS_SERVING_TENANTS is loaded (or has published nothing), or
+        RECSYS_READY_TIMEOUT_S passed ("partial"). Tenant names and release ids: admin token only."""
+        state = request.app.state
+        status, loaded = state.loaders.ready(settings.ready_timeout_s)
+        if status == "loading":
+            response.status_code = 503
+        details = state.releases.loaded() if auth.admin_allowed(settings.admin_token, authorization) else None
+        return Readiness(status=status, loaded=loaded, expected=len(state.loaders.keep), tenants=details)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus() -> Response:
+    def prometheus(authorization: AdminHeader = None) -> Response:
+        if settings.admin_token and not auth.admin_allowed(settings.admin_token, authorization):
+            return Response("admin token required", status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        """A dependency failing where no degraded answer exists (e.g. the event log's store): 503."""
+        log.warning("%s %s: dependency unavailable (%s: %s)", request.method, request.url.path, type(exc).__name__, exc)
+        return JSONResponse(
+            {"detail": "a dependency is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(max(1, math.ceil(settings.breaker_reset_seconds)))},
+        )
+
+    for exc_type in outage_types():
+        app.add_exception_handler(exc_type, unavailable)
 
     return app

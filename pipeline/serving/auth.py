@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.serving.breaker import Breaker, is_outage
+
 log = logging.getLogger(__name__)
 
 
@@ -54,39 +56,66 @@ def load_access(path: Path | None) -> Access:
     return Access(hashes, limits)
 
 
+def admin_allowed(token: str | None, authorization: str | None) -> bool:
+    """Whether `Authorization: Bearer <token>` carries RECSYS_ADMIN_TOKEN (Prometheus sends it so)."""
+    if not token or not authorization:
+        return False
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def key_allowed(hashes: dict[str, frozenset[str]], tenant: str, key: str) -> bool:
     digest = hash_key(key)
     return any(hmac.compare_digest(digest, h) for h in hashes.get(tenant, ()))
 
 
 class RateLimiter:
-    """Per-tenant request limits through the `limits` library (Redis-backed when configured,
-    so all workers share one budget; in-process otherwise)."""
+    """Per-tenant request limits through the `limits` library's asyncio API (Redis-backed when
+    configured, so all workers share one budget; in-process otherwise).
 
-    def __init__(self, default: str, overrides: dict[str, str], storage_uri: str, key_prefix: str) -> None:
+    Async (`limits.aio`, redis.asyncio underneath): the check runs in an async dependency, on
+    the event loop, so a synchronous Redis call there would stall every request in flight.
+    """
+
+    def __init__(
+        self, default: str, overrides: dict[str, str], storage_uri: str, key_prefix: str, breaker: Breaker | None = None
+    ) -> None:
         import limits
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
         from limits.storage import storage_from_string
-        from limits.strategies import SlidingWindowCounterRateLimiter
 
         self._parse = limits.parse_many
         self.default = self._parse(default) if default else []
         self.overrides = {t: self._parse(v) if v else [] for t, v in overrides.items()}
-        # short timeouts: the check runs on the event loop, and a slow Redis must not stall it
-        options: dict[str, Any] = (
-            {"key_prefix": key_prefix, "socket_timeout": 0.05, "socket_connect_timeout": 0.2}
-            if storage_uri.startswith("redis")
-            else {}
-        )
-        self.limiter = SlidingWindowCounterRateLimiter(storage_from_string(storage_uri, **options))
+        self.breaker = breaker
+        options: dict[str, Any] = {}
+        if storage_uri.startswith("redis"):
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
-    def check(self, tenant: str) -> float | None:
+            # redis.asyncio retries 3 times with backoff by default: a dead Redis would hold each request
+            options = {
+                "key_prefix": key_prefix,
+                "implementation": "redispy",
+                "socket_timeout": 0.05,
+                "socket_connect_timeout": 0.05,
+                "retry": Retry(NoBackoff(), 0),
+            }
+        self.limiter = SlidingWindowCounterRateLimiter(storage_from_string(f"async+{storage_uri}", **options))
+
+    async def check(self, tenant: str) -> float | None:
         """None when allowed; else seconds until the tenant may retry. Fails open: if the
-        limiter's store is unreachable the request is served (and the error logged)."""
+        limiter's store is unreachable (or Redis's breaker is open) the request is served."""
+        items = self.overrides.get(tenant, self.default)
+        if not items or (self.breaker is not None and self.breaker.is_open):
+            return None
         try:
-            for item in self.overrides.get(tenant, self.default):
-                if not self.limiter.hit(item, "tenant", tenant):
-                    stats = self.limiter.get_window_stats(item, "tenant", tenant)
+            for item in items:
+                if not await self.limiter.hit(item, "tenant", tenant):
+                    stats = await self.limiter.get_window_stats(item, "tenant", tenant)
                     return max(stats.reset_time - time.time(), 0.0)
         except Exception as exc:  # redis down or slow: availability over strict limits
+            if self.breaker is not None and is_outage(exc):
+                self.breaker.failure()
             log.warning("rate limiter unavailable for tenant %s (%s); request allowed", tenant, exc)
         return None

@@ -5,16 +5,17 @@ dependencies or settings instead of patching modules. The tenant id is validated
 path pattern before any of these run, so no storage call ever sees an invalid id.
 
 The dependencies are async: a sync dependency costs a threadpool hop per request (CPU of
-the order of the search itself). Their only I/O is the rate limiter's one Redis call
-(short timeouts, fails open); a due pointer check, and a release load, run in a thread.
+the order of the search itself). They do no blocking I/O on the event loop: the rate
+limiter awaits its Redis (limits.aio, short timeouts, fails open, skipped while Redis's
+breaker is open); pointer polls and loads run in per-tenant background tasks.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Path, Query, Request
-from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import TENANT_ID_PATTERN
 from pipeline.serving import auth
@@ -41,7 +42,7 @@ async def authorize(
         if not auth.key_allowed(state.access.key_hashes, tenant, x_api_key):
             raise HTTPException(403, f"this key is not valid for tenant {tenant!r}")
     if state.rate_limiter is not None:
-        retry = state.rate_limiter.check(tenant)
+        retry = await state.rate_limiter.check(tenant)
         if retry is not None:
             state.metrics.rate_limited.labels(tenant).inc()
             raise HTTPException(
@@ -51,12 +52,30 @@ async def authorize(
 
 
 async def live_release(request: Request, tenant: Annotated[str, Depends(authorize)]) -> LiveRelease:
-    releases = request.app.state.releases
-    # fast path on the event loop; a pointer check (and maybe a release load) goes to a thread
-    live = releases.fresh(tenant) or await run_in_threadpool(releases.get, tenant)
-    if live is None:
+    """The tenant's live release, read without I/O; polls and loads run in `loader.Loaders`.
+
+    Nothing loaded yet: wait for this tenant's first poll only (bounded), then 404 if the
+    tenant has definitely published nothing, else 503 with Retry-After (store or Redis down,
+    release unloadable, load still running).
+    """
+    state = request.app.state
+    live = state.releases.current(tenant)
+    if live is not None:
+        state.loaders.ensure(tenant)  # keeps its poll loop alive (a dict lookup)
+        return live
+    live = await state.loaders.wait_first(tenant, state.settings.cold_wait_seconds)
+    if live is not None:
+        return live
+    outcome = state.releases.outcome(tenant)
+    if outcome == "absent":
         raise HTTPException(404, f"unknown tenant {tenant!r} (no published release)")
-    return live
+    state.metrics.unavailable.labels(tenant, outcome).inc()
+    retry = max(1, math.ceil(state.settings.breaker_reset_seconds))
+    raise HTTPException(
+        503,
+        f"tenant {tenant!r} has no release loaded yet ({outcome}); retry later",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 Live = Annotated[LiveRelease, Depends(live_release)]

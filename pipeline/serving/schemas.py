@@ -67,6 +67,11 @@ class Recommendations(BaseModel):
     recommendation_id: str = Field(description="Unique id of this response, for click/feedback attribution.")
     fallback: bool = Field(description="True when popular items are served instead of personal ones.")
     fallback_reason: str | None = Field(default=None, description="Why the fallback was served.")
+    degraded: bool = Field(
+        default=False,
+        description="True when the user store (Redis) was down or slow: the release's own files answered "
+        "(users it holds stay personal; fold-ins since the release are not seen).",
+    )
     items: list[ScoredItem]
 
 
@@ -91,6 +96,11 @@ class Ranked(BaseModel):
     recommendation_id: str
     fallback: bool
     fallback_reason: str | None = None
+    degraded: bool = Field(
+        default=False,
+        description="True when the user store (Redis) was down or slow: the release's own files answered "
+        "(users it holds stay personal; fold-ins since the release are not seen).",
+    )
     items: list[ScoredItem] = Field(description="Known candidates, best first.")
     unknown_item_ids: list[str] = Field(description="Candidates this release does not know (not ranked).")
 
@@ -105,6 +115,7 @@ class BatchRequest(BaseModel):
 class BatchRecommendations(BaseModel):
     tenant: str
     release_id: str = Field(description="Every result comes from this one release.")
+    degraded: bool = Field(default=False, description="True when any result is degraded (see Recommendations).")
     results: list[Recommendations]
 
 
@@ -138,6 +149,11 @@ class EventsAccepted(BaseModel):
     users_folded_in: int = Field(description="Users whose vectors were updated now, without retraining.")
     unknown_item_ids: list[str] = Field(description="Items the live release does not know: logged, not folded in.")
     rejected: list[RejectedEvent] = Field(default=[], description="Events not accepted (e.g. stamped in the future).")
+    degraded: bool = Field(
+        default=False,
+        description="True when the user store was unavailable: the events are logged (the next run learns "
+        "them) but users were not folded in now.",
+    )
 
 
 class Error(BaseModel):
@@ -149,5 +165,9 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
-    tenants: dict[str, str | None] = Field(description="tenant -> live release id (None: not loadable).")
+    status: str = Field(description="ok, loading (503) or partial (the ready timeout passed first).")
+    loaded: int = Field(description="Configured tenants (RECSYS_SERVING_TENANTS) with a release loaded.")
+    expected: int = Field(description="Configured tenants.")
+    tenants: dict[str, str] | None = Field(
+        default=None, description="tenant -> live release id; only with the admin token (RECSYS_ADMIN_TOKEN)."
+    )

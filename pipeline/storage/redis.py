@@ -31,6 +31,28 @@ def redis_client(url: str) -> Any:
     return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30, retry_on_timeout=True)
 
 
+def serving_redis_client(url: str, timeout_ms: int) -> Any:
+    """The request path's client: connect and read timeouts of `timeout_ms`, no retry.
+
+    A request must not wait longer than its latency budget for Redis: on a timeout or a
+    refused connection serving answers from the release files instead (degraded) and the
+    breaker stops trying for a while. Stages keep `redis_client`'s long, retried calls.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    seconds = timeout_ms / 1000
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=seconds,
+        socket_connect_timeout=seconds,
+        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def key(prefix: str, tenant: str, *parts: str) -> str:
     return ":".join((prefix, tenant, *parts))
 

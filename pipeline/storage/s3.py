@@ -15,9 +15,23 @@ from pipeline.storage.base import PreconditionFailed, StoreError
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 
 
+def serving_config(connect_s: float, read_s: float, attempts: int) -> Any:
+    """botocore Config for serving: a pointer poll or a release load fails within seconds
+    (boto3's defaults are 60 s timeouts with retries), so a dead S3 trips serving's breaker
+    and a never-loaded tenant answers 503 quickly; stages keep the defaults."""
+    from botocore.config import Config
+
+    return Config(
+        connect_timeout=connect_s,
+        read_timeout=read_s,
+        retries={"max_attempts": attempts, "mode": "standard"},
+    )
+
+
 class S3Store:
-    def __init__(self, uri: str, client: Any = None) -> None:
-        """`client`: a boto3 S3 client (Any: boto3 ships no type stubs); None builds one from the environment."""
+    def __init__(self, uri: str, client: Any = None, config: Any = None) -> None:
+        """`client`: a boto3 S3 client (Any: boto3 ships no type stubs); None builds one from the environment,
+        with `config` (a botocore Config, e.g. `serving_config`) if given."""
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise StoreError(f"not an s3:// URI: {uri!r}")
@@ -27,7 +41,7 @@ class S3Store:
         if client is None:
             import boto3  # boto3 reads AWS_ENDPOINT_URL / AWS_* itself
 
-            client = boto3.client("s3")
+            client = boto3.client("s3", config=config)
         self._s3 = client
 
     def _key(self, key: str) -> str:

@@ -1,5 +1,6 @@
-"""The UserStore contract, run by the embedded store and by Redis (real server, keys written by
-the refresh stage's own `write_release` + `flip`), plus what each does beyond it."""
+"""The UserStore contract, run by the embedded store, by Redis (real server, keys written by
+the refresh stage's own `write_release` + `flip`) and by serving's breaker-guarded Redis store,
+plus what each does beyond it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ import numpy as np
 import pytest
 
 from pipeline.release import refresh
-from pipeline.serving.user_store import FOLD_TTL_SECONDS, EmbeddedStore, InvalidUserData, RedisStore
-from pipeline.storage.redis import key, redis_client
+from pipeline.serving.breaker import Breaker, Unavailable
+from pipeline.serving.user_store import (
+    FOLD_TTL_SECONDS,
+    EmbeddedStore,
+    InvalidUserData,
+    RedisStore,
+    ResilientRedisStore,
+)
+from pipeline.storage.redis import key, redis_client, serving_redis_client
 from tests.conftest import REDIS_URL
 from tests.contracts.user_store import CORRUPT, DIM, N_ITEMS, TENANT, UserStoreContract, assert_user
 
@@ -84,3 +92,37 @@ class TestRedisStore(UserStoreContract):
             ttl = client.ttl(key(redis_prefix, TENANT, rel.release_id, part, "u6"))
             assert FOLD_TTL_SECONDS - 60 < ttl <= FOLD_TTL_SECONDS
         assert client.get(key(redis_prefix, TENANT, rel.release_id, "u", "u6")) == rel.user_vectors[6].tobytes()
+
+
+@pytest.mark.integration
+class TestResilientRedisStore(TestRedisStore):
+    """Serving's Redis store (breaker + the release's rows when Redis is away) keeps the whole contract."""
+
+    @pytest.fixture
+    def make(self, client, redis_prefix):
+        def make(rel):
+            refresh.write_release(client, redis_prefix, rel)
+            assert refresh.flip(client, redis_prefix, TENANT, rel.release_id, grace_seconds=60)[0]
+            return ResilientRedisStore(client, redis_prefix, Breaker("redis"))
+
+        return make
+
+    def test_redis_away_answers_from_the_release_then_skips_it(self, rel, redis_prefix):
+        down = serving_redis_client("redis://127.0.0.1:1/0", 50)  # nothing listens on port 1
+        store = ResilientRedisStore(down, redis_prefix, Breaker("redis", failures=2, reset_seconds=60))
+        got, reason = store.read_users(rel, ["u4", "nobody"])
+        assert reason == "redis_unavailable" and got[1] is None
+        assert_user(got[0], rel.user_vectors[4], rel.seen(4))  # personal from the release's own rows
+        with pytest.raises(Unavailable):
+            store.current(TENANT)  # the second failure opens the breaker
+        assert store.breaker.is_open
+        assert store.read_users(rel, ["u4"])[1] == "redis_breaker_open"
+        with pytest.raises(Unavailable):
+            store.fold(rel, "u4", np.ones(DIM, dtype=np.float32), np.array([1], dtype=np.int32))
+
+    def test_a_user_redis_lost_is_read_from_the_release(self, store, rel, client, redis_prefix):
+        client.delete(*(key(redis_prefix, TENANT, rel.release_id, part, "u7") for part in ("u", "seen")))
+        got, reason = store.read_users(rel, ["u7", "u8", "nobody"])
+        assert reason == "redis_lost_users" and got[2] is None
+        assert_user(got[0], rel.user_vectors[7], rel.seen(7))
+        assert store.read_users(rel, ["u8", "nobody"])[1] is None  # a cold user is not a degraded answer

@@ -85,7 +85,8 @@ def test_api_serves_the_release(published):
     rel = release.load_release(ctx.store, ctx.tenant, rid)
     user = rel.user_ids[3]
     seen = set(rel.item_ids[rel.seen(3)])
-    with TestClient(create_app(ctx.settings)) as client:
+    settings = ctx.settings.model_copy(update={"admin_token": "admin"})
+    with TestClient(create_app(settings)) as client:
         r = client.get(f"/v1/tenants/acme/users/{user}/recommendations", params={"k": 10})
         assert r.status_code == 200
         body = r.json()
@@ -107,8 +108,11 @@ def test_api_serves_the_release(published):
         for k in (0, 101, -1, "ten"):
             assert client.get(f"/v1/tenants/acme/users/{user}/recommendations", params={"k": k}).status_code == 422
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert client.get("/readyz").json()["tenants"] == {"acme": rid}
-        assert "recsys_request_seconds" in client.get("/metrics").text
+        assert client.get("/readyz").json() == {"status": "ok", "loaded": 0, "expected": 0, "tenants": None}
+        admin = {"Authorization": "Bearer admin"}
+        assert client.get("/readyz", headers=admin).json()["tenants"] == {"acme": rid}
+        assert client.get("/metrics").status_code == 401
+        assert "recsys_request_seconds" in client.get("/metrics", headers=admin).text
 
 
 def test_api_keys_when_auth_enabled(published, tmp_path):

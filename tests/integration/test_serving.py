@@ -3,6 +3,7 @@ events with fold-in, rate limits, CORS, tenant-id fuzzing and cross-tenant isola
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -201,6 +202,7 @@ def test_events_fold_in_at_once_and_reach_the_next_extract(client, served):
         "users_folded_in": 1,
         "unknown_item_ids": ["unknown-sku"],
         "rejected": [],
+        "degraded": False,
     }
     after = client.get(URL.format("fresh-user"), params={"k": 10, "explain": True}).json()
     assert after["fallback"] is False and not set(liked) & set(_items(after))
@@ -296,8 +298,8 @@ def test_fuzzed_tenant_ids_are_422_before_any_storage_call(served, raw, monkeypa
     calls = []
     from pipeline.serving.live import ReleaseCache
 
-    monkeypatch.setattr(ReleaseCache, "get", lambda self, tenant: calls.append(tenant))
-    monkeypatch.setattr(ReleaseCache, "fresh", lambda self, tenant: calls.append(tenant))
+    for name in ("get", "fresh", "current", "poll"):  # every way serving reaches a tenant's release
+        monkeypatch.setattr(ReleaseCache, name, lambda self, tenant, *a, **kw: calls.append(tenant))
     with TestClient(create_app(settings)) as c:
         # the exact bytes a server hands over (HTTP clients would normalise `..` away first)
         for method, path in (
@@ -378,6 +380,9 @@ def test_cross_tenant_access_never_leaks(served, tmp_path):
 def test_rate_limiter_fails_open_when_its_redis_is_down(caplog):
     from pipeline.serving.auth import RateLimiter
 
-    limiter = RateLimiter("1/minute", {}, "redis://127.0.0.1:1/0", "test:ratelimit")
-    assert limiter.check("acme") is None and limiter.check("acme") is None
+    async def twice() -> list[float | None]:
+        limiter = RateLimiter("1/minute", {}, "redis://127.0.0.1:1/0", "test:ratelimit")
+        return [await limiter.check("acme"), await limiter.check("acme")]
+
+    assert asyncio.run(twice()) == [None, None]
     assert "rate limiter unavailable" in caplog.text
