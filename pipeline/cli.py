@@ -1,4 +1,4 @@
-"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | demo-data`.
+"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | forget-user | demo-data`.
 
 Exit codes: 0 published (or nothing to do), 1 a stage failed, 2 bad usage or tenant config,
 3 the gate rejected the model (the run is "skipped", not failed).
@@ -139,6 +139,29 @@ def cmd_check_tenant(args: argparse.Namespace) -> int:
     return EXIT_USAGE if report.steps[-1].name == "config" else EXIT_FAILED
 
 
+def cmd_forget_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from pipeline.config import get_settings
+    from pipeline.ops.erasure import ErasureError, forget_user
+
+    try:
+        record = forget_user(
+            get_settings(),
+            args.tenant,
+            args.user_id,
+            requested_at=datetime.now(UTC),  # the operator's clock: this is a command, not a stage
+            requested_by=args.requested_by or getpass.getuser(),
+            reason=args.reason,
+            request_id=args.request_id,
+        )
+    except ErasureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(record))
+    return EXIT_OK
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings
     from pipeline.samples import demo
@@ -204,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reason", default="", help="why (recorded in the pointer and pin.json)")
         p.add_argument("--by", help="who (recorded; default cli:<user name>)")
         p.set_defaults(fn=cmd_rollback)
+    p = sub.add_parser(
+        "forget-user",
+        help="delete a user's data on request: history, event log, Redis keys, every later release; "
+        "writes an audit record",
+    )
+    p.add_argument("tenant")
+    p.add_argument("user_id")
+    p.add_argument("--reason", default="", help="why (e.g. the ticket of the request); goes into the audit record")
+    p.add_argument("--requested-by", help="who asked for it (default: the OS user running the command)")
+    p.add_argument("--request-id", help="the request's id in the audit record (default: a new UUID)")
+    p.set_defaults(fn=cmd_forget_user)
     p = sub.add_parser("demo-data", help="prepare the MovieLens-100K demo tenant's data")
     p.add_argument("--out", help="output folder (default: data/demo under RECSYS_DATA_ROOT)")
     p.set_defaults(fn=cmd_demo_data)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.context import RunContext
 from pipeline.data import sources
+from pipeline.data.erased import erased_mask
 from pipeline.data.sources import is_sql_url
 from pipeline.storage import codecs, paths
 
@@ -54,7 +55,7 @@ def extract_catalog(ctx: RunContext, read: sources.Reader) -> pd.DataFrame | Non
     return df
 
 
-def extract_users(ctx: RunContext, read: sources.Reader) -> pd.DataFrame | None:
+def extract_users(ctx: RunContext, read: sources.Reader, erased: frozenset[str] = frozenset()) -> pd.DataFrame | None:
     """User attributes: user_id (string) + the mapped attribute columns; one row per user (the
     last one read wins), sorted by user_id. None when the tenant has no `users:`."""
     cfg = ctx.config.users
@@ -92,6 +93,8 @@ def extract_users(ctx: RunContext, read: sources.Reader) -> pd.DataFrame | None:
     for col in df.columns:  # text attributes: one string dtype, whatever the reader produced
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].astype("string")
+    if erased:  # users deleted on request (pipeline/data/erased.py)
+        df = df[~erased_mask(df["user_id"], erased)]
     df = df.sort_values("user_id", kind="stable").reset_index(drop=True)
     ctx.write(paths.USER_ATTRIBUTES, codecs.parquet_bytes(df))
     return df

@@ -7,10 +7,14 @@ the run's interactions.
 2. Read only that window where the source allows: a SQL query gets it as `:start`/`:end`, a
    date-partitioned folder or prefix is read only for its days; a plain file or folder is read
    whole and only the window's rows are kept. API events (`pipeline/data/event_log.py`) are read for
-   the same days.
+   the days they ARRIVED in the window (retries dropped), whatever their own timestamps: an
+   event stamped long before the window is filed under its arrival day, so it is trained on
+   by the next run instead of being lost, and a rerun of an interval reads the same events.
+   Users on the erasure list (`pipeline/data/erased.py`) are dropped from everything read.
 3. Map columns, normalise types (ids: strings, timestamps: UTC, rating: float, event_type:
    lower-case, "interaction" when missing) and write the window's history partitions
-   `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet` (replacing exactly those days).
+   `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet` (replacing exactly those days; a source
+   row is filed under its event day, an API event under its arrival day).
 4. Write `paths.INTERACTIONS` (`runs/{run}/extract/interactions.parquet`): the history before the window plus the
    window's rows, i.e. every event before `interval_end` (rows with unparseable timestamps of
    this run's read are kept too, for validation to report), with `event_type` and its
@@ -30,6 +34,7 @@ import pandas as pd
 
 from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes, event_log, history, sources
+from pipeline.data import erased as erased_users
 from pipeline.data.sources import is_sql_url
 from pipeline.storage import codecs, paths
 
@@ -195,22 +200,28 @@ def _missing_from(new: pd.DataFrame, old: pd.DataFrame) -> int:
     return int(np.clip(n - have, 0, None).sum())
 
 
-def _write_partitions(ctx: RunContext, win: pd.DataFrame, end_day) -> tuple[list, int]:
-    """One partition per complete day of `win` (sorted by timestamp) before `end_day`."""
-    ts = win["timestamp"].to_numpy(dtype="datetime64[us]")  # UTC, naive: fast comparisons
-    cut = int(np.searchsorted(ts, np.datetime64(history.midnight(end_day).replace(tzinfo=None), "us")))
+def _by_filed_day(df: pd.DataFrame, filed: pd.Series) -> tuple[pd.DataFrame, np.ndarray]:
+    """History columns sorted by (filing day, every column), and those days: a source row is
+    filed under its event day, an API event under the day it arrived. Without late API events
+    this is the plain history order (the timestamp leads the sort)."""
+    day = filed.dt.tz_convert(None).to_numpy("datetime64[us]").astype("datetime64[D]")
+    out = history.canonical(df, sort=False).assign(_day=day)
+    out = out.sort_values(["_day", *history.SORT], kind="stable", na_position="last").reset_index(drop=True)
+    return out.drop(columns="_day"), out["_day"].to_numpy("datetime64[D]")
+
+
+def _write_partitions(ctx: RunContext, win: pd.DataFrame, day: np.ndarray, end_day) -> tuple[list, int]:
+    """One partition per filing day of `win` (sorted by `day`) before `end_day`."""
+    cut = int(np.searchsorted(day, np.datetime64(end_day, "D")))
     if not cut:
         return [], 0
-    first = pd.Timestamp(ts[0]).date()
-    days = pd.date_range(pd.Timestamp(first), periods=(end_day - first).days + 1, freq="D").to_numpy("datetime64[us]")
-    bounds = np.searchsorted(ts[:cut], days)
+    days, starts = np.unique(day[:cut], return_index=True)
     written = []
-    for day, a, b in zip(days[:-1], bounds[:-1], bounds[1:], strict=True):
-        if b > a:
-            day = pd.Timestamp(day).date()
-            part = win.iloc[a:b].reset_index(drop=True)
-            ctx.store.put(history.partition_key(ctx.tenant, day), codecs.parquet_bytes(part))
-            written.append(day)
+    for d, a, b in zip(days, starts, [*starts[1:], cut], strict=True):
+        when = pd.Timestamp(d).date()
+        part = win.iloc[a:b].reset_index(drop=True)
+        ctx.store.put(history.partition_key(ctx.tenant, when), codecs.parquet_bytes(part))
+        written.append(when)
     return written, cut
 
 
@@ -221,37 +232,49 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     existing = history.partitions(ctx.store, ctx.tenant)
     window = history.plan(list(existing), start, ctx.interval_end, src.lookback_days)
     read, info = _read_source(ctx, window)
-    logged = event_log.read(ctx.store, ctx.tenant, ctx.interval_end, start=window.start)
+    logged = event_log.read(ctx.store, ctx.tenant, ctx.interval_end, start=window.start)  # by arrival
     frames = [read[history.COLUMNS]]
     if len(logged):
         frames.append(logged[history.COLUMNS])
     df = _normalise(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
     from_source = pd.Series(np.arange(len(df)) < len(read), index=df.index)
+    # when a row counts for the window: a source row at its event time, an API event when it arrived
+    filed = df["timestamp"]
+    if len(logged):
+        received = logged["received_at"].astype(filed.dtype)
+        filed = pd.concat([filed.iloc[: len(read)], received], ignore_index=True).set_axis(df.index)
+    late_api = int((~from_source & (df["timestamp"] < pd.Timestamp(window.start or sources.EPOCH))).sum())
     del read, frames  # peak memory: the source is held once, as `df`
 
-    ts = df["timestamp"]
+    erased = erased_users.hashes(ctx.store, ctx.tenant)
+    gone = erased_users.erased_mask(df["user_id"], erased)
     end = pd.Timestamp(ctx.interval_end)
     # NaT rows are kept on purpose (not in the history: they have no day): validation reports them.
-    nat = ts.isna()
-    after = ts >= end
-    before = ts < pd.Timestamp(window.start) if window.start is not None else pd.Series(False, index=df.index)
+    nat = filed.isna()
+    after = filed >= end
+    before = filed < pd.Timestamp(window.start) if window.start is not None else pd.Series(False, index=df.index)
     fresh = ~nat & ~after & ~before
-    _check_unknown(ctx, df.loc[fresh | nat, "event_type"])  # fail before touching the history
+    _check_unknown(ctx, df.loc[(fresh | nat) & ~gone, "event_type"])  # fail before touching the history
 
     old_keys = [k for d, k in existing.items() if window.first_day is not None and d < window.first_day]
     old = history.read(ctx.store, old_keys)
+    old_gone = erased_users.erased_mask(old["user_id"], erased)
+    if old_gone.any():  # erased after these partitions were written (forget-user rewrites them too)
+        old = old[~old_gone].reset_index(drop=True)
     if info["source_kind"] == "files":  # a plain file is read whole: late = old rows the history lacks
-        late = _missing_from(history.canonical(df[before & from_source], sort=False), old)
+        late = _missing_from(history.canonical(df[before & from_source & ~gone], sort=False), old)
     else:  # partitions and queries return only new rows: any before the window is late
-        late = int(before.sum())
+        late = int((before & from_source & ~gone).sum())
 
-    unparseable = history.canonical(df[nat])
-    win = history.canonical(df if fresh.all() else df[fresh])
-    del df, from_source
-    written, rows_written = _write_partitions(ctx, win, window.end_day)
+    unparseable = history.canonical(df[nat & ~gone])
+    keep = fresh & ~gone
+    win, day = _by_filed_day(df if keep.all() else df[keep], filed if keep.all() else filed[keep])
+    dropped_erased = int(gone.sum()) + int(old_gone.sum())
+    del df, from_source, filed
+    written, rows_written = _write_partitions(ctx, win, day, window.end_day)
     deleted = [d for d in existing if window.rewrites(d) and d not in set(written)]
-    for day in deleted:
-        ctx.store.delete(existing[day])
+    for day_gone in deleted:
+        ctx.store.delete(existing[day_gone])
 
     # the run's output: history before the window + the window's rows (+ unparseable timestamps)
     parts = [p for p in (old, win, unparseable) if len(p)]
@@ -261,7 +284,7 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     key = ctx.write(paths.INTERACTIONS, codecs.parquet_bytes(out))
 
     catalog = attributes.extract_catalog(ctx, _reader(ctx)) if ctx.config.catalog else None
-    users = attributes.extract_users(ctx, _reader(ctx)) if ctx.config.users else None
+    users = attributes.extract_users(ctx, _reader(ctx), erased) if ctx.config.users else None
     valid_ts = out["timestamp"].dropna()
     dropped_after = int(after.sum())
     result = {
@@ -269,6 +292,8 @@ def extract(ctx: RunContext) -> dict[str, Any]:
         "key": key,
         **info,
         "event_log_rows": len(logged),
+        "event_log_late_rows": late_api,
+        "dropped_erased_users": dropped_erased,
         "catalog_items": None if catalog is None else len(catalog),
         "user_attributes": None if users is None else len(users),
         "rows": len(out),

@@ -2,7 +2,9 @@
 
 Layout: `tenants/{t}/history/dt=YYYY-MM-DD/part.parquet`, the raw events of that UTC day
 (user_id, item_id, timestamp, rating, event_type), rows sorted on every column, so the same
-events always give the same bytes. Days without events have no partition.
+events always give the same bytes. Days without events have no partition. "That day" is the
+event's day for source rows and the ARRIVAL day for API events (pipeline/data/event_log.py),
+so an API event stamped long ago is kept, in the partition of the day it came in.
 
 Each run rewrites a window of whole days and nothing else (`plan`):
 
@@ -34,7 +36,7 @@ from pipeline.storage import ObjectStore, paths
 COLUMNS = ["user_id", "item_id", "timestamp", "rating", "event_type"]
 PART = "part.parquet"
 DEFAULT_EVENT_TYPE = "interaction"
-_SORT = ["timestamp", "user_id", "item_id", "event_type", "rating"]
+SORT = ["timestamp", "user_id", "item_id", "event_type", "rating"]
 
 
 def midnight(day: date) -> datetime:
@@ -72,7 +74,7 @@ def canonical(df: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
     )
     if not sort:
         return out.reset_index(drop=True)
-    return out.sort_values(_SORT, kind="stable", na_position="last").reset_index(drop=True)
+    return out.sort_values(SORT, kind="stable", na_position="last").reset_index(drop=True)
 
 
 def empty() -> pd.DataFrame:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -80,6 +80,16 @@ POST_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Error, "description": "The body is not valid JSON."},
     **ERRORS,
 }
+
+
+def receive_time() -> datetime:
+    """When the API received a request: the event log files events under this day. A dependency
+    so tests can set the clock (`app.dependency_overrides[receive_time]`)."""
+    return datetime.now(UTC)
+
+
+def _utc(stamp: datetime | None) -> datetime | None:
+    return stamp if stamp is None or stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -269,26 +279,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=POST_ERRORS,
         summary="Record interactions; recommendations react at once",
     )
-    def events(request: Request, tenant: TenantId, live: Live, body: Annotated[EventsRequest, Body()]):
-        """Appends the events to the tenant's event log (the next extract reads them) and folds
-        each user in (ALS: the vector's closed form; EASE, item-kNN: the new seen list), so their
-        next recommendations already reflect these events without retraining.
+    def events(
+        request: Request,
+        tenant: TenantId,
+        live: Live,
+        body: Annotated[EventsRequest, Body()],
+        now: Annotated[datetime, Depends(receive_time)],
+    ):
+        """Appends the events to the tenant's event log under the day they arrived (the next
+        extract reads them, however old their timestamps; a retry with the same event ids is
+        stored once) and folds each user in (ALS: the vector's closed form; EASE, item-kNN: the
+        new seen list), so their next recommendations already reflect these events without
+        retraining.
         """
         started = time.perf_counter()
-        now = datetime.now(UTC)
-        stamps = [e.timestamp or now for e in body.events]
-        stamps = [s if s.tzinfo else s.replace(tzinfo=UTC) for s in stamps]
+        given = [_utc(e.timestamp) for e in body.events]
+        stamps = [s or now for s in given]
         rejected = rejected_events(stamps, now)
         bad = {r.index for r in rejected}
         keep = [i for i in range(len(body.events)) if i not in bad]
+        kept = [body.events[i] for i in keep]
         df = pd.DataFrame(
             {
-                "user_id": [body.events[i].user_id for i in keep],
-                "item_id": [body.events[i].item_id for i in keep],
-                "timestamp": pd.to_datetime([stamps[i] for i in keep], utc=True),
-                "rating": [np.nan if body.events[i].rating is None else body.events[i].rating for i in keep],
-                "event_type": [body.events[i].event_type for i in keep],
+                "user_id": pd.Series([e.user_id for e in kept], dtype="string"),
+                "item_id": pd.Series([e.item_id for e in kept], dtype="string"),
+                # a client clock a little ahead (within the skew allowance) never files an event after its arrival
+                "timestamp": pd.to_datetime([min(stamps[i], now) for i in keep], utc=True),
+                "rating": [np.nan if e.rating is None else e.rating for e in kept],
+                "event_type": pd.Series([e.event_type for e in kept], dtype="string"),
             }
+        )
+        df["event_key"] = event_log.event_keys(
+            df["user_id"],
+            df["item_id"],
+            df["event_type"],
+            pd.Series(pd.to_datetime([given[i] for i in keep], utc=True)),  # the client's own time (NaT: none)
+            pd.Series([e.event_id for e in kept], dtype="string"),
         )
         if df.empty:
             observe(tenant, "events", started)
@@ -300,7 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 unknown_item_ids=[],
                 rejected=rejected,
             )
-        event_log.append(request.app.state.store, tenant, df)
+        event_log.append(request.app.state.store, tenant, df, received_at=now)
         metrics.events.labels(tenant).inc(len(df))
         rows = live.release.item_ids.get_indexer(df["item_id"].to_numpy())
         unknown = sorted(set(df.loc[rows < 0, "item_id"]))

@@ -21,6 +21,7 @@ def _iso_only(value: object) -> object:
 
 ItemId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
 UserId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_utf8)]
+EventId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_utf8)]
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=100)]
 
 
@@ -124,8 +125,17 @@ class Event(BaseModel):
 
     user_id: UserId
     item_id: ItemId
+    event_id: EventId | None = Field(
+        default=None,
+        description="Your id of this event, unique per tenant: send one per event so retries are stored once. "
+        "Without it an event with a timestamp is deduplicated on (user, item, type, timestamp); "
+        "one with neither is not deduplicated.",
+    )
     timestamp: Annotated[datetime | None, BeforeValidator(_iso_only)] = Field(
-        default=None, description="ISO 8601 time it happened (default: when received)."
+        default=None,
+        description="ISO 8601 time it happened (default: when received; a time up to the skew allowance "
+        "after the receive time is stored as the receive time). Late events are kept: the log files "
+        "them under the day they arrived, so the next run trains on them.",
     )
     event_type: Annotated[str, AfterValidator(_utf8)] = Field(default="interaction", min_length=1, max_length=64)
     rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)  # true/false is no rating
