@@ -22,13 +22,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.context import RunContext, StageIO
+from pipeline.data import erased
 from pipeline.features import tables as feature_tables
 from pipeline.release import format as release
 from pipeline.release import redis_pointer
 from pipeline.release.pointer import generation_of
-from pipeline.storage import paths
+from pipeline.storage import ObjectStore, paths
 from pipeline.storage.redis import key, redis_client
 
 STAGE = "refresh"
@@ -40,8 +42,14 @@ class RefreshFailed(RuntimeError):
     """Redis was unreachable or failed mid-way: transient, retry; the old release stays live."""
 
 
-def write_release(r, prefix: str, rel: release.Release, batch: int | None = None) -> int:
-    """Write every user's keys for `rel`; returns bytes written. Idempotent; keeps existing TTLs."""
+def write_release(
+    r, prefix: str, rel: release.Release, batch: int | None = None, skip: np.ndarray | None = None
+) -> int:
+    """Write every user's keys for `rel`; returns bytes written. Idempotent; keeps existing TTLs.
+
+    skip: bool per user row, True for users never to copy (erased on request after the release
+    was made: an older release, live again through a rollback or a late refresh, still has them).
+    """
     batch = batch or BATCH
     t, rid = rel.tenant, rel.release_id
     written = 0
@@ -49,6 +57,8 @@ def write_release(r, prefix: str, rel: release.Release, batch: int | None = None
     for start in range(0, len(ids), batch):
         pipe = r.pipeline(transaction=False)
         for row in range(start, min(start + batch, len(ids))):  # batching, not per-item math
+            if skip is not None and skip[row]:
+                continue
             vec = rel.user_vectors[row].astype(np.float32).tobytes()
             seen = rel.seen(row).astype(np.int32).tobytes()
             pipe.set(key(prefix, t, rid, "u", ids[row]), vec, keepttl=True)
@@ -61,6 +71,8 @@ def write_release(r, prefix: str, rel: release.Release, batch: int | None = None
         for start in range(0, len(ids), batch):
             pipe = r.pipeline(transaction=False)
             for row in range(start, min(start + batch, len(ids))):
+                if skip is not None and skip[row]:
+                    continue
                 pipe.set(key(prefix, t, rid, "uf", ids[row]), vectors[row].tobytes(), keepttl=True)
                 written += vectors.shape[1] * 4
             pipe.execute()
@@ -81,12 +93,21 @@ def flip(
     return out.flipped, out.previous
 
 
+def erased_rows(store: ObjectStore, rel: release.Release) -> np.ndarray | None:
+    """True for the release's users on the tenant's erasure list (None: nobody was erased)."""
+    gone = erased.hashes(store, rel.tenant)
+    if not gone:
+        return None
+    return erased.erased_mask(pd.Series(rel.user_ids.to_numpy(), dtype="string"), gone).to_numpy()
+
+
 def make_live(
-    r, prefix: str, rel: release.Release, order: int, grace_seconds: int
+    r, prefix: str, rel: release.Release, order: int, grace_seconds: int, skip: np.ndarray | None = None
 ) -> tuple[redis_pointer.RedisFlip, int]:
-    """Write `rel`'s keys, flip to it at `order`, then PERSIST its keys (it is live) or, when a
-    higher order won meanwhile, let them expire. Returns the flip and the bytes written."""
-    written = write_release(r, prefix, rel)
+    """Write `rel`'s keys (not those of `skip` users), flip to it at `order`, then PERSIST its
+    keys (it is live) or, when a higher order won meanwhile, let them expire. Returns the flip
+    and the bytes written."""
+    written = write_release(r, prefix, rel, skip=skip)
     out = redis_pointer.flip(r, prefix, rel.tenant, rel.release_id, grace_seconds, order)
     if out.outcome is redis_pointer.RedisFlipOutcome.REFUSED:
         if grace_seconds >= 0:  # -1: no expiry pass (as in flip)
@@ -125,7 +146,8 @@ def refresh(ctx: RunContext) -> dict[str, Any]:
     rel = release.load_release(ctx.store, ctx.tenant, rid)
     try:
         before = int(r.info("memory")["used_memory"])
-        out, written = make_live(r, prefix, rel, order, ctx.settings.redis_grace_seconds)
+        skip = erased_rows(ctx.store, rel)
+        out, written = make_live(r, prefix, rel, order, ctx.settings.redis_grace_seconds, skip)
         after = int(r.info("memory")["used_memory"])
     except Exception as exc:  # redis errors: the old release keeps serving; Airflow retries
         raise RefreshFailed(fail.format(f" ({type(exc).__name__}: {exc})")) from exc

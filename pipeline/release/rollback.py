@@ -111,7 +111,10 @@ def rollback(
     if settings.redis_url:
         client = redis_client(settings.redis_url)
         assert flip.generation is not None
-        out, _ = refresh.make_live(client, settings.redis_prefix, rel, flip.generation, settings.redis_grace_seconds)
+        skip = refresh.erased_rows(store, rel)  # users erased since: never copied back into Redis
+        out, _ = refresh.make_live(
+            client, settings.redis_prefix, rel, flip.generation, settings.redis_grace_seconds, skip
+        )
         redis_out = {"redis_flipped": out.flipped, "redis_outcome": out.outcome.name.lower()}
     log.warning("rollback tenant=%s: %s -> %s (pinned; %s blocklisted) by %s", tenant, current, target, current, who)
     registry = alias.follow_pointer(settings.mlflow_tracking_uri, store, tenant, target)

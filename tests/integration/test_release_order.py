@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.cli import EXIT_OK, main
 from pipeline.context import RunContext
+from pipeline.data import erased
 from pipeline.index import build as faiss_index
 from pipeline.index import search as ann
 from pipeline.ops import tracking
@@ -220,6 +221,11 @@ def test_rollback_pins_blocklists_and_sticks_until_unpin(tmp_path, r, redis_pref
     refresh.write_release(r, redis_prefix, rel.load_release(store, TENANT, good))  # e.g. a stale refresh's writes
     assert r.ttl(key(redis_prefix, TENANT, good, "u", "u1")) > 0  # keep the expiry (SET KEEPTTL)
 
+    # user u2 asks to be forgotten (forget-user: erasure list, their Redis keys deleted)
+    erased.add(store, TENANT, "u2")
+    for k in r.scan_iter(match=f"{redis_prefix}:{TENANT}:*:u2", count=1000):
+        r.delete(k)
+
     out = rollback(settings, TENANT, reason="bad recommendations", by="test:oncall")
     assert out["moved"] and out["pinned"] and out["release_id"] == good and out["blocklisted"] == bad
     doc = live_doc(store)
@@ -233,6 +239,7 @@ def test_rollback_pins_blocklists_and_sticks_until_unpin(tmp_path, r, redis_pref
     assert redis_pointer.live(r, redis_prefix, TENANT) == (good, doc["generation"])
     assert r.ttl(key(redis_prefix, TENANT, good, "u", "u1")) == -1
     assert r.ttl(key(redis_prefix, TENANT, good, "meta")) == -1
+    assert not list(r.scan_iter(match=f"{redis_prefix}:{TENANT}:*:u2", count=1000))  # the old release has u2
     assert registry[-1] == (good, good)  # the alias followed the pointer
 
     # a rerun / retry of the rolled-back interval: written, never live
@@ -252,6 +259,8 @@ def test_rollback_pins_blocklists_and_sticks_until_unpin(tmp_path, r, redis_pref
     moved = publish(store, 3, 3)  # a new, newer release moves it
     assert moved.flip.moved and live_doc(store)["release_id"] == newer.release_id
     assert refresh.refresh(ctx)["flipped"] and redis_pointer.live(r, redis_prefix, TENANT)[0] == newer.release_id
+    assert r.exists(key(redis_prefix, TENANT, newer.release_id, "u", "u1"))
+    assert not r.exists(key(redis_prefix, TENANT, newer.release_id, "u", "u2"))  # erased: refresh skips them too
     assert publish(store, 2, 2).flip.outcome is rel.FlipOutcome.BLOCKLISTED  # the bad one never returns
     # pin by hand, from the CLI: publishes of newer intervals wait
     assert main(["pin", TENANT, "--reason", "freeze for the sale"]) == EXIT_OK
