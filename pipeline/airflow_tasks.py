@@ -154,3 +154,35 @@ def quality_summary(day_end: datetime) -> dict[str, Any]:
     return maintenance.quality_summary(
         open_store(s.artifact_root), maintenance.valid_configs(s), day_end.strftime("%Y-%m-%d")
     )
+
+
+def release_action(**context: Any) -> dict[str, Any]:
+    """The admin DAG's task: rollback, pin or unpin from the trigger form's params.
+
+    Refusals (bad tenant, nothing to roll back, a lost race, a blocklisted target) fail the
+    task without retry: a person reads the message and decides again.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.config import get_settings, is_valid_tenant_id
+    from pipeline.release.format import ReleaseError
+    from pipeline.release.rollback import RollbackError, pin, rollback, unpin
+
+    mask_secrets()
+    params = context.get("params") or {}
+    action, tenant = params.get("action"), str(params.get("tenant") or "")
+    if not is_valid_tenant_id(tenant):
+        raise AirflowFailException(f"invalid tenant id {tenant!r}")
+    run = context.get("dag_run")
+    who = getattr(run, "triggering_user_name", None) or getattr(run, "run_id", None) or "unknown"
+    by, reason = f"airflow:{who}", str(params.get("reason") or "")
+    try:
+        if action == "rollback":
+            return rollback(get_settings(), tenant, params.get("to") or None, reason=reason, by=by)
+        if action == "pin":
+            return pin(get_settings(), tenant, reason=reason, by=by)
+        if action == "unpin":
+            return unpin(get_settings(), tenant, by=by)
+    except (RollbackError, ReleaseError) as exc:
+        raise AirflowFailException(str(exc)) from exc
+    raise AirflowFailException(f"unknown action {action!r}: rollback, pin or unpin")

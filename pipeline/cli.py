@@ -1,4 +1,4 @@
-"""`python -m pipeline run | summary | check-tenant | serve | rollback | forget-user | demo-data`.
+"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | forget-user | demo-data`.
 
 Exit codes: 0 published (or nothing to do), 1 a stage failed, 2 bad usage or tenant config,
 3 the gate rejected the model (the run is "skipped", not failed).
@@ -95,13 +95,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pipeline.config import get_settings, is_valid_tenant_id
     from pipeline.release.format import ReleaseError
-    from pipeline.release.rollback import RollbackError, rollback
+    from pipeline.release.rollback import RollbackError, pin, rollback, unpin
 
     if not is_valid_tenant_id(args.tenant):
         print(f"error: invalid tenant id {args.tenant!r}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = rollback(get_settings(), args.tenant, args.to)
+        if args.command == "pin":
+            result = pin(get_settings(), args.tenant, reason=args.reason, by=args.by)
+        elif args.command == "unpin":
+            result = unpin(get_settings(), args.tenant, by=args.by)
+        else:
+            result = rollback(get_settings(), args.tenant, args.to, reason=args.reason, by=args.by)
     except (RollbackError, ReleaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -112,6 +117,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             f"warning: release {result['release_id']} is live, but the MLflow alias "
             f"'champion' was not moved ({result.get('registry_error')}); once MLflow is reachable run: "
             f"python -m pipeline rollback {args.tenant} --to {result['release_id']}",
+            file=sys.stderr,
+        )
+    if result.get("pinned") and args.command == "rollback":
+        print(
+            f"note: tenant {args.tenant} is pinned at {result['release_id']} and {result['blocklisted']} is "
+            f"blocklisted; publishes will not move the pointer until: python -m pipeline unpin {args.tenant}",
             file=sys.stderr,
         )
     return EXIT_OK
@@ -199,13 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve)
-    p = sub.add_parser(
-        "rollback",
-        help="make the previous (or a named) release live again, and move the MLflow alias 'champion' to it",
-    )
-    p.add_argument("tenant")
-    p.add_argument("--to", help="release id (default: the live release's previous one)")
-    p.set_defaults(fn=cmd_rollback)
+    for name, help_ in (
+        (
+            "rollback",
+            "make the previous (or a named) release live again, pin the tenant there, blocklist the release "
+            "rolled back from, and move the MLflow alias 'champion'",
+        ),
+        ("pin", "hold the tenant at its live release: publishes move nothing until unpin"),
+        ("unpin", "lift a pin (or a rollback's pin): the next newer release moves the pointer again"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("tenant")
+        if name == "rollback":
+            p.add_argument("--to", help="release id (default: the live release's previous one)")
+        if name != "unpin":
+            p.add_argument("--reason", default="", help="why (recorded in the pointer and pin.json)")
+        p.add_argument("--by", help="who (recorded; default cli:<user name>)")
+        p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser(
         "forget-user",
         help="delete a user's data on request: history, event log, Redis keys, every later release; "

@@ -1,5 +1,6 @@
 """The tenant dashboard: live release, release history (with a metrics plot), the last gate
-decision, the last validation (with its Data Docs) and a rollback action.
+decision, the last validation (with its Data Docs), and the rollback and unpin actions (a
+rollback pins the tenant; the page shows the pin and who set it).
 
 A plain FastAPI app with server-rendered HTML (no JS build, no CDN): the Airflow plugin in
 plugins/ mounts it under /recsys with Airflow's own authentication; it runs standalone too.
@@ -192,8 +193,21 @@ def create_dashboard(
 
         config(tenant)
         try:
-            return rollback(settings_provider(), tenant, body.release_id)
+            return rollback(settings_provider(), tenant, body.release_id, by="airflow-ui")
         except (RollbackError, release.ReleaseError) as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/api/tenants/{tenant}/unpin", dependencies=list(rollback_dependencies))
+    def unpin_action(tenant: str = TenantId, x_recsys_action: str | None = Header(default=None)) -> dict[str, Any]:
+        """Lift a rollback's (or a manual) pin: the next newer release goes live again."""
+        if x_recsys_action != "unpin":
+            raise HTTPException(403, "missing X-Recsys-Action: unpin header")
+        from pipeline.release.rollback import RollbackError, unpin
+
+        config(tenant)
+        try:
+            return unpin(settings_provider(), tenant, by="airflow-ui")
+        except RollbackError as exc:
             raise HTTPException(409, str(exc)) from None
 
     return app

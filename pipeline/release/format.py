@@ -2,17 +2,17 @@
 
 `tenants/{t}/releases/{release_id}/` holds the files below and `manifest.json` (written last,
 with the sha256 of every file). `tenants/{t}/current.json` names the live release and is
-written after the manifest, with a conditional put so concurrent publishers cannot both win
-and the pointer never moves to an older data interval. Readers verify every checksum before
-using a byte (the decoded, in-memory `Release` is pipeline/release/loaded.py).
+written after the manifest, with a conditional put, in the release order of pointer.py (newer
+intervals only, first of an interval wins, pins and blocklist honoured). Readers verify every
+checksum before using a byte (the decoded, in-memory `Release` is pipeline/release/loaded.py).
 
 `write_release` is the only code that writes a release folder and `publish_release` (write,
-then flip) the only one that publishes: the publish stage, tests and benchmarks all call them.
+verify as serving loads it, then flip) the only one that publishes: the publish stage, tests
+and benchmarks all call them.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
@@ -28,7 +28,13 @@ from safetensors.numpy import save as st_save
 from pipeline.models.registry import Scoring
 from pipeline.release.loaded import OPTIONAL_FILES as OPTIONAL_FILES  # re-exported beside FILES (decode reads them)
 from pipeline.release.loaded import Release, ReleaseError, decode
-from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
+from pipeline.release.pointer import Flip as Flip  # the pointer lives in pointer.py; re-exported for callers
+from pipeline.release.pointer import FlipOutcome as FlipOutcome
+from pipeline.release.pointer import Pointer as Pointer
+from pipeline.release.pointer import flip_pointer as flip_pointer
+from pipeline.release.pointer import read_pointer as read_pointer
+from pipeline.release.pointer import refusal
+from pipeline.storage import ObjectStore, codecs, paths
 
 log = logging.getLogger(__name__)
 
@@ -201,77 +207,6 @@ def release_id_for(run_id: str, files: dict[str, bytes]) -> str:
     return f"{run_id}-{digest.hexdigest()[:10]}"
 
 
-@dataclass
-class Pointer:
-    release_id: str
-    data_interval_end: str
-    previous_release_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_bytes(self) -> bytes:
-        return codecs.json_bytes(
-            {
-                "release_id": self.release_id,
-                "data_interval_end": self.data_interval_end,
-                "previous_release_id": self.previous_release_id,
-                **self.extra,
-            }
-        )
-
-
-def read_pointer(store: ObjectStore, tenant: str) -> tuple[dict[str, Any], str] | None:
-    """The pointer document and its etag, or None when the tenant has never published."""
-    got = store.get_with_etag(paths.pointer_key(tenant))
-    if got is None:
-        return None
-    return json.loads(got[0]), got[1]
-
-
-class FlipOutcome(enum.Enum):
-    MOVED = "moved"
-    ALREADY_LIVE = "already_live"
-    OLDER_THAN_LIVE = "older_than_live"  # refused: the pointer never moves backwards (but rollback)
-    LOST_RACE = "lost_race"  # another writer moved the pointer between our read and our write
-
-
-@dataclass(frozen=True)
-class Flip:
-    """What a pointer flip did; `reason` is the human-readable line publish reports."""
-
-    outcome: FlipOutcome
-    reason: str
-
-    @property
-    def moved(self) -> bool:
-        return self.outcome is FlipOutcome.MOVED
-
-
-def flip_pointer(store: ObjectStore, tenant: str, pointer: Pointer, *, allow_backwards: bool = False) -> Flip:
-    """Point the tenant at `pointer.release_id`.
-
-    Never moves to an older data interval unless allow_backwards (rollback); a concurrent
-    writer makes the conditional put fail (LOST_RACE), never a silent overwrite.
-    """
-    current = read_pointer(store, tenant)
-    etag = None
-    if current is not None:
-        doc, etag = current
-        if doc["release_id"] == pointer.release_id:
-            return Flip(FlipOutcome.ALREADY_LIVE, f"already live: {pointer.release_id}")
-        if not allow_backwards and doc["data_interval_end"] > pointer.data_interval_end:
-            return Flip(
-                FlipOutcome.OLDER_THAN_LIVE,
-                f"live release {doc['release_id']} covers data up to {doc['data_interval_end']}, "
-                f"newer than {pointer.data_interval_end}: pointer not moved backwards",
-            )
-        pointer.previous_release_id = doc["release_id"]
-    try:
-        store.put_if(paths.pointer_key(tenant), pointer.to_bytes(), etag=etag)
-    except PreconditionFailed as exc:
-        return Flip(FlipOutcome.LOST_RACE, f"another publisher moved the pointer first ({exc})")
-    return Flip(FlipOutcome.MOVED, f"live: {pointer.release_id}")
-
-
 def write_release(
     store: ObjectStore, tenant: str, release_id: str, files: dict[str, bytes], manifest: dict[str, Any]
 ) -> bool:
@@ -298,6 +233,7 @@ class Published:
     release_id: str
     written: bool  # False: this exact release was already there (a rerun)
     flip: Flip
+    verified: dict[str, Any] = field(default_factory=dict)  # verify_release's counts; empty when not flipped
 
 
 def publish_release(
@@ -308,22 +244,46 @@ def publish_release(
     *,
     pointer_extra: dict[str, Any] | None = None,
     retries: int = 1,
+    verify: bool = True,
 ) -> Published:
-    """Write the release (id from manifest["run_id"] and the content), then flip the pointer to it.
+    """Write the release (id from manifest["run_id"] and the content), verify it, then flip the pointer to it.
 
     `manifest` must name the run and its `data_interval_end` (the pointer orders releases by
-    it). A lost race is retried `retries` times: the winner may hold an older interval, and the
-    pointer must not stay behind it; a newer winner makes the retry OLDER_THAN_LIVE.
+    it, pointer.py). A release the order refuses (older, same interval, pinned tenant,
+    blocklisted, already live) is written but not verified and not flipped. Otherwise it is
+    read back, loaded as serving loads it and smoke-queried (verify.py; `verify=False` only
+    for tests of the pointer alone, with fake bytes); a failure raises ReleaseError and the
+    pointer stays (a rerun re-uploads files whose stored bytes are not the manifest's).
+    A lost race is retried `retries` times: the winner may hold an older interval, and the
+    pointer must not stay behind it; a winner of this interval or a newer one makes the
+    retry SAME_INTERVAL / OLDER_THAN_LIVE.
     """
     release_id = release_id_for(manifest["run_id"], files)
     written = write_release(store, tenant, release_id, files, manifest)
+    live = read_pointer(store, tenant)
+    refused = refusal(store, tenant, live[0] if live else None, release_id, manifest["data_interval_end"])
+    if refused is not None:
+        return Published(release_id, written, refused)
+    checks: dict[str, Any] = {}
+    if verify:
+        from pipeline.release import verify as verifier  # imports this module: a call-time import
+
+        try:
+            checks = verifier.verify_release(store, tenant, release_id, files)
+        except ReleaseError:
+            # an earlier attempt's damaged upload (this one wrote nothing): put back the bytes
+            # the manifest promises, then verify again; damage from this very upload is raised
+            repaired = [] if written else verifier.repair(store, tenant, release_id, files)
+            if not repaired:
+                raise
+            checks = {**verifier.verify_release(store, tenant, release_id, files), "repaired": repaired}
     pointer = Pointer(release_id, manifest["data_interval_end"], extra=dict(pointer_extra or {}))
     flip = flip_pointer(store, tenant, pointer)
     for _ in range(retries):
         if flip.outcome is not FlipOutcome.LOST_RACE:
             break
         flip = flip_pointer(store, tenant, pointer)
-    return Published(release_id, written, flip)
+    return Published(release_id, written, flip, checks)
 
 
 def read_manifest(store: ObjectStore, tenant: str, release_id: str) -> dict[str, Any]:

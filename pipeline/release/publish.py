@@ -17,7 +17,7 @@ from pipeline.features.dataset import Features
 from pipeline.models import DotProduct, ItemItem, Recommender, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
-from pipeline.release import candidates
+from pipeline.release import alias, candidates
 from pipeline.release import format as release
 from pipeline.storage import codecs, paths
 
@@ -108,7 +108,8 @@ def _scores(ctx: RunContext, model: Recommender) -> release.VectorScoring | rele
 
 
 def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
-    """MLflow registry step, after the pointer: a model version for the live release, alias `champion` on it.
+    """MLflow registry step, after the pointer: a model version for the live release, alias `champion` on it
+    (alias.py: if the pointer moved on meanwhile, the alias follows it there, never leads).
 
     Only a release that is live after this publish is registered (a backfill's or a race
     loser's stays archived; rollback registers it if it ever goes live). Keyed on the
@@ -125,27 +126,17 @@ def register(ctx: RunContext, release_id: str, live: bool) -> dict[str, Any]:
         return {"registry": "skipped (release not live)"}
     log = ctx.logger(STAGE)
     run_id = ctx.read_json(paths.REFIT_RESULT).get("mlflow_run_id") if ctx.exists(paths.REFIT_RESULT) else None
-    try:
-        out = tracking.register_release(
-            ctx.settings.mlflow_tracking_uri,
-            ctx.tenant,
-            release_id,
-            ctx.store.uri(paths.release_prefix(ctx.tenant, release_id)),
-            release.read_manifest(ctx.store, ctx.tenant, release_id),
-            run_id,
-            champion=True,
-        )
-    except Exception as exc:  # noqa: BLE001 - any registry failure is reported, never fatal
+    out = alias.follow_pointer(ctx.settings.mlflow_tracking_uri, ctx.store, ctx.tenant, release_id, run_id)
+    if out.get("registry") == "failed":  # never fatal: the release is live
         log.error(
-            "registry: failed to register release %s in MLflow (%s: %s); the release IS live. "
+            "registry: failed to register release %s in MLflow (%s); the release IS live. "
             "Re-sync later with: python -m pipeline rollback %s --to %s",
             release_id,
-            type(exc).__name__,
-            exc,
+            out.get("registry_error"),
             ctx.tenant,
             release_id,
         )
-        return {"registry": "failed", "registry_error": f"{type(exc).__name__}: {exc}"[:1000]}
+        return out
     log.info(
         "registry: %s version %s of %s (%s), alias %s %s",
         release_id,
@@ -185,7 +176,9 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         "written": out.written,
         "pointer_moved": out.flip.moved,
         "pointer_reason": out.flip.reason,
+        "pointer_outcome": out.flip.outcome.value,
         "live_release_id": live,
+        **out.verified,
         "files": len(files),
         "bytes": int(sum(len(b) for b in files.values())),
         **register(ctx, release_id, live == release_id),

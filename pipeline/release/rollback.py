@@ -1,26 +1,36 @@
-"""Rollback: make an earlier release live again (the previous one by default).
+"""Rollback, pin and unpin: a person's explicit moves of the tenant's pointer.
 
-The target is verified (every checksum) before the pointer moves; with Redis configured its
-keys are rewritten and the Redis pointer flipped too, so serving follows at once. Then the
-MLflow registry follows: the `champion` alias moves to the target's model version, which is
-created when the release predates the registry (or was never live, e.g. a backfill).
+Rollback makes an earlier release live again (the previous one by default) and makes it
+stick: the target is loaded as serving loads it and smoke-queried before anything moves; the
+pointer moves backwards in one conditional put that also PINS the tenant (pointer.py), and
+only from the release rollback read (a publish landing in between wins, nothing rolls back);
+the release rolled back from goes on the blocklist, so no rerun or retry of its interval can
+make it live again, not even after `unpin`. With Redis configured its keys are (re)written,
+PERSISTed and the Redis pointer flipped at the new generation, so serving follows at once.
+Then the MLflow alias follows the pointer (alias.py): a registry failure is reported
+(`registry: failed`), not raised. Rolling back to the live release moves nothing but still
+re-syncs the alias: `rollback TENANT --to <live release>` repairs the registry after MLflow
+was unreachable during a publish.
 
-The pointer is what serving reads, so it moves first; a registry failure afterwards is
-reported (`registry: failed`), not raised. Rolling back to the release that is already live
-moves nothing but still re-syncs the alias: `rollback TENANT --to <live release>` is how to
-repair the registry after MLflow was unreachable during a publish.
+While pinned, publish still writes releases but the pointer stays (`pointer_moved: false`,
+the reason names the pin). `unpin` lifts it: the next newer release moves the pointer.
+Records: the pointer document (`pinned`, `rollback`), `tenants/{t}/pin.json` while pinned,
+`tenants/{t}/blocklist.json` forever. `at` is the wall clock: this is a person's action, not a
+stage of a data interval.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.ops import tracking
+from pipeline.release import alias, refresh, verify
 from pipeline.release import format as release
-from pipeline.release import refresh
-from pipeline.storage import ObjectStore, codecs, open_store, paths
+from pipeline.release import pointer as ptr
+from pipeline.storage import open_store
 from pipeline.storage.redis import redis_client
 
 log = logging.getLogger(__name__)
@@ -30,42 +40,22 @@ class RollbackError(RuntimeError):
     pass
 
 
-def _fit_run_id(store: ObjectStore, tenant: str, manifest: dict[str, Any]) -> str | None:
-    """The MLflow run that fitted the release's weights, while its run folder is retained."""
-    run = manifest.get("run_id")
-    for artifact in (paths.REFIT_RESULT, paths.TRAIN_RESULT):
-        key = artifact.key(tenant, run) if run else None
-        if key and store.exists(key):
-            run_id = codecs.read_json(store.get(key)).get("mlflow_run_id")
-            if run_id:
-                return run_id
-    return None
-
-
-def sync_registry(settings: Settings, store: ObjectStore, tenant: str, release_id: str) -> dict[str, Any]:
-    """Point the `champion` alias at `release_id`'s model version (created if missing).
-
-    Never raises: returns the registry fields of a result, `registry: failed` on any error.
-    """
+def _who(by: str | None) -> str:
+    if by:
+        return by
     try:
-        manifest = release.read_manifest(store, tenant, release_id)
-        return tracking.register_release(
-            settings.mlflow_tracking_uri,
-            tenant,
-            release_id,
-            store.uri(paths.release_prefix(tenant, release_id)),
-            manifest,
-            _fit_run_id(store, tenant, manifest),
-            champion=True,
-        )
-    except Exception as exc:  # noqa: BLE001 - the pointer already moved; report, don't undo
-        log.error(
-            "registry: could not move alias %s to release %s/%s: %s", tracking.CHAMPION_ALIAS, tenant, release_id, exc
-        )
-        return {"registry": "failed", "registry_error": f"{type(exc).__name__}: {exc}"[:1000]}
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name in a container: still record something
+        return "cli"
 
 
-def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str, Any]:
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def rollback(
+    settings: Settings, tenant: str, to: str | None = None, *, reason: str = "", by: str | None = None
+) -> dict[str, Any]:
     store = open_store(settings.artifact_root)
     pointer = release.read_pointer(store, tenant)
     if pointer is None:
@@ -75,21 +65,34 @@ def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str
     if not target:
         raise RollbackError(f"tenant {tenant}: live release {current} has no previous release; name one with --to")
     if target == current:
-        registry = sync_registry(settings, store, tenant, current)
+        registry = alias.sync_registry(settings.mlflow_tracking_uri, store, tenant, current)
         return {"tenant": tenant, "release_id": current, "moved": False, "reason": "already live", **registry}
+    blocked = ptr.read_blocklist(store, tenant).get(target)
+    if blocked is not None:
+        raise RollbackError(
+            f"tenant {tenant}: release {target} is blocklisted ({blocked.get('reason')}); remove it from "
+            f"tenants/{tenant}/blocklist.json first if it really should be live again"
+        )
     try:
-        rel = release.load_release(store, tenant, target)  # refuses a missing or corrupt release
+        servable = verify.load_servable(store, tenant, target)  # refuses a missing or corrupt release
+        verify.smoke_query(servable)
     except FileNotFoundError as exc:
         raise RollbackError(f"tenant {tenant}: release {target} is incomplete: {exc}") from None
+    rel = servable.release
+    who, at = _who(by), _now()
+    why = reason or f"rollback from {current}"
+    record = {"kind": "rollback", "reason": why, "by": who, "at": at, "rolled_back_from": current}
     flip = release.flip_pointer(
         store,
         tenant,
         release.Pointer(
             target,
             rel.manifest["data_interval_end"],
-            extra={"rolled_back_from": current, "model": rel.manifest.get("model")},
+            extra={"rolled_back_from": current, "model": rel.manifest.get("model"), "rollback": record},
+            pinned={**record, "release_id": target},
         ),
         allow_backwards=True,
+        expect_release=current,
     )
     if flip.outcome is release.FlipOutcome.LOST_RACE:  # never retried: it would undo a publish just made
         raise RollbackError(
@@ -97,10 +100,55 @@ def rollback(settings: Settings, tenant: str, to: str | None = None) -> dict[str
         )
     if not flip.moved:
         raise RollbackError(f"tenant {tenant}: pointer not moved: {flip.reason}")
+    ptr.write_pin_record(store, tenant, {**record, "release_id": target}, rel.manifest["data_interval_end"])
+    ptr.add_to_blocklist(
+        store,
+        tenant,
+        current,
+        {"reason": why, "by": who, "at": at, "rolled_back_to": target, "generation": flip.generation},
+    )
+    redis_out: dict[str, Any] = {}
     if settings.redis_url:
         client = redis_client(settings.redis_url)
-        refresh.write_release(client, settings.redis_prefix, rel)
-        refresh.flip(client, settings.redis_prefix, tenant, target, settings.redis_grace_seconds)
-    log.warning("rollback tenant=%s: %s -> %s", tenant, current, target)
-    registry = sync_registry(settings, store, tenant, target)
-    return {"tenant": tenant, "release_id": target, "previous_release_id": current, "moved": True, **registry}
+        assert flip.generation is not None
+        skip = refresh.erased_rows(store, rel)  # users erased since: never copied back into Redis
+        out, _ = refresh.make_live(
+            client, settings.redis_prefix, rel, flip.generation, settings.redis_grace_seconds, skip
+        )
+        redis_out = {"redis_flipped": out.flipped, "redis_outcome": out.outcome.name.lower()}
+    log.warning("rollback tenant=%s: %s -> %s (pinned; %s blocklisted) by %s", tenant, current, target, current, who)
+    registry = alias.follow_pointer(settings.mlflow_tracking_uri, store, tenant, target)
+    return {
+        "tenant": tenant,
+        "release_id": target,
+        "previous_release_id": current,
+        "moved": True,
+        "pinned": True,
+        "blocklisted": current,
+        "generation": flip.generation,
+        **redis_out,
+        **registry,
+    }
+
+
+def pin(settings: Settings, tenant: str, *, reason: str = "", by: str | None = None) -> dict[str, Any]:
+    """Hold the tenant at its live release: publishes write releases but move nothing until unpin."""
+    store = open_store(settings.artifact_root)
+    record = {"kind": "pin", "reason": reason or "pinned by hand", "by": _who(by), "at": _now()}
+    try:
+        doc = ptr.set_pin(store, tenant, record)
+    except ptr.PreconditionFailed as exc:
+        raise RollbackError(str(exc)) from None
+    log.warning("pin tenant=%s at %s by %s", tenant, doc["release_id"], record["by"])
+    return {"tenant": tenant, "pinned": True, "release_id": doc["release_id"], **record}
+
+
+def unpin(settings: Settings, tenant: str, *, by: str | None = None) -> dict[str, Any]:
+    """Lift the pin: the next newer, non-blocklisted release moves the pointer again."""
+    store = open_store(settings.artifact_root)
+    was = ptr.read_pin(store, tenant)
+    if release.read_pointer(store, tenant) is None:
+        raise RollbackError(f"tenant {tenant}: nothing published, nothing to unpin")
+    doc = ptr.set_pin(store, tenant, None)
+    log.warning("unpin tenant=%s (was %s) by %s", tenant, was, _who(by))
+    return {"tenant": tenant, "pinned": False, "release_id": doc["release_id"], "was": was, "by": _who(by)}

@@ -25,6 +25,7 @@ from pipeline.config.models import ALSConfig
 from pipeline.index import search as ann
 from pipeline.models import itemitem, registry
 from pipeline.release import format as rel
+from pipeline.release import verify
 from pipeline.serving import rerank
 from pipeline.serving.breaker import Breaker, BreakerOpen, Unavailable, is_outage
 from pipeline.serving.user_store import EmbeddedStore, UserData, UserStore
@@ -381,11 +382,9 @@ class ReleaseCache:
         if failed is not None and failed[1] == version and now - failed[0] < self.retry_seconds:
             return live  # known unloadable: not re-read every poll (a pointer written anew is retried)
         try:
-            loaded = self._guarded(rel.load_release, self.store, tenant, rid)
-            index = None
-            if loaded.index_bytes is not None:  # dot-product releases; item-item ones sum rows of S
-                index = ann.deserialize(loaded.index_bytes, loaded.manifest.get("index"))
-            new = LiveRelease(loaded, index, users, degraded)
+            # the load publish verified before its flip (release/verify.py): checksums, then the index
+            servable = self._guarded(verify.load_servable, self.store, tenant, rid)
+            new = LiveRelease(servable.release, servable.index, users, degraded)
         except Exception as exc:  # checksum, missing file, bad bytes, faiss: never swap to it
             outage = is_outage(exc)
             if not outage:

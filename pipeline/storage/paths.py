@@ -69,6 +69,16 @@ def pointer_key(tenant: str) -> str:
     return f"tenants/{tenant}/current.json"
 
 
+def pin_key(tenant: str) -> str:
+    """Present while the tenant is pinned (rollback, pin): {release_id, pinned_at_interval_end, reason, by, ...}."""
+    return f"tenants/{tenant}/pin.json"
+
+
+def blocklist_key(tenant: str) -> str:
+    """{"releases": {release_id: {reason, by, ...}}}: releases a publish may never make live again."""
+    return f"tenants/{tenant}/blocklist.json"
+
+
 def events_prefix(tenant: str) -> str:
     return f"tenants/{tenant}/events"
 

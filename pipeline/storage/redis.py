@@ -2,6 +2,8 @@
 
 Key layout (all values binary, never pickle):
   {prefix}:{tenant}:current                  -> release id (flipped last, atomically)
+  {prefix}:{tenant}:current_order            -> the store pointer generation `current` was set from
+                                                (pipeline/release/pointer.py): Redis never moves to a lower one
   {prefix}:{tenant}:{release}:u:{user_id}    -> float32 user vector (empty for item-item releases: the
                                                 seen list scores the user; the key marks them known)
   {prefix}:{tenant}:{release}:seen:{user_id} -> int32 item indices of the release
@@ -55,11 +57,40 @@ def key(prefix: str, tenant: str, *parts: str) -> str:
     return ":".join((prefix, tenant, *parts))
 
 
-# Compare-and-set of the tenant pointer: Redis 7 has no SET IFEQ, so a tiny Lua script.
+# The tenant pointer's ordered flip (Redis 7 has no SET IFEQ/IFGT, so a tiny Lua script, atomic).
+# KEYS: current, current_order. ARGV: release id, its order (the store pointer's generation) or
+# '' for an unordered flip (tools, tests: compare-and-set against ARGV[3] only, order cleared),
+# ARGV[3]: for unordered flips, the release id the caller read.
+# Returns {code, the release id before, the order before (-1: none)}; code 1 flipped, 0 already
+# current (its order raised if ours is higher), -1 refused: Redis holds an equal or higher order
+# (a newer release, or a rollback), or for an unordered flip the pointer changed since read.
 FLIP_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
 if cur == false then cur = '' end
-if cur ~= ARGV[2] then return {0, cur} end
+local have = tonumber(redis.call('GET', KEYS[2]) or '-1') or -1
+if ARGV[2] == '' then
+  if cur ~= ARGV[3] then return {-1, cur, have} end
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+  return {1, cur, have}
+end
+local want = tonumber(ARGV[2])
+if cur == ARGV[1] then
+  if want > have then redis.call('SET', KEYS[2], ARGV[2]) end
+  return {0, cur, have}
+end
+if want <= have then return {-1, cur, have} end
 redis.call('SET', KEYS[1], ARGV[1])
-return {1, cur}
+redis.call('SET', KEYS[2], ARGV[2])
+return {1, cur, have}
+"""
+
+# EXPIRE a batch of one release's keys unless that release is live (KEYS[1] = current): the
+# expiry of a replaced release must not hit it after a rollback has made it live again.
+# ARGV: release id, seconds. KEYS[2..]: the keys. Returns how many got a TTL.
+EXPIRE_UNLESS_LIVE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
+local n = 0
+for i = 2, #KEYS do n = n + redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return n
 """

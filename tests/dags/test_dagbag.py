@@ -10,9 +10,8 @@ from tests.dags.conftest import ENV, ROOT
 
 def test_no_import_errors_and_dags_per_tenant_file(dagbag):
     assert dagbag.import_errors == {}
-    assert {"recsys_acme", "recsys_acme_export", "recsys_worse", "recsys_broken", "recsys_maintenance"} <= set(
-        dagbag.dag_ids
-    )
+    expected = {"recsys_acme", "recsys_acme_export", "recsys_worse", "recsys_broken", "recsys_maintenance"}
+    assert expected | {"recsys_admin"} <= set(dagbag.dag_ids)
 
 
 def test_tenant_dag_shape(dagbag):
@@ -54,7 +53,7 @@ def test_broken_config_is_isolated_and_explains_itself(dagbag):
 
 
 def test_dag_files_parse_without_heavy_imports():
-    for name in ("recsys_tenants.py", "recsys_maintenance.py"):
+    for name in ("recsys_tenants.py", "recsys_maintenance.py", "recsys_admin.py"):
         code = (
             "import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('d', r'{ROOT / 'dags' / name}')\n"

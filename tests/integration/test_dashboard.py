@@ -54,6 +54,14 @@ def test_rollback_action_needs_the_header_and_moves_the_pointer(two_releases):
     assert release.read_pointer(ctx.store, "acme")[0]["release_id"] == first
     bad = client.post(url, json={"release_id": "20200101T000000Z-nothere000"}, headers={"X-Recsys-Action": "rollback"})
     assert bad.status_code == 409
+    # the rollback pinned the tenant: the page says so and offers the unpin action (same guards)
+    page = client.get("/tenants/acme").text
+    assert 'id="pinned"' in page and "airflow-ui" in page and 'id="unpin"' in page
+    assert client.post("/api/tenants/acme/unpin").status_code == 403
+    unpinned = client.post("/api/tenants/acme/unpin", headers={"X-Recsys-Action": "unpin"})
+    assert unpinned.status_code == 200 and unpinned.json()["was"]["release_id"] == first
+    assert "pinned" not in release.read_pointer(ctx.store, "acme")[0]
+    assert 'id="unpin"' not in client.get("/tenants/acme").text
 
 
 def test_input_is_validated_and_escaped(two_releases):

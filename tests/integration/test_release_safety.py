@@ -588,8 +588,12 @@ def test_pickle_planted_in_s3_release_with_valid_checksums_is_never_loaded(s3_st
 
     for n, name in enumerate(NPY_FILES, start=2):
         files = {**make_files(n), name: evil}  # the manifest's sha256 is of the evil bytes: checksums pass
-        b, flip = publish(store, files, f"run-{n}", day(n))
-        assert flip.moved and live_id(store) == b
+        before = live_id(store)
+        with pytest.raises(rel.ReleaseError, match="allow_pickle"):  # publish verifies before it flips
+            publish(store, files, f"run-{n}", day(n))
+        assert live_id(store) == before
+        b = rel.release_id_for(f"run-{n}", files)  # planted: the pointer moved by hand, past verification
+        assert rel.flip_pointer(store, TENANT, pointer_for(b, day(n))).moved and live_id(store) == b
         assert rel.read_file(store, TENANT, b, name, rel.read_manifest(store, TENANT, b)) == evil
         with pytest.MonkeyPatch.context() as mp:
             calls = forbid_unpickling(mp)
