@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import numpy as np
@@ -37,11 +37,11 @@ from pipeline.serving.answers import (
     scored,
 )
 from pipeline.serving.breaker import Breaker, outage_types
-from pipeline.serving.deps import EntityId, Live, TenantId
+from pipeline.serving.deps import EntityId, Live, TenantId, as_utc, receive_time
 from pipeline.serving.limits import BodyLimit
-from pipeline.serving.live import ReleaseCache
-from pipeline.serving.loader import Loaders
+from pipeline.serving.loader import Loaders, serving_tenants
 from pipeline.serving.middleware import TenantPathGuard
+from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.schemas import (
     BatchRecommendations,
     BatchRequest,
@@ -75,30 +75,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 AdminHeader = Annotated[str | None, Header(include_in_schema=False)]
 
 
-def serving_tenants(settings: Settings) -> frozenset[str]:
-    """RECSYS_SERVING_TENANTS: '' none, '*' every tenant YAML in RECSYS_TENANTS_DIR, else a comma list."""
-    raw = settings.serving_tenants.strip()
-    if raw == "*":
-        return frozenset(p.stem for p in settings.tenants_dir.glob("*.yaml") if not p.stem.startswith("_"))
-    return frozenset(t.strip() for t in raw.split(",") if t.strip())
-
-
 POST_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Error, "description": "The body is not valid JSON."},
     413: {"model": Error, "description": "The body is over RECSYS_MAX_BODY_BYTES (refused unread)."},
     **ERRORS,
 }
 EVENT_UNITS = 50  # work units of one posted event: a fold-in solve costs about a 50-candidate scoring
-
-
-def receive_time() -> datetime:
-    """When the API received a request: the event log files events under this day. A dependency
-    so tests can set the clock (`app.dependency_overrides[receive_time]`)."""
-    return datetime.now(UTC)
-
-
-def _utc(stamp: datetime | None) -> datetime | None:
-    return stamp if stamp is None or stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -326,7 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """
         started = time.perf_counter()
         charge(request, tenant, EVENT_UNITS * len(body.events))
-        given = [_utc(e.timestamp) for e in body.events]
+        given = [as_utc(e.timestamp) for e in body.events]
         stamps = [s or now for s in given]
         rejected = rejected_events(stamps, now)
         bad = {r.index for r in rejected}

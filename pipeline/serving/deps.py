@@ -13,6 +13,7 @@ breaker is open); pointer polls and loads run in per-tenant background tasks.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, Security
@@ -82,3 +83,14 @@ async def live_release(request: Request, tenant: Annotated[str, Depends(authoriz
 
 
 Live = Annotated[LiveRelease, Depends(live_release)]
+
+
+def receive_time() -> datetime:
+    """When the API received a request: the event log files events under this day. A dependency
+    so tests can set the clock (`app.dependency_overrides[receive_time]`)."""
+    return datetime.now(UTC)
+
+
+def as_utc(stamp: datetime | None) -> datetime | None:
+    """A naive client timestamp is UTC (as the API documents)."""
+    return stamp if stamp is None or stamp.tzinfo else stamp.replace(tzinfo=UTC)

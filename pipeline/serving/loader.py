@@ -18,7 +18,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.serving.live import LiveRelease, ReleaseCache
+from pipeline.config import Settings
+from pipeline.serving.live import LiveRelease
+from pipeline.serving.releases import ReleaseCache
 
 log = logging.getLogger(__name__)
 MIN_POLL_SECONDS = 0.05  # RECSYS_RELEASE_POLL_SECONDS=0 (tests) must not spin
@@ -93,3 +95,11 @@ class Loaders:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def serving_tenants(settings: Settings) -> frozenset[str]:
+    """RECSYS_SERVING_TENANTS: '' none, '*' every tenant YAML in RECSYS_TENANTS_DIR, else a comma list."""
+    raw = settings.serving_tenants.strip()
+    if raw == "*":
+        return frozenset(p.stem for p in settings.tenants_dir.glob("*.yaml") if not p.stem.startswith("_"))
+    return frozenset(t.strip() for t in raw.split(",") if t.strip())

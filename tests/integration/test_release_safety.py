@@ -37,7 +37,7 @@ import pytest
 from pipeline.index import build as faiss_index
 from pipeline.index import search as ann
 from pipeline.release import format as rel
-from pipeline.serving.live import ReleaseCache
+from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.user_store import RedisStore, key
 from pipeline.storage import LocalStore, paths
 
@@ -363,10 +363,10 @@ def test_damaged_manifest_is_refused_and_old_release_kept(store, damage, caplog)
     with pytest.raises(rel.ReleaseError):
         rel.load_release(store, TENANT, b)
     assert rel.flip_pointer(store, TENANT, pointer_for(b, day(2))).moved
-    with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
         assert cache.get(TENANT).release_id == a
     assert any(
-        r.name == "pipeline.serving.live" and f"cannot load release {b}" in r.getMessage() for r in caplog.records
+        r.name == "pipeline.serving.releases" and f"cannot load release {b}" in r.getMessage() for r in caplog.records
     )
 
 
@@ -385,11 +385,11 @@ def test_cache_keeps_serving_a_when_pointer_moves_to_corrupt_b_then_serves_good_
     caplog.clear()
     reads = []
     get = store.get
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
         mp.setattr(store, "get", lambda k: reads.append(k) or get(k))
         for _ in range(3):  # the first poll refuses B; later ones remember it (no re-download) and keep A whole
             assert cache.get(TENANT) is live_a
-    errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.live"]
+    errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.releases"]
     assert len(errors) == 1 and f"cannot load release {b}" in errors[0] and f"keeping {a}" in errors[0]
     assert reads.count(release_key(b, rel.MANIFEST)) == 1, reads
     rows, _ = live_a.search(live_a.release.user_vectors[:1], 5)  # A still answers
@@ -599,7 +599,7 @@ def test_pickle_planted_in_s3_release_with_valid_checksums_is_never_loaded(s3_st
             calls = forbid_unpickling(mp)
             with pytest.raises((ValueError, rel.ReleaseError), match="allow_pickle"):
                 rel.load_release(store, TENANT, b)
-            with caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
+            with caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
                 assert cache.get(TENANT).release_id == a  # serving refuses B and keeps A
             assert calls == []
         assert f"cannot load release {b}" in caplog.text and "allow_pickle" in caplog.text

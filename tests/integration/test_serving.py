@@ -301,7 +301,7 @@ def test_cors_is_configurable(served):
 def test_fuzzed_tenant_ids_are_422_before_any_storage_call(served, raw, monkeypatch):
     settings, _ = served
     calls = []
-    from pipeline.serving.live import ReleaseCache
+    from pipeline.serving.releases import ReleaseCache
 
     for name in ("get", "fresh", "current", "poll"):  # every way serving reaches a tenant's release
         monkeypatch.setattr(ReleaseCache, name, lambda self, tenant, *a, **kw: calls.append(tenant))

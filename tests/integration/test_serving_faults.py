@@ -498,7 +498,7 @@ def test_corrupt_release_is_refused_once_remembered_and_alerted(tmp_path, mlflow
     monkeypatch.setattr(serving_app, "open_store", lambda uri, s3_config=None: store)
     settings = fault_settings(tmp_path, mlflow_uri, release_poll_seconds=0.05)
     url = "/v1/tenants/acme/users/u1/recommendations"
-    with TestClient(create_app(settings)) as c, caplog.at_level(logging.ERROR, logger="pipeline.serving.live"):
+    with TestClient(create_app(settings)) as c, caplog.at_level(logging.ERROR, logger="pipeline.serving.releases"):
         assert c.get(url).json()["release_id"] == a
         files = make_files(7)
         b = rel.release_id_for("run-7", files)
@@ -517,7 +517,7 @@ def test_corrupt_release_is_refused_once_remembered_and_alerted(tmp_path, mlflow
         assert len(manifest_reads) == 1, store.reads  # B was read once, not every poll
         text = c.get("/metrics", headers=ADMIN).text
         assert f'recsys_release_load_failures_total{{release_id="{b}",tenant="acme"}} 1.0' in text
-        errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.live"]
+        errors = [r.getMessage() for r in caplog.records if r.name == "pipeline.serving.releases"]
         assert len(errors) == 1 and "tenant acme" in errors[0] and f"cannot load release {b}" in errors[0]
         c3 = publish(store, "acme", seed=8, day=3)  # the pointer moves on: a good release is loaded
         deadline = time.monotonic() + 3
