@@ -27,7 +27,7 @@ from safetensors.numpy import save as st_save
 
 from pipeline.models.registry import Scoring
 from pipeline.release.loaded import OPTIONAL_FILES as OPTIONAL_FILES  # re-exported beside FILES (decode reads them)
-from pipeline.release.loaded import Release, ReleaseError, decode
+from pipeline.release.loaded import Release, ReleaseError, decode, index_mismatch
 from pipeline.storage import ObjectStore, PreconditionFailed, codecs, paths
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,8 @@ def write_release(
         if existing.get("files") != checks:
             raise ReleaseError(f"release {tenant}/{release_id} exists with different content: releases are immutable")
         return False
+    if mismatch := index_mismatch(files):  # an index built from other vectors: refused before any byte is written
+        raise ReleaseError(f"release {tenant}/{release_id}: {mismatch}; refusing to write a mismatched index")
     for name, data in files.items():
         store.put(paths.release_key(tenant, release_id, name), data)
     doc = {**manifest, "format": FORMAT, "release_id": release_id, "tenant": tenant, "files": checks}
