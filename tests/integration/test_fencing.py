@@ -6,7 +6,6 @@ S3's If-None-Match / If-Match through moto's HTTP server); the CLI test uses rea
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -161,40 +160,3 @@ def test_stages_of_two_holders_are_fenced(settings, small_df):
         run_stage("validate", a)
     assert a.read(paths.INTERACTIONS) != b"half of another run"
     assert not release.list_releases(a.store, "acme")
-
-
-def _env(settings, **extra) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "RECSYS_HOME": str(settings.home),
-        "RECSYS_ARTIFACT_ROOT": settings.artifact_root,
-        "RECSYS_TENANTS_DIR": str(settings.tenants_dir),
-        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-        "RECSYS_DATA_ROOT": str(settings.data_root),
-        **extra,
-    }
-
-
-def test_two_cli_runs_of_one_interval_one_fails_fast(settings, small_df):
-    write_tenant(
-        settings, "acme", small_df, model={"factors": 4, "iterations": 2}, gate={"require_beat_popularity": False}
-    )
-    cmd = [sys.executable, "-m", "pipeline", "run", "acme", "--interval-end", INTERVAL_END.isoformat()]
-    env = _env(settings)
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    store = LocalStore(settings.artifact_root)
-    deadline = time.monotonic() + 60
-    while not store.exists(paths.lease_key("acme", RUN)):  # the first run holds the interval
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.05)
-    started = time.monotonic()
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-3000:]
-    assert second.returncode == 1, second.stderr[-3000:]
-    assert "this interval is being run by cli:" in second.stderr and "--takeover" in second.stderr
-    assert time.monotonic() - started < 60  # fails at its first stage, not after a run's worth of work
-    pointer = release.read_pointer(store, "acme")[0]
-    assert release.load_release(store, "acme", pointer["release_id"]).release_id == pointer["release_id"]
-    assert leases.read(store, "acme", RUN)[0]["released"]  # the finished run let go of the interval
