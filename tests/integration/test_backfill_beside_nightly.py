@@ -31,8 +31,8 @@ def history(store) -> dict[str, str]:
 
 
 def test_backfill_twice_beside_the_nightly_run_gives_the_same_history_and_pointer(settings):
-    df = synthetic.interactions(n_users=80, n_items=50, mean_events=14, seed=2, days=100)
-    cfg = write_tenant(settings, "acme", df, **FAST, validation={"min_rows": 5})
+    df = synthetic.interactions(n_users=150, n_items=60, mean_events=18, seed=2, days=100)
+    cfg = write_tenant(settings, "acme", df, **FAST, schedule="0 0 * * *", validation={"min_rows": 5})
 
     def ctx(end, holder: str) -> RunContext:
         return RunContext(
