@@ -120,10 +120,12 @@ def index_mismatch(files: dict[str, bytes]) -> str | None:
         fh = io.BytesIO(files["item_vectors.npy"])
         version = np.lib.format.read_magic(fh)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape = read_header(fh)[0]
+        shape, _, dtype = read_header(fh)
     except Exception:  # noqa: BLE001 - unreadable: the reader's checks say why
         return None
-    if len(shape) != 2 or (ntotal, dim) != tuple(shape):
+    if dtype.hasobject or len(shape) != 2:
+        return None  # not a vector table at all: loading refuses it (and never unpickles)
+    if (ntotal, dim) != tuple(shape):
         return f"items.faiss holds {ntotal} vectors of dimension {dim}, but item_vectors.npy has shape {tuple(shape)}"
     return None
 
