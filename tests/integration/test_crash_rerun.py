@@ -248,8 +248,9 @@ def test_sigkill_at_20_points_then_rerun(runs):
     started = time.monotonic()
     assert server.wait(base) == 0, log.read_text()[-3000:]
     took = time.monotonic() - started
-    at_stages = [("extract", 0.1), ("validate", 0.3), ("train", 0.2), ("refit", 0.3), ("index", 0.0)]
-    at_stages += [("publish", 0.0), ("publish", 0.1), ("refresh", 0.0), ("refresh", 0.0)]
+    # (stage, seconds after it took the lease): most stages of this tiny run last well under a second
+    at_stages = [("extract", 0.05), ("validate", 0.2), ("train", 0.0), ("refit", 0.0), ("index", 0.0)]
+    at_stages += [("publish", 0.0), ("publish", 0.05), ("refresh", 0.0), ("refresh", 0.0)]
     points = at_stages + [(None, rng.uniform(0.0, took)) for _ in range(11)]
     failures: list[str] = []
     stop = threading.Event()
