@@ -59,11 +59,25 @@ def interval_of(context: dict[str, Any]) -> tuple[datetime | None, datetime]:
     return context.get("data_interval_start"), end
 
 
+def holder_of(context: dict[str, Any]) -> Any:
+    """The run's lease holder: the dag run (its tasks continue one run) and the task's try number
+    (a duplicate delivery of an older try is refused; pipeline/storage/lease.py)."""
+    from pipeline.storage.lease import Holder
+
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    dag_id = getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", "") or ""
+    run_id = getattr(dag_run, "run_id", None) or getattr(ti, "run_id", "") or ""
+    return Holder.airflow(dag_id, run_id, int(getattr(ti, "try_number", None) or 1))
+
+
 def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
     """Task body: the Airflow context becomes a RunContext; outcomes map to Airflow states.
 
-    Gate rejection -> skipped (the run succeeds); bad input -> failed without retries;
-    anything else (Redis or S3 down, ...) -> an ordinary failure that Airflow retries.
+    Gate rejection -> skipped (the run succeeds); bad input -> failed without retries (and the
+    interval's lease released); another copy holding the interval, or this copy having lost it
+    -> failed without retries; anything else (Redis or S3 down, ...) -> an ordinary failure
+    that Airflow retries (the retry, a higher try of the same dag run, continues the lease).
     """
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -71,16 +85,24 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
     from pipeline.context import RunContext, StageError
     from pipeline.stages import GateRejected
     from pipeline.stages import run_stage as run
+    from pipeline.storage.lease import LeaseHeld, LeaseLost
     from pipeline.validation.stage import ValidationFailed
 
     mask_secrets()
     start, end = interval_of(context)
+    ctx = None
     try:
-        ctx = RunContext(config=load_tenant_file(tenant_file), interval_end=end, interval_start=start)
+        ctx = RunContext(
+            config=load_tenant_file(tenant_file), interval_end=end, interval_start=start, holder=holder_of(context)
+        )
         result = run(stage, ctx)
     except GateRejected as exc:
         raise AirflowSkipException(f"gate rejected the model: {exc}") from exc
+    except (LeaseHeld, LeaseLost) as exc:
+        raise AirflowFailException(str(exc)) from exc  # a second copy or a zombie: retrying must not win
     except (StageError, ValidationFailed, TenantConfigError) as exc:
+        if ctx is not None:
+            ctx.release_lease()  # the run is over: another run of the interval may start at once
         raise AirflowFailException(str(exc)) from exc  # bad input: retrying will not help
     if stage == "publish":
         for outlet in getattr(context.get("task"), "outlets", None) or []:

@@ -40,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.context import RunContext
     from pipeline.ops.summary import print_summary
     from pipeline.stages import GateRejected, run_all
+    from pipeline.storage.lease import Holder, LeaseHeld
 
     try:
         cfg = _load_config(args)
@@ -47,9 +48,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     start = _interval_end(args.interval_start) if args.interval_start else None
-    ctx = RunContext(config=cfg, interval_end=_interval_end(args.interval_end), interval_start=start)
+    ctx = RunContext(
+        config=cfg,
+        interval_end=_interval_end(args.interval_end),
+        interval_start=start,
+        holder=Holder.cli(),
+        takeover=args.takeover,
+    )
     try:
         run_all(ctx)
+    except LeaseHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except GateRejected as exc:
         print_summary(ctx)
         print(f"gate rejected the model: {exc}", file=sys.stderr)
@@ -194,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--interval-start",
                 help="data interval start, ISO 8601 (default: the schedule's previous tick before the end)",
+            )
+            p.add_argument(
+                "--takeover",
+                action="store_true",
+                help="take the interval's lease from another copy of this run (it must be dead or unwanted: "
+                "its later writes fail)",
             )
         if name == "summary":
             p.add_argument("--curl", action="store_true", help="also print curl examples against the API")

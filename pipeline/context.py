@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline.config import Settings, TenantConfig, get_settings
 from pipeline.storage import ObjectStore, codecs, open_store, paths
+from pipeline.storage import lease as leases
 from pipeline.storage.paths import Artifact
 
 
@@ -62,6 +63,10 @@ class RunContext:
     store: ObjectStore = None  # type: ignore[assignment]  # filled in __post_init__
     stage: str | None = None  # set by `scoped`: the stage running, whose IO is enforced
     io: StageIO | None = None
+    # who runs this interval (an Airflow dag run, a CLI invocation; default: this process) and
+    # whether it may take the interval's lease from a live holder (pipeline/storage/lease.py)
+    holder: leases.Holder | None = None
+    takeover: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interval_end", as_utc(self.interval_end))
@@ -77,6 +82,32 @@ class RunContext:
     @property
     def run_id(self) -> str:
         return paths.run_id_of(self.interval_end)
+
+    @property
+    def run_holder(self) -> leases.Holder:
+        return self.holder or leases.Holder.this_process()
+
+    def take_lease(self, stage: str) -> tuple[RunContext, leases.Lease]:
+        """Take the interval's lease for `stage`; the context returned writes only while it is held.
+
+        Raises LeaseHeld when another copy of the run holds it; every write of the returned
+        context checks the lease first (LeaseLost once another copy took it over)."""
+        store = self.store.inner if isinstance(self.store, leases.FencedStore) else self.store
+        lease = leases.acquire(
+            store,
+            self.tenant,
+            self.run_id,
+            self.run_holder,
+            stage,
+            ttl=self.settings.lease_ttl_seconds,
+            takeover=self.takeover,
+        )
+        return replace(self, store=leases.FencedStore(store, lease)), lease
+
+    def release_lease(self) -> bool:
+        """End this run's hold on the interval (a failed run), if it still holds it."""
+        store = self.store.inner if isinstance(self.store, leases.FencedStore) else self.store
+        return leases.release_if_held(store, self.tenant, self.run_id, self.run_holder)
 
     def scoped(self, stage: str, io: StageIO, config: TenantConfig | None = None) -> RunContext:
         """This context for running `stage`: only its declared artifacts are reachable."""

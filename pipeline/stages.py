@@ -71,17 +71,39 @@ def _run_config(name: str, ctx: RunContext) -> Any:
 
 
 def run_stage(name: str, ctx: RunContext) -> dict[str, Any]:
-    """Run one stage; the gate raises GateRejected when it says no."""
+    """Run one stage under the interval's lease; the gate raises GateRejected when it says no.
+
+    The lease (pipeline/storage/lease.py) fences the run: a second copy of the interval fails
+    here with LeaseHeld, and a copy taken over fails at its next write with LeaseLost. The
+    last stage and a rejection end the run and release it."""
     fn, io = stage(name)
-    return fn(ctx.scoped(name, io, _run_config(name, ctx)))
+    fenced, lease = ctx.take_lease(name)
+    with lease.heartbeat():
+        try:
+            result = fn(fenced.scoped(name, io, _run_config(name, fenced)))
+        except GateRejected:
+            lease.release()
+            raise
+    if name == STAGES[-1]:
+        lease.release()
+    return result
 
 
 def run_all(ctx: RunContext, until: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every stage in order, in this process. Raises GateRejected or the failing stage's error."""
+    """Every stage in order, in this process. Raises GateRejected or the failing stage's error
+    (after releasing the interval's lease: the run is over; another copy's lease is kept)."""
+    from pipeline.storage.lease import LeaseHeld
+
     results: dict[str, dict[str, Any]] = {}
     for name in STAGES:
         log.info("stage %s: start (tenant %s, run %s)", name, ctx.tenant, ctx.run_id)
-        results[name] = run_stage(name, ctx)
+        try:
+            results[name] = run_stage(name, ctx)
+        except LeaseHeld:
+            raise
+        except Exception:
+            ctx.release_lease()
+            raise
         if name == until:
             break
     return results

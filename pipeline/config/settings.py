@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Unset: the embedded store (release files).")
     redis_prefix: str = "recsys"
     redis_grace_seconds: int = Field(default=86_400, ge=0, description="How long a replaced release stays in Redis.")
+    lease_ttl_seconds: float = Field(
+        default=600,
+        gt=0,
+        description="A run's lease (pipeline/storage/lease.py) expires after this long without a heartbeat "
+        "(renewed every ttl/4 while a stage runs); then another copy of the interval may take over.",
+    )
     mlflow_tracking_uri: str = Field(
         default="",
         validation_alias="MLFLOW_TRACKING_URI",

@@ -27,7 +27,7 @@ from safetensors.numpy import save as st_save
 
 from pipeline.models.registry import Scoring
 from pipeline.release.loaded import OPTIONAL_FILES as OPTIONAL_FILES  # re-exported beside FILES (decode reads them)
-from pipeline.release.loaded import Release, ReleaseError, decode
+from pipeline.release.loaded import Release, ReleaseError, decode, index_mismatch
 from pipeline.release.pointer import Flip as Flip  # the pointer lives in pointer.py; re-exported for callers
 from pipeline.release.pointer import FlipOutcome as FlipOutcome
 from pipeline.release.pointer import Pointer as Pointer
@@ -221,6 +221,8 @@ def write_release(
         if existing.get("files") != checks:
             raise ReleaseError(f"release {tenant}/{release_id} exists with different content: releases are immutable")
         return False
+    if mismatch := index_mismatch(files):  # an index built from other vectors: refused before any byte is written
+        raise ReleaseError(f"release {tenant}/{release_id}: {mismatch}; refusing to write a mismatched index")
     for name, data in files.items():
         store.put(paths.release_key(tenant, release_id, name), data)
     doc = {**manifest, "format": FORMAT, "release_id": release_id, "tenant": tenant, "files": checks}

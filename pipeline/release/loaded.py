@@ -81,6 +81,57 @@ class Release:
         return seen_matrix(self.seen_indptr, self.seen_indices, len(self.item_ids))
 
 
+def index_shape(data: bytes) -> tuple[int, int]:
+    """(dim, ntotal) of a serialized FAISS index, read from its header without deserializing it.
+
+    Every float index faiss writes (flat, IVF, HNSW, ID maps) starts with a 4-byte type code,
+    then `d` (int32) and `ntotal` (int64): reading 16 bytes keeps the check free at any size.
+    """
+    if len(data) < 16:
+        raise ValueError(f"{len(data)} bytes: too short for a FAISS index header")
+    return int(np.frombuffer(data, dtype="<i4", count=1, offset=4)[0]), int(
+        np.frombuffer(data, dtype="<i8", count=1, offset=8)[0]
+    )
+
+
+def check_index(tenant: str, release_id: str, index_bytes: bytes, item_vectors: np.ndarray) -> None:
+    """The index must search exactly the release's items, in their dimension: an index built for
+    another run's refit (a second copy of the run, a stale file) would return wrong item rows."""
+    try:
+        dim, ntotal = index_shape(index_bytes)
+    except ValueError as exc:
+        raise ReleaseError(f"release {tenant}/{release_id}: items.faiss is not a FAISS index ({exc})") from None
+    n_items, want_dim = item_vectors.shape
+    if (ntotal, dim) != (n_items, want_dim):
+        raise ReleaseError(
+            f"release {tenant}/{release_id}: items.faiss holds {ntotal} vectors of dimension {dim}, but "
+            f"item_vectors.npy has {n_items} items of dimension {want_dim}; refusing to load a mismatched index"
+        )
+
+
+def index_mismatch(files: dict[str, bytes]) -> str | None:
+    """For the writer: why a release's index cannot belong to its item vectors, read from both
+    headers (no array is loaded). None when they agree, or when either is not even readable:
+    loading refuses such files anyway, with its own reason."""
+    import io
+
+    if "items.faiss" not in files or "item_vectors.npy" not in files:
+        return None
+    try:
+        dim, ntotal = index_shape(files["items.faiss"])
+        fh = io.BytesIO(files["item_vectors.npy"])
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+    except Exception:  # noqa: BLE001 - unreadable: the reader's checks say why
+        return None
+    if dtype.hasobject or len(shape) != 2:
+        return None  # not a vector table at all: loading refuses it (and never unpickles)
+    if (ntotal, dim) != tuple(shape):
+        return f"items.faiss holds {ntotal} vectors of dimension {dim}, but item_vectors.npy has shape {tuple(shape)}"
+    return None
+
+
 def decode(
     tenant: str, release_id: str, manifest: dict[str, Any], scoring: Scoring, get: Callable[[str], bytes]
 ) -> Release:
@@ -102,6 +153,7 @@ def decode(
         user_vectors = codecs.read_npy(get("user_vectors.npy")).astype(np.float32, copy=False)
         item_vectors = codecs.read_npy(get("item_vectors.npy")).astype(np.float32, copy=False)
         index_bytes = get("items.faiss")
+        check_index(tenant, release_id, index_bytes, item_vectors.reshape(len(item_vectors), -1))
     else:
         similarity = _similarity(tenant, release_id, n_items, get)
         user_vectors = np.zeros((n_users, 0), dtype=np.float32)

@@ -79,6 +79,15 @@ def blocklist_key(tenant: str) -> str:
     return f"tenants/{tenant}/blocklist.json"
 
 
+def leases_prefix(tenant: str) -> str:
+    return f"tenants/{tenant}/leases/"
+
+
+def lease_key(tenant: str, run_id: str) -> str:
+    """The run's lease (pipeline/storage/lease.py): outside `runs/` so listing runs never sees it."""
+    return f"{leases_prefix(tenant)}{run_id}.json"
+
+
 def events_prefix(tenant: str) -> str:
     return f"tenants/{tenant}/events"
 
