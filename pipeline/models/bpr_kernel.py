@@ -80,6 +80,12 @@ def shuffled(n, seed, dtype):
 
 
 @numba.njit(inline="always")
+def _ALIGNED(f):
+    """f float32s rounded up to whole 64-byte lines, so every scratch row starts on one."""
+    return (f + 15) // 16 * 16
+
+
+@numba.njit(inline="always")
 def _is_positive(indptr, items, u, c):
     """Whether c is in u's sorted row items[indptr[u]:indptr[u + 1]]."""
     lo, end = indptr[u], indptr[u + 1]
@@ -140,7 +146,12 @@ def _pass(params, pairs, order, rule, seed, lookahead, cands):
     state = np.uint64(seed) | np.uint64(1)  # xorshift needs a nonzero state
     ring = np.empty((RING, negatives), np.int64)
     scores = np.empty(negatives, np.float32)
-    ga, gi, gj = np.empty(f, np.float32), np.empty(f, np.float32), np.empty(f, np.float32)
+    scratch = np.empty(3 * _ALIGNED(f) + 16, np.float32)
+    base = (-(scratch.ctypes.data // 4)) % 16  # first float32 at a 64-byte boundary
+    stride = _ALIGNED(f)
+    ga = scratch[base : base + f]
+    gi = scratch[base + stride : base + stride + f]
+    gj = scratch[base + 2 * stride : base + 2 * stride + f]
     lr, reg, inv_f = np.float32(lr), np.float32(reg), np.float32(1.0 / f)
     total, skipped = 0.0, 0
     for q in range(min(lookahead, n)):
@@ -204,15 +215,14 @@ def _pass(params, pairs, order, rule, seed, lookahead, cands):
         x = _dot(pu, qi) - _dot(pu, qj) + ((b[i] - b[j]) if bias else np.float32(0.0))
         total += w * (-x if x < -20.0 else math.log1p(math.exp(-x)))
         g = np.float32(w / (1.0 + math.exp(x)))  # d/dx of w ln sigmoid(x)
-        su, si, sj = np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for t in range(f):  # ascent directions
-            a = g * (qi[t] - qj[t]) - reg * pu[t]
-            c1 = g * pu[t] - reg * qi[t]
-            c2 = -g * pu[t] - reg * qj[t]
-            ga[t], gi[t], gj[t] = a, c1, c2
-            su += a * a
-            si += c1 * c1
-            sj += c2 * c2
+            ga[t] = g * (qi[t] - qj[t]) - reg * pu[t]
+            gi[t] = g * pu[t] - reg * qi[t]
+            gj[t] = -g * pu[t] - reg * qj[t]
+        # the squared norms in their own loops over the scratch rows, which sit at fixed offsets
+        # of one 64-byte-aligned buffer: a vectorised reduction's order depends on its operands'
+        # alignment, and per-call np.empty scratch gave 1-ulp differences between equal fits
+        su, si, sj = _dot(ga, ga), _dot(gi, gi), _dot(gj, gj)
         if adagrad:
             acc_p[u] += su * inv_f
             acc_q[i] += si * inv_f
