@@ -17,6 +17,8 @@ the reason names the pin). `unpin` lifts it: the next newer release moves the po
 Records: the pointer document (`pinned`, `rollback`), `tenants/{t}/pin.json` while pinned,
 `tenants/{t}/blocklist.json` forever. `at` is the wall clock: this is a person's action, not a
 stage of a data interval.
+A rollback killed after its pointer moved is finished by running the same command again:
+the pointer already names the target, and the pin, blocklist and Redis steps are idempotent.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pipeline.config import Settings
 from pipeline.release import alias, refresh, verify
 from pipeline.release import format as release
 from pipeline.release import pointer as ptr
-from pipeline.storage import open_store
+from pipeline.release.loaded import Release
+from pipeline.storage import ObjectStore, open_store
 from pipeline.storage.redis import redis_client
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,23 @@ def rollback(
     if not target:
         raise RollbackError(f"tenant {tenant}: live release {current} has no previous release; name one with --to")
     if target == current:
+        done = pointer[0].get("rollback")
+        if done and pointer[0].get("pinned") and done.get("rolled_back_from"):
+            # a rollback that moved the pointer and then died (before its pin record, blocklist
+            # entry or Redis): running it again finishes it; every step is idempotent
+            servable = verify.load_servable(store, tenant, current)
+            redis_out = _finish(settings, store, servable.release, done, pointer[0].get("generation"))
+            registry = alias.follow_pointer(settings.mlflow_tracking_uri, store, tenant, current)
+            return {
+                "tenant": tenant,
+                "release_id": current,
+                "moved": False,
+                "reason": "already live; the rollback to it is recorded and complete",
+                "pinned": True,
+                "blocklisted": done["rolled_back_from"],
+                **redis_out,
+                **registry,
+            }
         registry = alias.sync_registry(settings.mlflow_tracking_uri, store, tenant, current)
         return {"tenant": tenant, "release_id": current, "moved": False, "reason": "already live", **registry}
     blocked = ptr.read_blocklist(store, tenant).get(target)
@@ -100,22 +120,7 @@ def rollback(
         )
     if not flip.moved:
         raise RollbackError(f"tenant {tenant}: pointer not moved: {flip.reason}")
-    ptr.write_pin_record(store, tenant, {**record, "release_id": target}, rel.manifest["data_interval_end"])
-    ptr.add_to_blocklist(
-        store,
-        tenant,
-        current,
-        {"reason": why, "by": who, "at": at, "rolled_back_to": target, "generation": flip.generation},
-    )
-    redis_out: dict[str, Any] = {}
-    if settings.redis_url:
-        client = redis_client(settings.redis_url)
-        assert flip.generation is not None
-        skip = refresh.erased_rows(store, rel)  # users erased since: never copied back into Redis
-        out, _ = refresh.make_live(
-            client, settings.redis_prefix, rel, flip.generation, settings.redis_grace_seconds, skip
-        )
-        redis_out = {"redis_flipped": out.flipped, "redis_outcome": out.outcome.name.lower()}
+    redis_out = _finish(settings, store, rel, record, flip.generation)
     log.warning("rollback tenant=%s: %s -> %s (pinned; %s blocklisted) by %s", tenant, current, target, current, who)
     registry = alias.follow_pointer(settings.mlflow_tracking_uri, store, tenant, target)
     return {
@@ -129,6 +134,21 @@ def rollback(
         **redis_out,
         **registry,
     }
+
+
+def _finish(settings: Settings, store: ObjectStore, rel: Release, record: dict[str, Any], generation: Any) -> dict:
+    """After the pointer moved back: the pin record, the blocklist entry, then Redis (idempotent)."""
+    tenant, target, bad = rel.tenant, rel.release_id, record["rolled_back_from"]
+    ptr.write_pin_record(store, tenant, {**record, "release_id": target}, rel.manifest["data_interval_end"])
+    entry = {k: record.get(k) for k in ("reason", "by", "at")}
+    ptr.add_to_blocklist(store, tenant, bad, {**entry, "rolled_back_to": target, "generation": generation})
+    if not settings.redis_url:
+        return {}
+    client = redis_client(settings.redis_url)
+    assert generation is not None
+    skip = refresh.erased_rows(store, rel)  # users erased since: never copied back into Redis
+    out, _ = refresh.make_live(client, settings.redis_prefix, rel, generation, settings.redis_grace_seconds, skip)
+    return {"redis_flipped": out.flipped, "redis_outcome": out.outcome.name.lower()}
 
 
 def pin(settings: Settings, tenant: str, *, reason: str = "", by: str | None = None) -> dict[str, Any]:

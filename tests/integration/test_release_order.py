@@ -24,6 +24,7 @@ from pipeline.index import build as faiss_index
 from pipeline.index import search as ann
 from pipeline.ops import tracking
 from pipeline.release import format as rel
+from pipeline.release import pointer as ptr
 from pipeline.release import redis_pointer, refresh
 from pipeline.release.rollback import rollback
 from pipeline.stages import run_stage
@@ -266,6 +267,38 @@ def test_rollback_pins_blocklists_and_sticks_until_unpin(tmp_path, r, redis_pref
     assert main(["pin", TENANT, "--reason", "freeze for the sale"]) == EXIT_OK
     assert publish(store, 4, 4).flip.outcome is rel.FlipOutcome.PINNED
     assert codecs.read_json(store.get(paths.pin_key(TENANT)))["release_id"] == newer.release_id
+
+
+def test_a_rollback_killed_after_its_flip_is_finished_by_running_it_again(
+    tmp_path, r, redis_prefix, small_df, registry, monkeypatch
+):
+    ctx = _redis_ctx(tmp_path, redis_prefix, small_df)
+    store, settings = ctx.store, ctx.settings
+    good = publish(store, 1, 1).release_id
+    refresh.refresh(ctx)
+    bad = publish(store, 2, 2).release_id
+    refresh.refresh(ctx)
+
+    def died(*args, **kwargs):
+        raise KeyboardInterrupt("killed between the pointer write and the blocklist")
+
+    with monkeypatch.context() as m:
+        m.setattr(ptr, "write_pin_record", died)
+        with pytest.raises(KeyboardInterrupt):
+            rollback(settings, TENANT, reason="bad recommendations", by="test:oncall")
+    doc = live_doc(store)
+    assert doc["release_id"] == good and doc["pinned"]  # the pointer moved and pins
+    assert not store.exists(paths.blocklist_key(TENANT)) and not store.exists(paths.pin_key(TENANT))
+    assert redis_pointer.live(r, redis_prefix, TENANT)[0] == bad  # Redis not reached yet
+
+    out = rollback(settings, TENANT, to=good, by="test:oncall")  # the same command, run again
+    assert not out["moved"] and out["pinned"] and out["blocklisted"] == bad
+    blocked = codecs.read_json(store.get(paths.blocklist_key(TENANT)))["releases"]
+    assert blocked[bad]["rolled_back_to"] == good and blocked[bad]["reason"] == "bad recommendations"
+    assert codecs.read_json(store.get(paths.pin_key(TENANT)))["release_id"] == good
+    assert redis_pointer.live(r, redis_prefix, TENANT) == (good, doc["generation"])
+    assert publish(store, 2, 2).flip.outcome is rel.FlipOutcome.PINNED  # and it sticks
+    assert registry[-1] == (good, good)
 
 
 @pytest.fixture
