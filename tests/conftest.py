@@ -142,6 +142,28 @@ def s3_env(s3_endpoint, monkeypatch) -> str:
     return s3_endpoint
 
 
+@pytest.fixture
+def s3_store(s3_env):
+    """An S3Store under `prefix/` of a fresh bucket on the moto server."""
+    import uuid
+
+    import boto3
+
+    from pipeline.storage.s3 import S3Store
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return S3Store(f"s3://{bucket}/prefix")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """Each store kind in turn: a local folder, then S3 through the moto server."""
+    from pipeline.storage import LocalStore
+
+    return LocalStore(tmp_path / "artifacts") if request.param == "local" else request.getfixturevalue("s3_store")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: intra-op threads only add contention (and stalls on a busy CI box)."""

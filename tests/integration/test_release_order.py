@@ -10,7 +10,6 @@ the registry saw and when (test_registry.py runs the real one).
 from __future__ import annotations
 
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -75,22 +74,6 @@ def live_doc(store) -> dict:
     got = rel.read_pointer(store, TENANT)
     assert got is not None
     return got[0]
-
-
-@pytest.fixture
-def s3_store(s3_env):
-    import boto3
-
-    from pipeline.storage.s3 import S3Store
-
-    bucket = f"order-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return S3Store(f"s3://{bucket}/p")
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    return LocalStore(tmp_path / "artifacts") if request.param == "local" else request.getfixturevalue("s3_store")
 
 
 @pytest.fixture

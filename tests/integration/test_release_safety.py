@@ -55,12 +55,22 @@ def day(n: int) -> str:
 # --------------------------------------------------------------------------- release builder
 
 
-def make_files(seed: int, n_users: int = 40, n_items: int = 30, dim: int = DIM) -> dict[str, bytes]:
-    """Every file of `pipeline.release.format.FILES`, through the same assembly as publish."""
+def make_files(
+    seed: int,
+    n_users: int = 40,
+    n_items: int = 30,
+    dim: int = DIM,
+    *,
+    seen: tuple[int, int] = (0, 6),
+    model_meta: dict | None = None,
+    popular_items: int = 10,
+) -> dict[str, bytes]:
+    """Every file of `pipeline.release.format.FILES`, through the same assembly as publish;
+    `seen` bounds each user's seen-list length (numpy's integers: low inclusive, high exclusive)."""
     rng = np.random.default_rng(seed)
     user_vectors = rng.standard_normal((n_users, dim)).astype(np.float32)
     item_vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
-    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 6, n_users))]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(*seen, n_users))]).astype(np.int64)
     return rel.files_from_vectors(
         [f"u{i}" for i in range(n_users)],
         [f"i{j}" for j in range(n_items)],
@@ -69,8 +79,8 @@ def make_files(seed: int, n_users: int = 40, n_items: int = 30, dim: int = DIM) 
         indptr,
         rng.integers(0, n_items, int(indptr[-1])).astype(np.int32),
         index_bytes=ann.serialize(faiss_index.build_index(item_vectors)[0]),
-        model_meta={"kind": "test", "seed": seed},
-        popular_items=10,
+        model_meta=model_meta or {"kind": "test", "seed": seed},
+        popular_items=popular_items,
     )
 
 
@@ -115,24 +125,6 @@ def flip_byte(store, k: str, pos: int | None = None) -> bytes:
 
 
 # --------------------------------------------------------------------------- stores
-
-
-@pytest.fixture
-def s3_store(s3_env):
-    import boto3
-
-    from pipeline.storage.s3 import S3Store
-
-    bucket = f"rel-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return S3Store(f"s3://{bucket}/prefix")
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return LocalStore(tmp_path / "artifacts")
-    return request.getfixturevalue("s3_store")
 
 
 @pytest.fixture

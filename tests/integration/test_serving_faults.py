@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.index import build as faiss_index
-from pipeline.index import search as ann
 from pipeline.release import format as rel
 from pipeline.release import refresh
 from pipeline.serving import app as serving_app
@@ -32,6 +30,7 @@ from pipeline.serving.app import create_app
 from pipeline.serving.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from pipeline.storage import LocalStore, paths
 from tests.conftest import isolated_settings
+from tests.integration.test_release_safety import make_files as release_files
 
 pytestmark = pytest.mark.integration
 
@@ -93,22 +92,10 @@ def own_redis():
     r.kill()
 
 
-def make_files(seed: int, n_users: int = 60, n_items: int = 40, dim: int = 8) -> dict[str, bytes]:
-    rng = np.random.default_rng(seed)
-    users = rng.standard_normal((n_users, dim)).astype(np.float32)
-    items = rng.standard_normal((n_items, dim)).astype(np.float32)
-    indptr = np.concatenate([[0], np.cumsum(rng.integers(1, 4, n_users))]).astype(np.int64)
-    return rel.files_from_vectors(
-        [f"u{i}" for i in range(n_users)],
-        [f"i{j}" for j in range(n_items)],
-        users,
-        items,
-        indptr,
-        rng.integers(0, n_items, int(indptr[-1])).astype(np.int32),
-        index_bytes=ann.serialize(faiss_index.build_index(items)[0]),
-        model_meta={"kind": "als", "config": {"kind": "als", "factors": dim}, "seed": seed},  # ALS: events fold in
-        popular_items=20,
-    )
+def make_files(seed: int) -> dict[str, bytes]:
+    """A small dot-product release whose model is ALS, so posted events fold in."""
+    meta = {"kind": "als", "config": {"kind": "als", "factors": 8}, "seed": seed}
+    return release_files(seed, 60, 40, 8, seen=(1, 4), model_meta=meta, popular_items=20)
 
 
 def publish(store, tenant: str, seed: int, day: int = 1) -> str:
