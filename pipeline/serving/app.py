@@ -18,9 +18,10 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import Settings, get_settings
 from pipeline.data import event_log
@@ -28,13 +29,15 @@ from pipeline.serving import auth
 from pipeline.serving.admission import Admission, AdmissionMetrics, WorkQuota, charge
 from pipeline.serving.answers import (
     Metrics,
-    candidates_wanted,
     fold_in_events,
+    inline,
+    json_response,
     one_user,
     recommend_many,
+    recommend_one,
     rejected_events,
-    rerank_rows,
     scored,
+    similar_items,
 )
 from pipeline.serving.breaker import Breaker, outage_types
 from pipeline.serving.deps import EntityId, Live, TenantId, as_utc, receive_time
@@ -91,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis_users = None
-        client = None
+        client = aclient = None
         redis_breaker = Breaker(
             "redis", settings.breaker_failures, settings.breaker_reset_seconds, on_state=metrics.breaker_state
         )
@@ -100,10 +103,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.redis_url:
             from pipeline.serving.user_store import ResilientRedisStore
-            from pipeline.storage.redis import serving_redis_client
+            from pipeline.storage.redis import serving_async_redis_client, serving_redis_client
 
             client = serving_redis_client(settings.redis_url, settings.redis_timeout_ms)
-            redis_users = ResilientRedisStore(client, settings.redis_prefix, redis_breaker)
+            aclient = serving_async_redis_client(settings.redis_url, settings.redis_timeout_ms)
+            redis_users = ResilientRedisStore(client, settings.redis_prefix, redis_breaker, aclient)
         try:
             import faiss
 
@@ -150,6 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.loaders.close()
         if client is not None:
             client.close()
+        if aclient is not None:
+            await aclient.aclose()
 
     app = FastAPI(
         title="recsys-pipeline serving",
@@ -197,15 +203,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
         summary="Top-k items for a user",
     )
-    def recommend(request: Request, tenant: TenantId, live: Live, user_id: EntityId, opts: Annotated[Options, Query()]):
+    async def recommend(
+        request: Request, tenant: TenantId, live: Live, user_id: EntityId, opts: Annotated[Options, Query()]
+    ) -> Response:
         """Personal top-k (seen items excluded), or popular items with `fallback: true` for an unknown user.
 
         Filters (`category`, `tag`, their `exclude_` forms, `exclude`) never make the answer shorter
         than `k` while enough items qualify; `diversity` (MMR) or `max_per_category` re-rank.
         """
-        started = time.perf_counter()
+        started = time.perf_counter()  # async: the hot route pays no threadpool hop (answers.inline)
         charge(request, tenant, work_units(1, opts.k, opts.reranks))
-        body = recommend_many(live, tenant, [user_id], opts, metrics)[0]
+        body = await recommend_one(live, tenant, user_id, opts, metrics)
         observe(tenant, "recommendations", started)
         return body
 
@@ -215,27 +223,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
         summary="Items similar to an item",
     )
-    def similar(
+    async def similar(
         request: Request, tenant: TenantId, live: Live, item_id: EntityId, opts: Annotated[Options, Query()]
-    ) -> SimilarItems:
+    ) -> Response:
         started = time.perf_counter()
         charge(request, tenant, work_units(1, opts.k, opts.reranks))
-        row = live.row_of_item(item_id)
-        if row < 0:
-            raise HTTPException(404, f"unknown item {item_id!r} for tenant {tenant!r}")
-        excluded, _ = live.rows_of(opts.exclude)
-        rows, scores = live.similar_items(row, candidates_wanted(live, opts), excluded, live.allowed(opts.filters()))
-        ok = rows >= 0
-        rows, scores = rows[ok], scores[ok]
-        pos = rerank_rows(live, rows, scores, opts)
+        if inline(opts):
+            body = similar_items(live, tenant, item_id, opts)
+        else:
+            body = await run_in_threadpool(similar_items, live, tenant, item_id, opts)
         observe(tenant, "similar", started)
-        return SimilarItems(
-            tenant=tenant,
-            item_id=item_id,
-            release_id=live.release_id,
-            recommendation_id=uuid.uuid4().hex,
-            items=scored(live, rows[pos], scores[pos]),
-        )
+        return json_response(body)
 
     @app.post(
         "/v1/tenants/{tenant}/users/{user_id}/rank",

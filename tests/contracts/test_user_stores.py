@@ -4,6 +4,8 @@ plus what each does beyond it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,7 @@ from pipeline.serving.user_store import (
     RedisStore,
     ResilientRedisStore,
 )
-from pipeline.storage.redis import key, redis_client, serving_redis_client
+from pipeline.storage.redis import key, redis_client, serving_async_redis_client, serving_redis_client
 from tests.conftest import REDIS_URL
 from tests.contracts.user_store import CORRUPT, DIM, N_ITEMS, TENANT, UserStoreContract, assert_user
 
@@ -126,3 +128,27 @@ class TestResilientRedisStore(TestRedisStore):
         assert reason == "redis_lost_users" and got[2] is None
         assert_user(got[0], rel.user_vectors[7], rel.seen(7))
         assert store.read_users(rel, ["u8", "nobody"])[1] is None  # a cold user is not a degraded answer
+
+    def test_async_read_matches_the_sync_one_and_degrades_the_same(self, store, rel, client, redis_prefix):
+        """The async routes' read (redis.asyncio): same users, same lost-key and outage answers, same breaker."""
+
+        async def both(s: ResilientRedisStore, ids: list[str]):
+            try:
+                return await s.aread_users(rel, ids)
+            finally:
+                await s.aclient.aclose()
+
+        store.aclient = serving_async_redis_client(REDIS_URL, 500)
+        client.delete(*(key(redis_prefix, TENANT, rel.release_id, part, "u7") for part in ("u", "seen")))
+        got, reason = asyncio.run(both(store, ["u3", "u7", "nobody"]))
+        assert reason == "redis_lost_users" and got[2] is None
+        assert_user(got[0], rel.user_vectors[3], rel.seen(3))
+        assert_user(got[1], rel.user_vectors[7], rel.seen(7))
+        down = serving_redis_client("redis://127.0.0.1:1/0", 50)
+        away = ResilientRedisStore(down, redis_prefix, Breaker("redis", failures=1, reset_seconds=60))
+        away.aclient = serving_async_redis_client("redis://127.0.0.1:1/0", 50)
+        got, reason = asyncio.run(both(away, ["u4"]))
+        assert reason == "redis_unavailable" and away.breaker.is_open
+        assert_user(got[0], rel.user_vectors[4], rel.seen(4))
+        away.aclient = serving_async_redis_client("redis://127.0.0.1:1/0", 50)
+        assert asyncio.run(both(away, ["u4"]))[1] == "redis_breaker_open"
