@@ -39,18 +39,9 @@ def serving_redis_client(url: str, timeout_ms: int) -> Any:
     breaker stops trying for a while. Stages keep `redis_client`'s long, retried calls.
     """
     import redis
-    from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    seconds = timeout_ms / 1000
-    return redis.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=seconds,
-        socket_connect_timeout=seconds,
-        retry_on_timeout=False,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return redis.Redis.from_url(url, **_fail_fast(timeout_ms, Retry))
 
 
 def serving_async_redis_client(url: str, timeout_ms: int) -> Any:
@@ -58,17 +49,22 @@ def serving_async_redis_client(url: str, timeout_ms: int) -> Any:
     routes await the user read on the event loop instead of paying a threadpool hop."""
     import redis.asyncio
     from redis.asyncio.retry import Retry
+
+    return redis.asyncio.Redis.from_url(url, **_fail_fast(timeout_ms, Retry))
+
+
+def _fail_fast(timeout_ms: int, retry: Any) -> dict[str, Any]:
+    """Binary-safe, `timeout_ms` to connect and to read, never retried (sync or async Retry)."""
     from redis.backoff import NoBackoff
 
     seconds = timeout_ms / 1000
-    return redis.asyncio.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=seconds,
-        socket_connect_timeout=seconds,
-        retry_on_timeout=False,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return {
+        "decode_responses": False,
+        "socket_timeout": seconds,
+        "socket_connect_timeout": seconds,
+        "retry_on_timeout": False,
+        "retry": retry(NoBackoff(), 0),
+    }
 
 
 def key(prefix: str, tenant: str, *parts: str) -> str:
