@@ -138,10 +138,17 @@ class RedisStore:
 
     def users(self, release: Release, user_ids: list[str]) -> list[UserData | None | InvalidUserData]:
         values = self.r.mget([k for u in user_ids for k in self._keys(release, u)]) if user_ids else []
+        return self._decode_all(release, user_ids, values)
+
+    @classmethod
+    def _decode_all(
+        cls, release: Release, user_ids: list[str], values: list[bytes | None]
+    ) -> list[UserData | None | InvalidUserData]:
+        """One MGET's values (4 keys per user) decoded per user; a bad value is that user's error."""
         out: list[UserData | None | InvalidUserData] = []
         for i, u in enumerate(user_ids):  # per user of one request, not per item
             try:
-                out.append(self._decode(release, u, values[4 * i : 4 * i + 4]))
+                out.append(cls._decode(release, u, values[4 * i : 4 * i + 4]))
             except InvalidUserData as exc:
                 out.append(exc)
         return out
@@ -226,13 +233,7 @@ class ResilientRedisStore(RedisStore):
             self.breaker.failure()
             return self._from_files(release, user_ids, Unavailable(f"redis: {type(exc).__name__}: {exc}"))
         self.breaker.success()
-        got: list[UserData | None | InvalidUserData] = []
-        for i, u in enumerate(user_ids):  # per user of one request, not per item
-            try:
-                got.append(self._decode(release, u, values[4 * i : 4 * i + 4]))
-            except InvalidUserData as exc:
-                got.append(exc)
-        return self._resolve(release, user_ids, got)
+        return self._resolve(release, user_ids, self._decode_all(release, user_ids, values))
 
     def _from_files(
         self, release: Release, user_ids: list[str], exc: Unavailable
