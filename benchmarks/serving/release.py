@@ -63,7 +63,7 @@ def synthetic_files(
         model_meta={"kind": "als", "config": {"factors": dim, "synthetic": True}, "users": n_users, "items": n_items},
         popular_items=200,
     )
-    cand_s = None
+    cand_s = neighbors_s = None
     if with_candidates:
         from pipeline.release import candidates
 
@@ -72,6 +72,9 @@ def synthetic_files(
             index_bytes, index_info, item_vectors, user_vectors, indptr, indices
         )
         cand_s = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        files[candidates.NEIGHBORS_FILE] = candidates.neighbors_bytes(index_bytes, index_info, item_vectors)
+        neighbors_s = round(time.perf_counter() - started, 1)
     lens = np.diff(indptr)
     stats = {
         "seen_per_user": {
@@ -84,6 +87,7 @@ def synthetic_files(
         "index": index_info,
         "candidates_per_user": 100 if with_candidates else None,
         "candidates_seconds": cand_s,
+        "neighbors_seconds": neighbors_s,
     }
     return files, stats
 

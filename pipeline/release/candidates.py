@@ -1,4 +1,5 @@
-"""Each user's top candidates, computed once at publish time (`candidates.npy` in a release).
+"""Each user's top candidates and each item's nearest items, computed once at publish time
+(`candidates.npy` and `neighbors.npy` in a release).
 
 Why: a request for a known user otherwise pays a FAISS search over the whole catalog (a flat
 scan of 50k x 64 floats is most of a millisecond of CPU); with the release's own top-C per user,
@@ -7,6 +8,9 @@ serving only drops what the request filters or excludes and re-scores those C ro
 than the request needs, when the pool is wider than C (re-ranking), or when the user's data
 is no longer the release's (folded in since publish). One batched search at publish time,
 int32 [n_users, C], -1 padded, seen items excluded, hashed in the manifest like every file.
+`neighbors.npy` does the same for the similar-items route: int32 [n_items, C], the item itself
+excluded, so "items like this one" is a row read and an exact re-score of C rows instead of a
+catalog scan on the event loop (`LiveRelease.similar_items`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from pipeline.storage import codecs
 
 FILE = "candidates.npy"
+NEIGHBORS_FILE = "neighbors.npy"
 DEFAULT_PER_USER = 100  # = the largest k: any plain request can be served from the list
 BATCH = 4096  # users per index search: bounds the exclusion keys and the result block
 
@@ -61,3 +66,29 @@ def file_bytes(
 
     index = ann.deserialize(index_bytes, index_info)
     return codecs.npy_bytes(compute(index, item_vectors, user_vectors, seen_indptr, seen_indices, per_user))
+
+
+def neighbors(index, item_vectors: np.ndarray, per_item: int = DEFAULT_PER_USER) -> np.ndarray:
+    """Top `per_item` item rows per item by inner product (int32, best first, -1 padded), the
+    item itself excluded: what the similar-items route answers from (same search as serving)."""
+    from pipeline.index import search as ann
+
+    n_items = len(item_vectors)
+    per_item = min(per_item, max(n_items - 1, 0))
+    out = np.full((n_items, per_item), -1, dtype=np.int32)
+    if not per_item:
+        return out
+    for start in range(0, n_items, BATCH):  # blocks of items, one index search each
+        block = np.arange(start, min(start + BATCH, n_items))
+        rows, _ = ann.search(index, item_vectors, item_vectors[block], per_item, exclude=list(block[:, None]))
+        out[block] = rows
+    return out
+
+
+def neighbors_bytes(
+    index_bytes: bytes, index_info: dict | None, item_vectors: np.ndarray, per_item: int = DEFAULT_PER_USER
+) -> bytes:
+    """`neighbors.npy` of a dot-product release, from the release's own index bytes."""
+    from pipeline.index import search as ann
+
+    return codecs.npy_bytes(neighbors(ann.deserialize(index_bytes, index_info), item_vectors, per_item))

@@ -25,8 +25,15 @@ from pipeline.models.registry import Scoring
 from pipeline.storage import codecs
 
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
-# candidates.npy: each user's top items of a dot-product release (pipeline/release/candidates.py)
-OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet", "candidates.npy")
+# candidates.npy / neighbors.npy: each user's top items and each item's nearest items of a
+# dot-product release (pipeline/release/candidates.py)
+OPTIONAL_FILES = (
+    "item_attributes.parquet",
+    "user_stats.parquet",
+    "item_stats.parquet",
+    "candidates.npy",
+    "neighbors.npy",
+)
 
 
 class ReleaseError(RuntimeError):
@@ -58,6 +65,7 @@ class Release:
     user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
     similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
     candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
+    neighbors: np.ndarray | None = None  # int32 [n_items, C]: each item's nearest items at publish, -1 padded
 
     @property
     def scoring(self) -> Scoring:
@@ -166,16 +174,8 @@ def decode(
     ):
         raise ReleaseError(f"release {tenant}/{release_id}: vectors, id maps and seen lists disagree in size")
     optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
-    candidates = None
-    if optional["candidates.npy"] is not None:
-        candidates = codecs.read_npy(optional["candidates.npy"])
-        if (
-            candidates.ndim != 2
-            or len(candidates) != n_users
-            or candidates.dtype != np.int32
-            or (candidates.size and (candidates.min() < -1 or candidates.max() >= n_items))
-        ):
-            raise ReleaseError(f"release {tenant}/{release_id}: candidates.npy disagrees with the id maps")
+    candidates = _row_table(tenant, release_id, "candidates.npy", optional["candidates.npy"], n_users, n_items)
+    neighbors = _row_table(tenant, release_id, "neighbors.npy", optional["neighbors.npy"], n_items, n_items)
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -194,7 +194,25 @@ def decode(
         user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
         similarity=similarity,
         candidates=candidates,
+        neighbors=neighbors,
     )
+
+
+def _row_table(
+    tenant: str, release_id: str, name: str, data: bytes | None, n_rows: int, n_items: int
+) -> np.ndarray | None:
+    """An int32 [n_rows, C] table of item rows (-1 padded), checked against the id maps."""
+    if data is None:
+        return None
+    table = codecs.read_npy(data)
+    if (
+        table.ndim != 2
+        or len(table) != n_rows
+        or table.dtype != np.int32
+        or (table.size and (table.min() < -1 or table.max() >= n_items))
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: {name} disagrees with the id maps")
+    return table
 
 
 def _similarity(tenant: str, release_id: str, n_items: int, get: Callable[[str], bytes]) -> sp.csr_matrix:

@@ -90,11 +90,14 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     info: dict[str, Any] = {"users": feats.n_users, "items": feats.n_items, "model": model.kind}
     if isinstance(scores, release.VectorScoring):
         info["dim"] = int(scores.item_vectors.shape[1])
-        # each user's top candidates, one batched search now instead of one per request
+        # each user's top candidates and each item's neighbours: batched searches now, not per request
         files[candidates.FILE] = candidates.file_bytes(
             scores.index_bytes, ctx.read_json(paths.INDEX_INFO), scores.item_vectors, scores.user_vectors,
             indptr, indices,
         )  # fmt: skip
+        files[candidates.NEIGHBORS_FILE] = candidates.neighbors_bytes(
+            scores.index_bytes, ctx.read_json(paths.INDEX_INFO), scores.item_vectors
+        )
     else:
         info |= {"dim": 0, "scoring": "item_item", "similarity_nnz": int(scores.similarity.nnz)}
     return files, info

@@ -57,6 +57,12 @@ class Metrics:
             ["tenant", "source"],
             registry=self.registry,
         )
+        self.similar = Counter(
+            "recsys_similar_source_total",
+            "Similar-items answers from the release's precomputed neighbours or by a live search",
+            ["tenant", "source"],
+            registry=self.registry,
+        )
         self.degraded = Counter(
             "recsys_degraded_total",
             "Answers served without the configured user store (Redis down, slow or its breaker open)",
@@ -166,12 +172,16 @@ async def recommend_one(live: LiveRelease, tenant: str, user_id: str, opts: Opti
     return json_response((await run_in_threadpool(recommend_many, live, tenant, [user_id], opts, metrics, read))[0])
 
 
-def similar_items(live: LiveRelease, tenant: str, item_id: str, opts: Options) -> SimilarItems:
+def similar_items(live: LiveRelease, tenant: str, item_id: str, opts: Options, metrics: Metrics) -> SimilarItems:
     row = live.row_of_item(item_id)
     if row < 0:
         raise HTTPException(404, f"unknown item {item_id!r} for tenant {tenant!r}")
     excluded, _ = live.rows_of(opts.exclude)
-    rows, scores = live.similar_items(row, candidates_wanted(live, opts), excluded, live.allowed(opts.filters()))
+    wanted, allowed = candidates_wanted(live, opts), live.allowed(opts.filters())
+    found = live.precomputed_neighbors(row, wanted, excluded, allowed) if live.scoring == "dot" else None
+    if live.scoring == "dot":
+        metrics.similar.labels(tenant, "search" if found is None else "precomputed").inc()
+    rows, scores = found if found is not None else live.similar_items(row, wanted, excluded, allowed)
     ok = rows >= 0
     rows, scores = rows[ok], scores[ok]
     pos = rerank_rows(live, rows, scores, opts)

@@ -228,10 +228,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         started = time.perf_counter()
         charge(request, tenant, work_units(1, opts.k, opts.reranks))
-        if inline(opts):
-            body = similar_items(live, tenant, item_id, opts)
+        # plain requests of a release with precomputed neighbours are a row read: on the loop;
+        # a live search (a catalog scan) or filtered/re-ranked ones go to the threadpool
+        if inline(opts) and (live.release.neighbors is not None or live.scoring != "dot"):
+            body = similar_items(live, tenant, item_id, opts, metrics)
         else:
-            body = await run_in_threadpool(similar_items, live, tenant, item_id, opts)
+            body = await run_in_threadpool(similar_items, live, tenant, item_id, opts, metrics)
         observe(tenant, "similar", started)
         return json_response(body)
 

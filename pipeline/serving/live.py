@@ -226,6 +226,32 @@ class LiveRelease:
             rows, scores = self._top(self.similarity[row].toarray(), k, [exclude], allowed)
         return rows[0], scores[0]
 
+    def precomputed_neighbors(
+        self, row: int, k: int, exclude: np.ndarray, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """`similar_items` from the release's `neighbors.npy`: exactly re-scored, padded as the
+        search pads; None when the live search must answer (no such file, k wider than the
+        list, or the filters leave too few)."""
+        table = self.release.neighbors
+        if table is None or k > table.shape[1]:
+            return None
+        rows = table[row]
+        complete = rows[-1] < 0  # -1 padded: the list holds every other item
+        rows = rows[rows >= 0]
+        if allowed is not None:
+            rows = rows[allowed[rows]]
+        if len(exclude):
+            rows = rows[~np.isin(rows, exclude)]
+        if len(rows) < k and not complete:
+            return None
+        item_vectors = self.release.item_vectors
+        scores = item_vectors[rows] @ item_vectors[row]
+        order = np.lexsort((rows, -scores))[:k]  # score desc, then item row (as the exact search)
+        out_rows = np.full(k, -1, dtype=np.int64)
+        out_scores = np.full(k, -np.inf, dtype=np.float32)
+        out_rows[: len(order)], out_scores[: len(order)] = rows[order], scores[order]
+        return out_rows, out_scores
+
     def scores_of(self, user: UserData, rows: np.ndarray) -> np.ndarray:
         """float32 scores of the given item rows for one user (the rank route)."""
         if self.scoring == "dot":

@@ -65,6 +65,7 @@ def _files(with_candidates: bool) -> dict[str, bytes]:
     )
     if with_candidates:
         files[candidates.FILE] = candidates.file_bytes(index_bytes, info, items, users, indptr, indices, per_user=20)
+        files[candidates.NEIGHBORS_FILE] = candidates.neighbors_bytes(index_bytes, info, items, per_item=20)
     return files
 
 
@@ -377,6 +378,36 @@ def test_precomputed_candidates_answer_as_the_live_search(limited, tmp_path, mlf
     # plain and excluded requests and the batch from the list; the wide pool and the folded-in user searched
     assert used["fast"] == {"precomputed": 2 * n + 40 + 1, "search": n + 1}, used
     assert used["live"] == {"precomputed": 0, "search": 3 * n + 40}, used
+
+
+def test_precomputed_neighbors_answer_as_the_live_search(limited, tmp_path, mlflow_uri):
+    """Similar items with and without neighbors.npy: identical items and scores, with filters,
+    exclusions and pools wider than the list (the live search answers those)."""
+    settings = limited.model_copy(update={"auth_disabled": True})
+    plain = isolated_settings(tmp_path, mlflow_uri, rate_limit="")
+    manifest = {"run_id": "20260101T000000Z", "data_interval_end": INTERVAL_END}
+    release.publish_release(open_store(plain.artifact_root), "acme", _files(with_candidates=False), manifest)
+    queries = [{"k": 10}, {"k": 10, "exclude": ["i1", "i2", "i3"]}, {"k": 20}, {"k": 5, "diversity": 0.3}]
+    items = range(0, N_ITEMS, 9)
+    with TestClient(create_app(settings)) as fast, TestClient(create_app(plain)) as live:
+        for params in queries:
+            for i in items:
+                a = fast.get(f"/v1/tenants/acme/items/i{i}/similar", params=params).json()
+                b = live.get(f"/v1/tenants/acme/items/i{i}/similar", params=params).json()
+                assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]], (i, params)
+                assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
+                assert f"i{i}" not in {x["item_id"] for x in a["items"]}
+                assert len(a["items"]) == params["k"]
+        used = {
+            name: {
+                s: _counter(c.get("/metrics").text, "recsys_similar_source_total", s) for s in ("precomputed", "search")
+            }
+            for name, c in (("fast", fast), ("live", live))
+        }
+    n = len(items)
+    # k=10, k=10 with exclusions and k=20 (the whole list of 20: no exclusion) from the list; diversity's pool searched
+    assert used["fast"] == {"precomputed": 3 * n, "search": n}, used
+    assert used["live"] == {"precomputed": 0, "search": 4 * n}, used
 
 
 def _counter(text: str, name: str, source: str) -> float:
