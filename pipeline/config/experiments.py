@@ -42,7 +42,9 @@ class ArmConfig(_Strict):
     def options(self) -> dict[str, Any]:
         """The serving options this arm sets over the request's (none: the request's own)."""
         return {
-            k: v for k, v in (("diversity", self.diversity), ("max_per_category", self.max_per_category)) if v is not None
+            k: v
+            for k, v in (("diversity", self.diversity), ("max_per_category", self.max_per_category))
+            if v is not None
         }
 
     @property
@@ -67,7 +69,9 @@ class ExperimentConfig(_Strict):
         default=False,
         description="Team-draft interleaving of the two arms in one list (per-item credit) instead of an A/B split.",
     )
-    outcome_event: str = Field(default="click", min_length=1, max_length=64, description="Event type counted as a click.")
+    outcome_event: str = Field(
+        default="click", min_length=1, max_length=64, description="Event type counted as a click."
+    )
     conversion_event: str = Field(default="purchase", min_length=1, max_length=64)
     start: date | None = Field(default=None, description="First day the analysis reads (default: all impressions).")
     min_users: int = Field(default=100, ge=1, description="Users per arm before a verdict other than 'not yet'.")

@@ -134,7 +134,13 @@ def analyse(
         a["conversion_lift"], a["conversion_lift_ci"] = lift(convs[a["arm"]], convs[control], z)
         a["verdict"] = verdict(a["ctr_lift_ci"], min(a["users"], base["users"]), min_users)
     check = srm({a["arm"]: a["users"] for a in out}, shares)
-    return {"confidence": confidence, "control": control, "arms": out, "srm": check, "trustworthy": not check["mismatch"]}
+    return {
+        "confidence": confidence,
+        "control": control,
+        "arms": out,
+        "srm": check,
+        "trustworthy": not check["mismatch"],
+    }
 
 
 def interleaving(credit: pd.DataFrame, arms: list[str], *, confidence: float = 0.95, min_users: int = 100):

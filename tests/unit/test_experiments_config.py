@@ -83,10 +83,21 @@ ARMS = [{"name": "control", "share": 0.5}, {"name": "diverse", "share": 0.5, "di
         ([{"name": "e", "arms": [{"name": "a", "share": 1.0}]}], {}, "at least 2"),
         ([{"name": "e", "arms": ARMS}, {"name": "f", "offset": 0.5, "traffic": 0.2, "arms": ARMS}], {}, "both claim"),
         ([{"name": "e", "traffic": 0.5, "arms": ARMS}, {"name": "e", "traffic": 0.5, "arms": ARMS}], {}, "also"),
-        ([{"name": "e", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "release": "x/y"}]}],
-         {}, "release"),  # fmt: skip
-        ([{"name": "e", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "release": "challenger"}]}],
-         {}, "challenger.mode"),  # fmt: skip
+        (
+            [{"name": "e", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "release": "x/y"}]}],
+            {},
+            "release",
+        ),  # fmt: skip
+        (
+            [
+                {
+                    "name": "e",
+                    "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "release": "challenger"}],
+                }
+            ],
+            {},
+            "challenger.mode",
+        ),  # fmt: skip
         ([{"name": "e", "arms": ARMS}], {"challenger": {"mode": "challenger", "share": 0.1}}, "challenger.share"),
         ([{"name": "e", "interleave": True, "arms": [*ARMS, {"name": "c", "share": 0.0001}]}], {}, "sum to"),
         ([{"name": "e", "control": "nope", "arms": ARMS}], {}, "control 'nope'"),
@@ -108,4 +119,7 @@ def test_challenger_mode_adds_a_balanced_experiment_after_the_configured_ones():
     assert [e.name for e in exps] == ["e", "challenger"]
     ch = exps[1]
     assert (ch.offset, ch.traffic) == (0.5, pytest.approx(0.2))
-    assert [(a.name, a.release, a.share) for a in ch.arms] == [("control", "live", 0.5), ("challenger", "challenger", 0.5)]
+    assert [(a.name, a.release, a.share) for a in ch.arms] == [
+        ("control", "live", 0.5),
+        ("challenger", "challenger", 0.5),
+    ]
