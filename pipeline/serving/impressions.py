@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipeline.storage import ObjectStore
+from pipeline.storage import ObjectStore, paths
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ SCHEMA = pa.schema(
 
 
 def prefix(tenant: str) -> str:
-    return f"tenants/{tenant}/impressions"
+    return paths.impressions_prefix(tenant)
 
 
 def day_of(key: str) -> str:
