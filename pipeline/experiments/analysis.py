@@ -97,7 +97,9 @@ def analyse(
     intervals; per non-control arm the relative CTR lift vs control with its interval and a
     verdict; the SRM check. `per_user`: one row per (user, arm) with USER_COLUMNS."""
     z = _z(confidence)
-    out, ratios, convs = [], {}, {}
+    out: list[dict[str, Any]] = []
+    ratios: dict[str, tuple[float, float]] = {}
+    convs: dict[str, tuple[float, float]] = {}
     arm_of = per_user["arm"].to_numpy(dtype=object)
     clicks = per_user["clicks"].to_numpy(dtype=float)
     shown = per_user["impressions"].to_numpy(dtype=float)
