@@ -9,6 +9,7 @@ each item's team, which is what a click is credited to.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -79,7 +80,8 @@ def log_impression(
             )
         )
     except Exception:  # noqa: BLE001 - an impression must never fail the request
-        logger.dropped.labels(rec.tenant).inc()
+        with contextlib.suppress(Exception):
+            logger.dropped.labels(rec.tenant).inc()
 
 
 def interleaved(policy: Policy, tenant: str, user_id: str, metrics: Metrics) -> tuple[Recommendations, list[str]]:
