@@ -113,6 +113,7 @@ def build(store: ObjectStore, cfg: TenantConfig, name: str, end: datetime) -> di
         "tenant": cfg.tenant,
         "experiment": name,
         "interval_end": end.isoformat(),
+        "day": report_day(end),
         "window_start": None if start is None else start.isoformat(),
         "outcome_event": exp.outcome_event,
         "conversion_event": exp.conversion_event,
