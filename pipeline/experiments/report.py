@@ -43,6 +43,21 @@ def find(cfg: TenantConfig, name: str) -> ExperimentConfig:
     raise ExperimentError(f"tenant {cfg.tenant}: no experiment {name!r} in its config (experiments: {known})")
 
 
+def unknown_releases(store: ObjectStore, cfg: TenantConfig) -> list[str]:
+    """Arms pinned to a release the tenant does not have: one line per arm naming the field and
+    the reason (the config loader cannot see the store; serving and the report call this)."""
+    out = []
+    for i, e in enumerate(cfg.experiments):
+        for j, arm in enumerate(e.arms):
+            rid = arm.pinned_release
+            if rid is not None and not store.exists(paths.release_key(cfg.tenant, rid, "manifest.json")):
+                out.append(
+                    f"field 'experiments[{i}].arms[{j}].release': unknown release {rid!r} "
+                    f"(no {paths.release_prefix(cfg.tenant, rid)}/manifest.json): arm {arm.name!r} is not served"
+                )
+    return out
+
+
 def _day(key: str) -> str:
     part = key.rsplit("/", 2)[-2]
     return part[3:] if part.startswith("dt=") else ""
@@ -106,6 +121,8 @@ def credit(imps: pd.DataFrame, outcomes: pd.DataFrame, exp: ExperimentConfig) ->
 def build(store: ObjectStore, cfg: TenantConfig, name: str, end: datetime) -> dict[str, Any]:
     """The report of experiment `name` over its impressions up to `end` (exclusive)."""
     exp = find(cfg, name)
+    for problem in unknown_releases(store, cfg):
+        log.error("tenant %s: %s", cfg.tenant, problem)
     start = None if exp.start is None else datetime.combine(exp.start, datetime.min.time(), tzinfo=end.tzinfo)
     imps = read_impressions(store, cfg.tenant, name, start, end)
     outcomes = read_outcomes(store, cfg.tenant, start, end)

@@ -23,10 +23,11 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
-from pipeline.config import Settings, TenantConfigError, load_tenant
+from pipeline.config import Settings, TenantConfig, TenantConfigError, load_tenant
 from pipeline.config.experiments import CHALLENGER, LIVE, ArmConfig, ExperimentConfig
 from pipeline.experiments.assign import assign
 from pipeline.experiments.challenger import read_challenger
+from pipeline.experiments.report import unknown_releases
 from pipeline.release import verify
 from pipeline.serving.live import LiveRelease
 from pipeline.serving.schemas import Options
@@ -80,6 +81,7 @@ class Variants:
         self.settings, self.store, self.clock = settings, store, clock
         self.poll_seconds = max(settings.release_poll_seconds, 1.0)
         self._experiments: dict[str, list[ExperimentConfig]] = {}
+        self._config: dict[str, TenantConfig] = {}
         self._challenger: dict[str, str | None] = {}
         self._arms: dict[tuple[str, str], LiveRelease] = {}
         self._failed: dict[tuple[str, str], float] = {}
@@ -132,6 +134,7 @@ class Variants:
             self._experiments.setdefault(tenant, [])
             return
         self._experiments[tenant] = cfg.live_experiments()
+        self._config[tenant] = cfg
 
     def refresh(self, tenant: str) -> None:
         """Re-read the config and the challenger record; load the arms' releases (blocking: tests call it)."""
@@ -149,9 +152,12 @@ class Variants:
                 servable = verify.load_servable(self.store, tenant, rid)
             except Exception as exc:  # noqa: BLE001 - unknown or broken release: its arm is not served
                 self._failed[(tenant, rid)] = self.clock()
+                why = unknown_releases(self.store, self._config[tenant]) if tenant in self._config else []
+                path = self.settings.tenants_dir / f"{tenant}.yaml"
                 log.error(
-                    "tenant %s: experiment release %s cannot be loaded (%s); its arm is not served", tenant, rid, exc
-                )
+                    "tenant %s: experiment release %s cannot be loaded (%s); its arm is not served%s",
+                    tenant, rid, exc, "".join(f"\n  {path}: {w}" for w in why),
+                )  # fmt: skip
                 continue
             self._arms[(tenant, rid)] = LiveRelease(
                 servable.release, servable.index, EmbeddedStore(self.settings.fold_in_cache_users)

@@ -123,3 +123,19 @@ def test_challenger_mode_adds_a_balanced_experiment_after_the_configured_ones():
         ("control", "live", 0.5),
         ("challenger", "challenger", 0.5),
     ]
+
+
+def test_an_unknown_pinned_release_is_named_with_its_field(tmp_path):
+    from pipeline.config import TenantConfig
+    from pipeline.experiments.report import unknown_releases
+    from pipeline.storage import open_store
+
+    cfg = TenantConfig.model_validate(
+        {"tenant": "acme", "source": {"uri": "x.csv"},
+         "experiments": [{"name": "e", "arms": [ARMS[0], {"name": "old", "share": 0.5, "release": "r1-abc"}]}]}
+    )  # fmt: skip
+    store = open_store(str(tmp_path))
+    [problem] = unknown_releases(store, cfg)
+    assert "experiments[0].arms[1].release" in problem and "unknown release 'r1-abc'" in problem
+    store.put("tenants/acme/releases/r1-abc/manifest.json", b"{}")
+    assert unknown_releases(store, cfg) == []
