@@ -25,7 +25,7 @@ def test_challenger_mode_publishes_beside_the_live_release_and_serves_its_arm(tm
     cfg = write_tenant(settings, "acme", small_df, **FAST)
     first = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings))["publish"]
     assert first["pointer_moved"]  # nothing live yet: the first release goes live as always
-    cfg = write_tenant(settings, "acme", small_df, **FAST, challenger={"mode": "challenger", "share": 0.5})
+    cfg = write_tenant(settings, "acme", small_df, **FAST, challenger={"mode": "challenger", "share": 0.3})
     later = RunContext(config=cfg, interval_end=INTERVAL_END + timedelta(days=1), settings=settings)
     second = run_all(later)["publish"]
     assert second["pointer_outcome"] == "challenger" and not second["pointer_moved"]
