@@ -208,3 +208,15 @@ def release_action(**context: Any) -> dict[str, Any]:
     except (RollbackError, ReleaseError) as exc:
         raise AirflowFailException(str(exc)) from exc
     raise AirflowFailException(f"unknown action {action!r}: rollback, pin or unpin")
+
+
+def experiment_reports(tenant: str, day_end: datetime) -> dict[str, Any]:
+    """The experiments DAG's task: every experiment of the tenant reported up to the interval's end
+    (stored per day under tenants/{t}/experiments/, logged to MLflow)."""
+    from pipeline.config import get_settings, load_tenant
+    from pipeline.experiments import report
+    from pipeline.storage import open_store
+
+    s = get_settings()
+    cfg = load_tenant(tenant, s.tenants_dir)
+    return report.run(open_store(s.artifact_root), cfg, day_end, s.mlflow_tracking_uri)

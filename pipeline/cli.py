@@ -1,4 +1,5 @@
-"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | forget-user | demo-data`.
+"""`python -m pipeline run | summary | check-tenant | serve | rollback | pin | unpin | forget-user | experiment |
+demo-data`.
 
 Exit codes: 0 published (or nothing to do), 1 a stage failed, 2 bad usage or tenant config,
 3 the gate rejected the model (the run is "skipped", not failed).
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requested-by", help="who asked for it (default: the OS user running the command)")
     p.add_argument("--request-id", help="the request's id in the audit record (default: a new UUID)")
     p.set_defaults(fn=cmd_forget_user)
+    from pipeline.experiments.cli import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub)
     p = sub.add_parser("demo-data", help="prepare the MovieLens-100K demo tenant's data")
     p.add_argument("--out", help="output folder (default: data/demo under RECSYS_DATA_ROOT)")
     p.set_defaults(fn=cmd_demo_data)

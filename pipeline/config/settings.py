@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(
         default=None, description="Bearer token for /metrics and the tenant list of /readyz; unset: metrics open."
     )
+    # The impression log of experiments (pipeline/serving/impressions.py), per worker.
+    impressions_buffer: int = Field(
+        default=50_000, ge=1, description="Impressions held in memory at most (storage slow or down); beyond: dropped."
+    )
+    impressions_batch: int = Field(default=2_000, ge=1, description="Impressions per Parquet object written.")
+    impressions_flush_seconds: float = Field(default=5.0, gt=0, description="Longest wait before a partial batch.")
     # Bounded input and admission control (pipeline/serving/limits.py, admission.py), per worker.
     max_body_bytes: int = Field(default=1_000_000, ge=1, description="Larger request bodies get 413, unread.")
     max_concurrency: int = Field(

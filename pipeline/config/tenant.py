@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipeline.config import experiments as exp
 from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
@@ -307,6 +308,17 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+    experiments: exp.Experiments = Field(default=[], description="Online experiments (pipeline/config/experiments.py).")
+    challenger: exp.ChallengerConfig = exp.ChallengerConfig()
+
+    @model_validator(mode="after")
+    def _experiments(self) -> TenantConfig:
+        exp.check(self.experiments, self.challenger)
+        return self
+
+    def live_experiments(self) -> list[exp.ExperimentConfig]:
+        """The experiments serving runs: the configured ones plus the implicit challenger experiment."""
+        return exp.effective(self.experiments, self.challenger)
 
     def model_kinds(self) -> list[str]:
         """Every kind this tenant may train: `model` and the selection candidates."""

@@ -31,7 +31,10 @@ import pandas as pd
 
 from pipeline.storage import ObjectStore, codecs, paths
 
-COLUMNS = ["user_id", "item_id", "timestamp", "rating", "event_type", "event_key", "received_at"]
+COLUMNS = [
+    "user_id", "item_id", "timestamp", "rating", "event_type", "event_key", "received_at",
+    "recommendation_id", "position",  # attribution to a served response (experiment reports); null if not sent
+]  # fmt: skip
 DEDUP_DAYS = 2
 _US = "datetime64[us, UTC]"
 
@@ -64,6 +67,8 @@ def _frame(events: pd.DataFrame) -> pd.DataFrame:
             "event_type": events.get("event_type", pd.Series("interaction", index=n)).astype("string"),
             "event_key": events.get("event_key", pd.Series(pd.NA, index=n, dtype="string")).astype("string"),
             "received_at": received.astype(_US),
+            "recommendation_id": events.get("recommendation_id", pd.Series(pd.NA, index=n)).astype("string"),
+            "position": pd.to_numeric(events.get("position", pd.Series(pd.NA, index=n))).astype("Int64"),
         }
     )
 

@@ -210,4 +210,7 @@ def create_dashboard(
         except RollbackError as exc:
             raise HTTPException(409, str(exc)) from None
 
+    from pipeline.ops import experiments_view  # the experiments section: its own page, JSON and promote action
+
+    experiments_view.add_routes(app, store, config, settings_provider, _render, rollback_dependencies, base_path)
     return app

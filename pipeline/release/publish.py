@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
+from pipeline.experiments import challenger
 from pipeline.features.dataset import Features
 from pipeline.models import DotProduct, ItemItem, Recommender, registry
 from pipeline.models.io import from_bytes
@@ -170,6 +171,8 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         "index": idx,  # kind, recall, ef_search/nprobe, params
     }
     pointer_extra = {"model": info["model"], "run_id": ctx.run_id}
+    if ctx.config.challenger.mode == "challenger" and release.read_pointer(ctx.store, ctx.tenant) is not None:
+        return _as_challenger(ctx, files, manifest)
     out = release.publish_release(ctx.store, ctx.tenant, files, manifest, pointer_extra=pointer_extra)
     release_id = out.release_id
     current = release.read_pointer(ctx.store, ctx.tenant)
@@ -194,4 +197,26 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         result["bytes"] / 1e6,
         out.flip.reason,
     )
+    return ctx.write_result(STAGE, result)
+
+
+def _as_challenger(ctx: RunContext, files: dict[str, bytes], manifest: dict[str, Any]) -> dict[str, Any]:
+    """`challenger.mode: challenger`: written and verified like a live release, served to
+    `challenger.share` of users by the challenger experiment; the pointer stays until a promotion."""
+    share = ctx.config.challenger.share
+    out = challenger.publish_challenger(ctx.store, ctx.tenant, files, manifest, share)
+    current = release.read_pointer(ctx.store, ctx.tenant)
+    result = {
+        **out,
+        "pointer_moved": False,
+        "pointer_outcome": "challenger" if out["challenger"] else "not_challenger",
+        "pointer_reason": f"published as challenger to {share:.0%} of users; make it live with: python -m "
+        f"pipeline experiment promote {ctx.tenant} challenger challenger"
+        if out["challenger"]
+        else out["reason"],
+        "live_release_id": current[0]["release_id"] if current else None,
+        "files": len(files),
+        "bytes": int(sum(len(b) for b in files.values())),
+    }
+    ctx.logger(STAGE).info("publish: %s", result["pointer_reason"])
     return ctx.write_result(STAGE, result)

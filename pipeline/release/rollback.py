@@ -142,6 +142,11 @@ def _finish(settings: Settings, store: ObjectStore, rel: Release, record: dict[s
     ptr.write_pin_record(store, tenant, {**record, "release_id": target}, rel.manifest["data_interval_end"])
     entry = {k: record.get(k) for k in ("reason", "by", "at")}
     ptr.add_to_blocklist(store, tenant, bad, {**entry, "rolled_back_to": target, "generation": generation})
+    return _finish_redis(settings, store, rel, generation)
+
+
+def _finish_redis(settings: Settings, store: ObjectStore, rel: Release, generation: Any) -> dict:
+    """The release's Redis keys written and PERSISTed, then the Redis pointer at `generation` (rollback, promote)."""
     if not settings.redis_url:
         return {}
     client = redis_client(settings.redis_url)

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from pipeline.config import Settings, get_settings
 from pipeline.data import event_log
 from pipeline.serving import auth
+from pipeline.serving import variant_answers as va
 from pipeline.serving.admission import Admission, AdmissionMetrics, WorkQuota, charge
 from pipeline.serving.answers import (
     Metrics,
@@ -33,8 +34,6 @@ from pipeline.serving.answers import (
     inline,
     json_response,
     one_user,
-    recommend_many,
-    recommend_one,
     rejected_events,
     scored,
     similar_items,
@@ -149,9 +148,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         app.state.metrics = metrics
         app.state.work_quota = WorkQuota(settings.tenant_work_limit, admission) if settings.tenant_work_limit else None
+        app.state.variants, app.state.impressions = va.open_experiments(settings, store, metrics.registry)
         app.state.loaders.start()
         yield
         await app.state.loaders.close()
+        await va.close_experiments(app.state.variants, app.state.impressions)  # flushes buffered impressions
         if client is not None:
             client.close()
         if aclient is not None:
@@ -213,7 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """
         started = time.perf_counter()  # async: the hot route pays no threadpool hop (answers.inline)
         charge(request, tenant, work_units(1, opts.k, opts.reranks))
-        body = await recommend_one(live, tenant, user_id, opts, metrics)
+        body = await va.recommend(request.app.state, live, tenant, user_id, opts, metrics)  # under the user's arm
         observe(tenant, "recommendations", started)
         return body
 
@@ -281,10 +282,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """One index search for all users, all answered from the same release; charged users x candidates."""
         started = time.perf_counter()
         charge(request, tenant, work_units(len(body.user_ids), body.options.k, body.options.reranks))
-        results = recommend_many(live, tenant, body.user_ids, body.options, metrics)
+        out = va.recommend_batch(request.app.state, live, tenant, body.user_ids, body.options, metrics)
         observe(tenant, "batch", started)
-        degraded = any(r.degraded for r in results)
-        return BatchRecommendations(tenant=tenant, release_id=live.release_id, degraded=degraded, results=results)
+        return out
 
     @app.post(
         "/v1/tenants/{tenant}/events",
@@ -322,6 +322,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "timestamp": pd.to_datetime([min(stamps[i], now) for i in keep], utc=True),
                 "rating": [np.nan if e.rating is None else e.rating for e in kept],
                 "event_type": pd.Series([e.event_type for e in kept], dtype="string"),
+                "recommendation_id": pd.Series([e.recommendation_id for e in kept], dtype="string"),
+                "position": pd.Series([e.position for e in kept], dtype="Int64"),
             }
         )
         df["event_key"] = event_log.event_keys(

@@ -90,6 +90,11 @@ class Recommendations(BaseModel):
         "(users it holds stay personal; fold-ins since the release are not seen).",
     )
     items: list[ScoredItem]
+    variant: str | None = Field(
+        default=None,
+        description="The experiment arm this response served (`interleaved` for two interleaved arms); "
+        "null outside any experiment.",
+    )
 
 
 class SimilarItems(BaseModel):
@@ -98,6 +103,7 @@ class SimilarItems(BaseModel):
     release_id: str
     recommendation_id: str
     items: list[ScoredItem]
+    variant: str | None = Field(default=None, description="Always null: experiments split users, not items.")
 
 
 class RankRequest(BaseModel):
@@ -122,6 +128,7 @@ class Ranked(BaseModel):
     )
     items: list[ScoredItem] = Field(description="Known candidates, best first.")
     unknown_item_ids: list[str] = Field(description="Candidates this release does not know (not ranked).")
+    variant: str | None = Field(default=None, description="Always null: the caller chose the candidates.")
 
 
 class BatchRequest(BaseModel):
@@ -146,7 +153,10 @@ class BatchRequest(BaseModel):
 
 class BatchRecommendations(BaseModel):
     tenant: str
-    release_id: str = Field(description="Every result comes from this one release.")
+    release_id: str = Field(
+        description="The tenant's live release; every result comes from it, except those of users in an "
+        "experiment arm serving another release (each result names its own release_id and variant)."
+    )
     degraded: bool = Field(default=False, description="True when any result is degraded (see Recommendations).")
     results: list[Recommendations]
 
@@ -170,6 +180,17 @@ class Event(BaseModel):
     )
     event_type: Annotated[str, AfterValidator(_utf8)] = Field(default="interaction", min_length=1, max_length=64)
     rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)  # true/false is no rating
+    recommendation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The `recommendation_id` of the response the user acted on: the event is attributed to "
+        "that impression (its experiment arm) in the experiment reports.",
+    )
+    position: int | None = Field(
+        default=None, ge=0, le=999, description="0-based position of the item in that response, if known."
+    )
 
 
 class EventsRequest(BaseModel):

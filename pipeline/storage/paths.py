@@ -165,3 +165,18 @@ REFIT_RESULT = result("refit")
 
 INDEX = Artifact("index", "items.faiss")
 INDEX_INFO = Artifact("index", "info.json")
+
+
+def challenger_key(tenant: str) -> str:
+    """The release the gate published as challenger (pipeline/experiments/challenger.py), while there is one."""
+    return f"tenants/{tenant}/challenger.json"
+
+
+def impressions_prefix(tenant: str) -> str:
+    """Serving's impression log (pipeline/serving/impressions.py): dt=YYYY-MM-DD/{writer}-{seq}.parquet."""
+    return f"tenants/{tenant}/impressions"
+
+
+def experiment_prefix(tenant: str, experiment: str) -> str:
+    """An experiment's daily reports (reports/{day}.json) and promotions (pipeline/experiments/)."""
+    return f"tenants/{tenant}/experiments/{experiment}"
