@@ -2,7 +2,8 @@
 
 Objective over all (u, i) of the training events (unobserved cells have target 0, weight 1):
     sum_{obs} c_ui (p_ui - x_u.y_i)^2 + sum_{unobs} (x_u.y_i)^2 + sum_u r_u |x_u|^2 + sum_i r_i |y_i|^2
-  confidence  c_ui = 1 + alpha * log2(1 + events of the pair)
+  confidence  c_ui = 1 + alpha * w_ui * log2(1 + events of the pair), w_ui the pair's event
+              weight (pipeline/models/pairs.py: 1 without event types)
   target      p_ui = floor + (1 - floor) * 0.5 ** (k_ui / half_life), k_ui = how many of the
               user's pairs are newer (0 = most recent): recent behaviour predicts the next.
               Counted in events, not seconds, so it is unit-free across tenants.
@@ -295,7 +296,7 @@ class ALS:
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
         pairs = training_pairs(data)
-        conf = confidence(pairs.events, cfg.alpha)
+        conf = confidence(pairs.events, cfg.alpha, pairs.weight)
         target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
         user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
         item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
