@@ -37,7 +37,9 @@ class ItemKNN(ItemItemModel):
         cfg, dev, n = self.config, self.device, data.n_items
         X, W = binary_matrix(data), weighted_matrix(data)
         Wt = sp.csr_matrix(W.T)
-        norm = torch.as_tensor(np.sqrt(np.asarray(Wt.multiply(Wt).sum(axis=1)).ravel()), dtype=torch.float32, device=dev)
+        norm = torch.as_tensor(
+            np.sqrt(np.asarray(Wt.multiply(Wt).sum(axis=1)).ravel()), dtype=torch.float32, device=dev
+        )
         k = min(cfg.neighbours, max(n - 1, 1))
         step = max(1, self.block_floats // max(n, 1))
         rows, cols, vals = [], [], []
