@@ -143,3 +143,42 @@ def test_evaluate_reports_diversity_novelty_and_segments(settings, small_df):
     pro = per_user[per_user["segment_user.plan"] == "pro"]
     assert np.isclose(pro[f"{model}_ndcg"].mean(), segs["user.plan"]["pro"]["ndcg@10"])
     assert np.isclose(per_user[f"{model}_diversity"].mean(), stored["metrics"][model]["diversity@10"])
+
+
+def test_ridge_map_gives_a_cold_item_its_categorys_direction():
+    from pipeline.models.attribute_map import cold_vectors
+    from pipeline.models.base import ItemFeatures
+
+    # items 0-1 category 0 point along x, items 2-3 category 1 along y; item 4 (category 0) and
+    # item 5 (no attributes) have no events
+    feats = ItemFeatures(
+        category=np.array([0, 0, 1, 1, 0, -1]),
+        tags=sp.csr_matrix((6, 0)),
+        tokens=sp.csr_matrix((6, 4)),
+    )
+    Y = np.array([[1.0, 0], [1, 0], [0, 1], [0, 1], [0, 0], [0, 0]], dtype=np.float32)
+    rows, vectors = cold_vectors(feats, Y, np.array([3, 3, 3, 3, 0, 0]), lam=0.01)
+    # ridge by hand: W_cat0 = 2 / (2 + 0.01) along x
+    assert rows.tolist() == [4] and np.allclose(vectors, [[2 / 2.01, 0.0]], atol=1e-5)
+
+
+def test_als_vectors_cold_catalog_items_and_leaves_warm_ones(split, one_torch_thread):
+    from dataclasses import replace
+
+    from pipeline.config.models import ALSConfig
+    from pipeline.models.als import ALS
+    from pipeline.models.base import ItemFeatures
+
+    _, data = split
+    n_items = data.n_items + 2  # two catalog items nobody has touched: one in category 0, one bare
+    category = np.r_[np.arange(data.n_items) % 3, 0, -1]
+    feats = ItemFeatures(category=category, tags=sp.csr_matrix((n_items, 0)), tokens=sp.csr_matrix((n_items, 1)))
+    data = replace(data, n_items=n_items, item_features=feats)
+    cfg = ALSConfig(factors=8, iterations=3, fold_in_half_life=None)
+    with_map = ALS(cfg).fit(data).item_vectors()
+    without = ALS(cfg.model_copy(update={"cold_item_regularization": None})).fit(data).item_vectors()
+    assert np.array_equal(with_map[:-2], without[:-2])  # warm items: untouched
+    # the cold item with a category: a vector of warm items' size; without the map ALS leaves ~0
+    assert np.linalg.norm(with_map[-2]) > 0.1 * np.linalg.norm(with_map[:-2], axis=1).mean()
+    assert np.linalg.norm(without[-2]) < 1e-3
+    assert np.abs(with_map[-1]).sum() == np.abs(without[-1]).sum()  # no attributes: nothing to map from
