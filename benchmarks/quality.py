@@ -17,6 +17,14 @@ evaluate: full ranking excluding training items). Rows:
 * `--implicit`: the `implicit` library's ALS and BPR over small grids scored on the SAME
   holdout (generous to it: tuned on test). Install it only for the benchmark
   (requirements-bench.txt); the product does not need it.
+* "als, weight = ...": ALS default with confidence weights derived from the rating (ML-100K
+  has ratings, not event types), to show what event weights do on this data.
+
+Models are fitted as the train stage fits them: with the tenant's catalog attributes (ALS's
+cold items, the neural models' item towers) and the events' weights. Every row also has
+diversity@10 and novelty@10 (pipeline/evaluation/beyond.py); `segments` holds every metric
+per user segment (activity, cold/warm, the demo users' age, gender and occupation) for the
+default ALS config, seed 0.
 """
 
 from __future__ import annotations
@@ -27,18 +35,22 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.config import Settings, load_tenant_file
 from pipeline.config.models import ALSConfig, BPRConfig, EASEConfig, SearchRange, model_config
 from pipeline.context import RunContext
-from pipeline.evaluation import scoring
+from pipeline.data.attributes import load_users
+from pipeline.evaluation import beyond, scoring
 from pipeline.features import dataset
 from pipeline.models import TrainData, TrainingDiverged, build, build_by_kind
 from pipeline.models.registry import KINDS
@@ -60,14 +72,28 @@ BPR_SEARCH = {
 
 
 BASELINES = ("popularity", "item_knn", "ease")
+RATING_WEIGHTS = {"rating / 3": lambda r: r / 3.0, "2 ** (rating - 3)": lambda r: 2.0 ** (r - 3.0)}
+LIST_CONTEXT: dict = {}  # item matrix for diversity, train users per item, users: set in main()
 
 
-def _score(name, model, feats, seconds, params=None):
+def _score(name, model, feats, seconds, params=None, segments=None):
+    relevant, exclude = feats.relevant(), feats.matrix(False)
     if isinstance(model, tuple):  # (user vectors, item vectors) of a model from another library
-        summary, _, _ = scoring.evaluate_vectors(*model, feats.relevant(), feats.matrix(False), 10)
+        rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
+        top = scoring.ranking.topk_dot(model[0][rows], model[1], 10, exclude=exclude[rows])
+        summary, per_user, _ = scoring._score_lists(top, rows, relevant)
     else:
-        summary, _, _ = scoring.evaluate_model(model, feats.relevant(), feats.matrix(False), 10)
-    row = {"model": name, **scoring.at_k(summary, 10), "fit_seconds": round(seconds, 2), "params": params or {}}
+        (summary, per_user, rows), top = scoring.evaluate_model_lists(model, relevant, exclude, 10)
+    lists = beyond.list_metrics(top, *LIST_CONTEXT["lists"])
+    row = {
+        "model": name,
+        **scoring.at_k(summary, 10),
+        **beyond.summarize_lists(lists, 10),
+        "fit_seconds": round(seconds, 2),
+        "params": params or {},
+    }
+    if segments is not None:
+        row["segments"] = beyond.segment_report({**per_user, **lists}, top, feats.n_items, segments(rows), 10)
     print(f"{name:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}  fit {seconds:.1f}s", flush=True)
     return row
 
@@ -78,15 +104,17 @@ def _fit(model, data):
     return model, time.perf_counter() - t
 
 
-def _seeds(name, cfg, train, feats, seeds):
-    """One row per seed plus a mean row (`<name>` with `seeds` and `std` in params)."""
+def _seeds(name, cfg, train, feats, seeds, segments=None):
+    """One row per seed plus a mean row (`<name>` with `seeds` and `std` in params); the first
+    seed's row has the per-segment table when `segments` labels users."""
     rows = []
-    for seed in seeds:
+    for n, seed in enumerate(seeds):
         model, secs = _fit(build(cfg.model_copy(update={"seed": seed}), CPU), train)
         label = f"{name} seed {seed}" if len(seeds) > 1 else name
-        rows.append(_score(label, model, feats, secs, cfg.model_dump(mode="json") | {"seed": seed}))
+        params = cfg.model_dump(mode="json") | {"seed": seed}
+        rows.append(_score(label, model, feats, secs, params, segments if n == 0 else None))
     if len(rows) > 1:
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("model", "params")}
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("model", "params", "segments")}
         std = float(np.std([r["ndcg@10"] for r in rows]))
         print(f"{name:<36} mean ndcg@10 {mean['ndcg@10']:.4f} +- {std:.4f}", flush=True)
         rows.append({"model": name, **mean, "params": {**rows[0]["params"], "seed": list(seeds), "ndcg_std": std}})
@@ -161,13 +189,53 @@ def _implicit_rows(train, feats):
     return best, rows
 
 
+def _segment_labels(feats, users):
+    """rows -> {segmentation: labels}: as the evaluate stage labels users (pipeline/evaluation/evaluate.py)."""
+
+    def labels(rows):
+        n_train = feats.users["n_train"].to_numpy()[rows]
+        out = {
+            "activity": beyond.activity_bucket(n_train),
+            "cold_warm": np.where(n_train < beyond.COLD_USER_EVENTS, "cold", "warm").astype(object),
+        }
+        if users is not None:
+            ids = feats.users["user_id"].astype("string").to_numpy()[rows]
+            joined = pd.DataFrame({"user_id": ids}).merge(users.astype({"user_id": "string"}), on="user_id", how="left")
+            for col in users.columns.drop("user_id"):
+                out[f"user.{col}"] = beyond.attribute_segments(joined[col])
+        return out
+
+    return labels
+
+
+def _segment_table(row) -> str:
+    keys = ("users", "ndcg@10", "recall@10", "diversity@10", "novelty@10", "coverage")
+    lines = [f"per segment, {row['model']}:", f"{'segment':<32}" + "".join(f"{k:>14}" for k in keys)]
+    for seg, groups in row["segments"].items():
+        for value, vals in groups.items():
+            cells = f"{vals['users']:>14d}" + "".join(
+                f"{vals[k]:>14.4f}" if vals[k] is not None else f"{'-':>14}" for k in keys[1:]
+            )
+            lines.append(f"{seg + ' = ' + value:<32}" + cells)
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return platform.processor()
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return names[0] if names else platform.processor()
+
+
 def _table(rows) -> str:
-    keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage")
-    lines = [f"{'model':<36}" + "".join(f"{k:>12}" for k in keys) + f"{'fit s':>8}"]
+    keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage", "diversity@10", "novelty@10")
+    lines = [f"{'model':<36}" + "".join(f"{k:>14}" for k in keys) + f"{'fit s':>8}"]
     for r in rows:
         if " seed " in r["model"] or r["model"].startswith("implicit-") and "best" not in r["model"]:
             continue
-        lines.append(f"{r['model']:<36}" + "".join(f"{r[k]:>12.4f}" for k in keys) + f"{r['fit_seconds']:>8.1f}")
+        lines.append(f"{r['model']:<36}" + "".join(f"{r[k]:>14.4f}" for k in keys) + f"{r['fit_seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -187,7 +255,13 @@ def main() -> None:
         ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
         run_all(ctx, until="features")  # extract, validate, features: the tables training reads
         feats = dataset.Features.read(ctx)
-    train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
+        item_features = dataset.read_item_features(ctx)  # as the train stage fits: with the catalog
+        users = load_users(ctx)
+    train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, item_features)
+    exclude = feats.matrix(False)
+    basis = beyond.attribute_matrix(item_features.category, item_features.tags) if item_features else exclude.T
+    LIST_CONTEXT["lists"] = (basis, np.diff(exclude.tocsc().indptr), feats.n_users)
+    segments = _segment_labels(feats, users)
     rows = []
     for name in BASELINES:
         model, secs = _fit(build_by_kind(name), train)
@@ -197,8 +271,13 @@ def main() -> None:
         if kind in BASELINES or (only and kind not in only):
             continue
         seeds = SEEDS if kind in ("als", "bpr") else SEEDS[:1]
-        rows += _seeds(f"{kind} (default config)", model_config({"kind": kind}), train, feats, seeds)
+        seg = segments if kind == "als" else None
+        rows += _seeds(f"{kind} (default config)", model_config({"kind": kind}), train, feats, seeds, seg)
     if not only or "als" in only:
+        for label, weigh in RATING_WEIGHTS.items():
+            weighted = replace(train, weight=weigh(train.rating))
+            rows += _seeds(f"als, weight = {label}", ALSConfig(), weighted, feats, SEEDS)
+        rows += _seeds("als, no cold-item map", ALSConfig(cold_item_regularization=None), train, feats, SEEDS)
         ablations = {
             "als, no recency": ALSConfig(recency_half_life=None, fold_in_half_life=None),
             "als, plain (no recency, no WR)": ALSConfig(
@@ -220,7 +299,12 @@ def main() -> None:
         "dataset": "MovieLens-100K (recbole 1.2.1 wheel)",
         "split": "per-user temporal, last 20% of each user's events held out; full ranking, train items excluded",
         "users_evaluated": int((np.diff(feats.relevant().indptr) > 0).sum()),
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_model": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "rows": rows,
     }
     if args.implicit:
@@ -228,6 +312,9 @@ def main() -> None:
         result["implicit_best"] = best
         result["rows"] += implicit_rows + [{**r, "model": f"{family} (best on holdout)"} for family, r in best.items()]
     print(_table(result["rows"]))
+    for row in result["rows"]:
+        if "segments" in row:
+            print(_segment_table(row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

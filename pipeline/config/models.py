@@ -89,6 +89,12 @@ class ALSConfig(ModelBase):
     cg_steps: int = Field(default=3, ge=1, le=64, description="CG steps per row and half-iteration.")
     fold_in_cg_steps: int = Field(default=5, ge=1, le=64, description="CG steps of the final user re-solve.")
     init_std: float = Field(default=0.1, gt=0, description="Initial factors ~ N(0, (init_std / sqrt(factors))^2).")
+    cold_item_regularization: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="Items without events get vectors from their catalog attributes by a ridge map fitted on the "
+        "warm items with this lambda (pipeline/models/attribute_map.py); None: they stay at 0.",
+    )
 
 
 class BPRConfig(ModelBase):

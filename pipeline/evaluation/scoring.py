@@ -36,8 +36,16 @@ def evaluate_vectors(
 
 def evaluate_model(model: Recommender, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int) -> Evaluation:
     """`evaluate_vectors` for a model of any registered kind."""
+    return evaluate_model_lists(model, relevant, exclude, k)[0]
+
+
+def evaluate_model_lists(
+    model: Recommender, relevant: sp.csr_matrix, exclude: sp.csr_matrix, k: int
+) -> tuple[Evaluation, np.ndarray]:
+    """`evaluate_model` and the top-k lists it scored ([users scored, k], -1 padded)."""
     rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    return _score_lists(topk(model, rows, k, exclude=exclude[rows]), rows, relevant)
+    top = topk(model, rows, k, exclude=exclude[rows])
+    return _score_lists(top, rows, relevant), top
 
 
 def topk(

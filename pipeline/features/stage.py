@@ -64,7 +64,8 @@ def item_feature_table(item_ids: pd.Series, catalog: pd.DataFrame) -> pd.DataFra
 
 def features(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
-    df = ctx.read_parquet(paths.INTERACTIONS)[["user_id", "item_id", "timestamp", "rating"]]
+    df = ctx.read_parquet(paths.INTERACTIONS)
+    df = df[["user_id", "item_id", "timestamp", "rating", "weight"]] if "weight" in df else df.assign(weight=1.0)
     excluded = ctx.read_parquet(paths.EXCLUDED_USERS)["user_id"]
     keep = df["user_id"].notna() & df["item_id"].notna() & df["timestamp"].notna()
     if len(excluded):  # users validation flagged (bots): their events never reach training
@@ -92,6 +93,7 @@ def features(ctx: RunContext) -> dict[str, Any]:
                 "item_idx": item_idx.astype(np.int32),
                 "timestamp": df["timestamp"].array,  # keeps datetime64[us, UTC]; to_numpy() boxes every row
                 "rating": df["rating"].to_numpy(dtype=np.float64),
+                "weight": df["weight"].to_numpy(dtype=np.float64),  # source.event_types: models' confidence
                 "holdout": holdout,
             }
         )

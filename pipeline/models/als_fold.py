@@ -36,9 +36,12 @@ def fold_in_terms(config: ALSConfig) -> FoldInTerms:
     return FoldInTerms(config.recency_half_life, config.recency_floor, config.regularization)
 
 
-def confidence(events: np.ndarray, alpha: float) -> np.ndarray:
-    """c = 1 + alpha * log2(1 + events of the pair)."""
-    return 1.0 + alpha * np.log2(1.0 + np.asarray(events, dtype=np.float64))
+def confidence(events: np.ndarray, alpha: float, weight: np.ndarray | None = None) -> np.ndarray:
+    """c = 1 + alpha * w * log2(1 + events of the pair); w = the pair's event weight (1 when None)."""
+    c = np.log2(1.0 + np.asarray(events, dtype=np.float64))
+    if weight is not None:
+        c = c * np.asarray(weight, dtype=np.float64)
+    return 1.0 + alpha * c
 
 
 def row_regularization(pairs: np.ndarray, lam: float, exponent: float) -> np.ndarray:
@@ -52,18 +55,20 @@ def fold_in_user(
     history_rows: np.ndarray,
     event_counts: np.ndarray,
     config: ALSConfig,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """float32 [factors]: the exact solve for one user.
 
     `history_rows`: distinct item rows, most recent first (rank = how many are newer; the
     trainer ranks pairs tied at the same second alike, a request cannot tell them apart);
-    `event_counts`: events per item; `gram`: Y^T Y of `item_vectors` in float64 (cached per
+    `event_counts`: events per item; `weights`: each item's event weight (None: 1, what
+    serving passes: a seen list does not keep event types); `gram`: Y^T Y of `item_vectors` in float64 (cached per
     release by the caller).
     """
     terms = fold_in_terms(config)
     rows = np.asarray(history_rows, dtype=np.int64)
     target = recency_target(np.arange(len(rows), dtype=np.float64), terms.half_life, terms.floor)
-    conf = confidence(event_counts, config.alpha)
+    conf = confidence(event_counts, config.alpha, weights)
     reg = float(row_regularization(np.array([len(rows)]), terms.regularization, config.reg_exponent)[0])
     y = item_vectors[rows].astype(np.float64)
     a = gram + (y.T * (conf - 1.0)) @ y + reg * np.eye(y.shape[1])

@@ -41,7 +41,10 @@ class TrainData:
     """Indexed training events. Timestamps are epoch seconds; rating is NaN when absent.
 
     Items may have no events at all (catalog items); `item_features` is set when the tenant
-    has a catalog, for the models that use attributes (two-tower, graph models).
+    has a catalog, for the models that use attributes (two-tower, graph models, ALS's cold
+    items). `weight` is each event's confidence weight (its type's `source.event_types`
+    weight, times the rating weight when configured); None means 1 for every event. How each
+    model uses it: `pipeline/models/pairs.py`.
     """
 
     n_users: int
@@ -51,6 +54,14 @@ class TrainData:
     timestamp: np.ndarray
     rating: np.ndarray
     item_features: ItemFeatures | None = None
+    weight: np.ndarray | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """float64 [events]: the events' weights (1 where none were given)."""
+        if self.weight is None:
+            return np.ones(len(self.user_idx), dtype=np.float64)
+        return np.asarray(self.weight, dtype=np.float64)
 
     @classmethod
     def from_events(
@@ -68,6 +79,7 @@ class TrainData:
             timestamp=ts,
             rating=events["rating"].to_numpy(dtype=np.float64),
             item_features=item_features,
+            weight=events["weight"].to_numpy(dtype=np.float64) if "weight" in events else None,
         )
 
 

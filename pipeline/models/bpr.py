@@ -10,7 +10,7 @@ used: with `negatives` > 1 that is dynamic negative sampling (Zhang et al. 2013)
 negatives and better rankings. A pair whose candidates are all positives gets weight 0.
 `adagrad` is row-wise Adagrad (one accumulator of mean squared gradient per row), so
 popular items take proportionally smaller steps. w_ui is an optional recency weight as in
-ALS (a user's newest pairs count most).
+ALS (a user's newest pairs count most), times the pair's event weight (pipeline/models/pairs.py).
 
 Two loops, one objective:
 * CPU: pair by pair, in compiled code with prefetching (pipeline/models/bpr_kernel.py):
@@ -182,11 +182,8 @@ class BPR:
         pairs = training_pairs(data)  # unique, sorted by (user, item)
         counts = np.bincount(pairs.user, minlength=data.n_users)
         indptr = np.concatenate(([0], np.cumsum(counts)))
-        if cfg.recency_half_life:
-            w = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-            weight = (w / max(w.mean(), _EPS)).astype(np.float32)
-        else:
-            weight = np.ones(len(pairs.user), np.float32)
+        w = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor) * pairs.weight  # 1s if neither
+        weight = (w / max(w.mean() if len(w) else 1.0, _EPS)).astype(np.float32)
         init = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / math.sqrt(cfg.factors)
         P = torch.randn(data.n_users, cfg.factors, generator=init) * std

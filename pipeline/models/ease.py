@@ -3,7 +3,9 @@
     P = (X^T X + lambda I)^-1,   B = I - P / diag(P)  (column-wise),   diag(B) = 0
     score(u, .) = X[u] @ B
 
-X is the binary user x item training matrix. The inverse is dense: O(n^3) time and O(n^2)
+X is the binary user x item training matrix; the Gram matrix is built from W, X with each
+pair's event weight at its nonzero (pipeline/models/pairs.py), so a purchase co-occurs more
+strongly than a view: G = W^T W (= X^T X when every weight is 1). The inverse is dense: O(n^3) time and O(n^2)
 memory in the number of items, so EASE suits catalogs up to some tens of thousands of items
 (the evaluate stage's baseline stops at `evaluation.ease_max_items`). Each row of B is then
 pruned to its `neighbours` largest |weights| (EASEConfig says why): the sparse S that is
@@ -18,7 +20,7 @@ import torch
 
 from pipeline.config.models import EASEConfig
 from pipeline.models.base import ProgressCallback, TrainData
-from pipeline.models.itemitem import ItemItemModel, binary_matrix
+from pipeline.models.itemitem import ItemItemModel, binary_matrix, weighted_matrix
 
 
 def top_per_row(B: torch.Tensor, n: int | None) -> sp.csr_matrix:
@@ -39,8 +41,8 @@ class EASE(ItemItemModel):
         self.device = torch.device(device)
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> EASE:
-        X = binary_matrix(data)
-        gram = torch.as_tensor((X.T @ X).toarray(), dtype=torch.float64, device=self.device)
+        X, W = binary_matrix(data), weighted_matrix(data)
+        gram = torch.as_tensor((W.T @ W).toarray(), dtype=torch.float64, device=self.device)
         gram.diagonal().add_(self.config.regularization)
         P = torch.cholesky_inverse(torch.linalg.cholesky(gram))
         B = P / (-P.diagonal())  # B_ij = -P_ij / P_jj

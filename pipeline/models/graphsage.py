@@ -7,7 +7,8 @@ Recency (both models, `recency_half_life`): a pair's weight is ALS's recency tar
 floor + (1 - floor) * 0.5 ** (k / half_life) with k = the user's newer pairs. Positive pairs
 are drawn in proportion to it, and LightGCN also weighs its edges by it. On MovieLens-100K
 (temporal split) this lifts validation NDCG@10 of LightGCN from 0.14 to 0.19 and of
-GraphSAGE from 0.12 to 0.165.
+GraphSAGE from 0.12 to 0.165. Event weights multiply it (pipeline/models/pairs.py): a pair
+weighs recency_ui * w_ui, so a purchase edge is drawn and propagated more than a view.
 
 GraphSAGE: node inputs are a node id embedding (+ the item's catalog attributes, see
 _neural.ItemAttributes), then one torch_geometric SAGEConv (mean) per hop. Each step takes
@@ -51,7 +52,8 @@ class Graph:
         self.n_nodes = data.n_users + data.n_items
         pairs = training_pairs(data)
         users, items = pairs.user, pairs.item
-        recency = recency_target(pairs.newer, half_life, floor)  # 1 for all when half_life is None
+        recency = recency_target(pairs.newer, half_life, floor) * pairs.weight  # 1 when neither is set
+        self.weighted = bool(half_life) or bool(np.any(pairs.weight != 1.0))  # else: uniform draws
         rows = np.concatenate([users, items + data.n_users])
         cols = np.concatenate([items + data.n_users, users])
         order = np.lexsort((cols, rows))
@@ -206,7 +208,7 @@ class GraphSAGE(FittedVectors):
                 callback(epoch, {**values, "subgraph_nodes": float(np.mean(self.subgraph_nodes))})
 
         net.train()
-        weight = graph.pair_weight.cpu() if cfg.recency_half_life else None
+        weight = graph.pair_weight.cpu() if graph.weighted else None
         _fit_loop(self, len(graph.pair_user), cfg.batch_size, cfg.epochs, cfg.seed, step, logged, weight)
         self._set(self._infer(net, graph), data.n_users)
         return self
@@ -295,7 +297,7 @@ class LightGCN(FittedVectors):
             opt.step()
             return float(loss.detach())
 
-        weight = graph.pair_weight.cpu() if cfg.recency_half_life else None
+        weight = graph.pair_weight.cpu() if graph.weighted else None
         _fit_loop(self, len(graph.pair_user), cfg.batch_size, cfg.epochs, cfg.seed, step, callback, weight)
         with torch.inference_mode():
             self._set(self.propagate(A, emb.weight).float().cpu().numpy(), data.n_users)

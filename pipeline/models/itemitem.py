@@ -26,6 +26,23 @@ def binary_matrix(data: TrainData) -> sp.csr_matrix:
     return m
 
 
+def weighted_matrix(data: TrainData) -> sp.csr_matrix:
+    """The training matrix with each pair's event weight (the largest of its events, as in
+    pipeline/models/pairs.py) at its nonzero: what EASE's and item-kNN's co-occurrences are
+    built from. Equal to `binary_matrix` when every weight is 1."""
+    if data.weight is None or not np.any(data.weights != 1.0):
+        return binary_matrix(data)
+    key = data.user_idx.astype(np.int64) * max(data.n_items, 1) + data.item_idx
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    weight = np.maximum.reduceat(data.weights[order], start).astype(np.float32)
+    pair = key[start]
+    return sp.csr_matrix(
+        (weight, (pair // max(data.n_items, 1), pair % max(data.n_items, 1))), shape=(data.n_users, data.n_items)
+    )
+
+
 def seen_matrix(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> sp.csr_matrix:
     """Binary users x items X from CSR seen lists (a release's seen_indptr / seen_indices)."""
     m = sp.csr_matrix(

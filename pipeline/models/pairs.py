@@ -1,8 +1,23 @@
-"""Unique (user, item) training pairs with their event counts and recency ranks.
+"""Unique (user, item) training pairs with their event counts, weights and recency ranks.
 
 Shared by the factor models (ALS, BPR, GraphSAGE/LightGCN): each turns the pairs into
 confidences or weights its own way. Sorting-based numpy, no pandas groupby: faster, and it
 builds no string-keyed index.
+
+How event weights (`source.event_types`, and ratings when `features.rating_weight` is set)
+reach every model. A pair's weight w_ui is the largest weight of its events (its strongest
+signal: a viewed-then-bought item is a purchase). Recency and weight multiply; neither
+replaces the other:
+  ALS          c_ui = 1 + alpha * w_ui * log2(1 + events of the pair); target p_ui = recency
+  BPR          sample weight recency_ui * w_ui (normalised to mean 1)
+  GraphSAGE,   edge weight and positive-draw probability recency_ui * w_ui
+  LightGCN
+  two-tower    each event's loss weighted by its own weight (normalised per batch), and the
+               user tower's history mean weighted by decay * weight
+  EASE,        the Gram matrix is built from X with w_ui at the nonzeros (a purchase
+  item-kNN     co-occurs more strongly); users are still scored from their binary seen
+               rows, as served
+With every weight 1 (no event types) all of this is exactly the unweighted model.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ class Pairs:
     item: np.ndarray  # int64
     events: np.ndarray  # float64: events of the pair
     newer: np.ndarray  # float64: k_ui, the user's other pairs at least as recent (0 = the newest)
+    weight: np.ndarray  # float64: w_ui, the largest weight of the pair's events
 
 
 def training_pairs(data: TrainData) -> Pairs:
@@ -38,6 +54,8 @@ def training_pairs(data: TrainData) -> Pairs:
     sorted_key = key[order]
     start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]]) if len(key) else np.zeros(0, np.int64)
     latest = np.maximum.reduceat(t[order], start) if len(start) else t[:0]
+    weights = data.weights
+    weight = np.maximum.reduceat(weights[order], start) if len(start) else weights[:0]
     events = np.diff(np.r_[start, len(key)]).astype(np.float64)
     pair_key = sorted_key[start]
     user, item = pair_key // max(data.n_items, 1), pair_key % max(data.n_items, 1)
@@ -49,7 +67,7 @@ def training_pairs(data: TrainData) -> Pairs:
     user_end = np.cumsum(np.bincount(u2, minlength=data.n_users))[u2]
     newer = np.empty(len(u2))
     newer[by_time] = user_end - group_start - 1
-    return Pairs(user, item, events, newer)
+    return Pairs(user, item, events, newer, weight)
 
 
 def _by_user_then_time(user: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -13,6 +13,10 @@ optionally a residual MLP, L2-normalised. A training example is one event; its h
 the user's events strictly before it, so the target never leaks into its own input. The
 served user vector uses the user's last `history` training events.
 
+Event weights (pipeline/models/pairs.py): each event's loss term is weighted by its own
+weight (normalised over the batch), and each history item's decay weight is multiplied by
+its event's weight, so a purchase shapes the user vector more than a view.
+
 Loss: in-batch sampled softmax over the batch's positive items (scores / temperature, minus
 logq_weight * log(item frequency), the logQ correction for in-batch sampling; other rows
 with the same item are masked), or BPR with one uniform negative per event. Adam, seeded
@@ -83,10 +87,12 @@ class _Events:
     end: torch.Tensor  # [n_users] one past the user's last event
     log_freq: torch.Tensor  # [n_items] log of the item's share of events (in-batch sampling probability)
     warm: torch.Tensor  # [n_items] bool: the item has training events
+    weight: torch.Tensor | None  # [events] event weights in this order; None: all 1
 
     @classmethod
     def of(cls, data: TrainData, device: torch.device) -> _Events:
         order = np.lexsort((data.item_idx, data.timestamp, data.user_idx))
+        weighted = data.weight is not None and bool(np.any(data.weights != 1.0))
         user, item = data.user_idx[order], data.item_idx[order]
         counts = np.bincount(user, minlength=data.n_users)
         end = np.cumsum(counts)
@@ -99,6 +105,7 @@ class _Events:
             end=as_t(end),
             log_freq=as_t(np.log(np.maximum(freq, 1.0) / max(len(item), 1)), torch.float32),
             warm=as_t(freq > 0, torch.bool),
+            weight=as_t(data.weights[order], torch.float32) if weighted else None,
         )
 
 
@@ -119,6 +126,8 @@ class TwoTower(FittedVectors):
         valid = idx >= ev.start[users][:, None]
         decay = 0.5 ** (k / cfg.history_half_life) if cfg.history_half_life else torch.ones_like(k, dtype=torch.float32)
         w = decay[None, :] * valid
+        if ev.weight is not None:
+            w = w * ev.weight[idx.clamp(min=0)]
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
         return ev.item[idx.clamp(min=0)], w
 
@@ -140,11 +149,16 @@ class TwoTower(FittedVectors):
         u = net.users(users, V[inv[b : b + hist.numel()]].view(b, cfg.history, V.shape[1]), w)
         if negatives is not None:
             v_neg = V[inv[b + hist.numel() :]]
-            return -F.logsigmoid(((u * v_pos).sum(1) - (u * v_neg).sum(1)) / cfg.temperature).mean()
-        logits = (u @ v_pos.T) / cfg.temperature - cfg.logq_weight * ev.log_freq[items][None, :]
-        same = (items[:, None] == items[None, :]) & ~torch.eye(b, dtype=torch.bool, device=dev)
-        logits = logits.masked_fill(same, float("-inf"))
-        return F.cross_entropy(logits, torch.arange(b, device=dev))
+            terms = -F.logsigmoid(((u * v_pos).sum(1) - (u * v_neg).sum(1)) / cfg.temperature)
+        else:
+            logits = (u @ v_pos.T) / cfg.temperature - cfg.logq_weight * ev.log_freq[items][None, :]
+            same = (items[:, None] == items[None, :]) & ~torch.eye(b, dtype=torch.bool, device=dev)
+            logits = logits.masked_fill(same, float("-inf"))
+            terms = F.cross_entropy(logits, torch.arange(b, device=dev), reduction="none")
+        if ev.weight is None:
+            return terms.mean()
+        w = ev.weight[pos]
+        return (terms * w).sum() / w.sum().clamp(min=1e-12)
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> TwoTower:
         cfg, dev = self.config, self.device

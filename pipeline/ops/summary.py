@@ -9,7 +9,7 @@ from pipeline.context import RunContext
 from pipeline.release import format as release
 from pipeline.stages import STAGES
 
-_ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage")
+_ORDER = ("ndcg", "recall", "map", "precision", "hit_rate", "coverage", "diversity", "novelty")
 
 
 def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console | None = None) -> bool:
@@ -60,12 +60,15 @@ def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console
     if ev := res["evaluate"]:
         table = Table(title=f"holdout metrics ({ev['users']} users, full ranking)")
         first = next(iter(ev["metrics"].values()))
-        names = sorted((n for n in first if n != "users"), key=lambda n: (_ORDER.index(n.split("@")[0]), n))
+        names = sorted(
+            (n for n in first if n != "users"),
+            key=lambda n: (_ORDER.index(n.split("@")[0]) if n.split("@")[0] in _ORDER else len(_ORDER), n),
+        )
         table.add_column("model")
         for n in names:
             table.add_column(n, justify="right", no_wrap=True)
         for model, vals in ev["metrics"].items():
-            table.add_row(model, *(f"{vals[n]:.4f}" for n in names))
+            table.add_row(model, *(f"{vals[n]:.4f}" if vals.get(n) is not None else "-" for n in names))
         console.print(table)
     if g := res["gate"]:
         colour = "green" if g["publish"] else "yellow"
