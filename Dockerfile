@@ -11,3 +11,5 @@ RUN pip install --no-cache-dir --no-deps /opt/airflow
 COPY --chown=airflow:root dags /opt/airflow/dags
 COPY --chown=airflow:root plugins /opt/airflow/plugins
 COPY --chown=airflow:root include /opt/airflow/include
+# the scheduler and Celery workers preload the stages' libraries for the tasks they fork (pipeline/preload.py)
+COPY --chown=airflow:root include/airflow/config/airflow_local_settings.py /opt/airflow/config/airflow_local_settings.py

@@ -142,7 +142,7 @@ class Deployment:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.port = free_port()
+        self.port, self.log_port = free_port(), free_port()
         self.db_url = f"{PG}/{self.name}"
 
     @property
@@ -170,6 +170,7 @@ class Deployment:
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__CORE__FERNET_KEY": "",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_port),  # not 8793: others may run Airflow
             "RECSYS_HOME": str(self.base / "home"),
             "RECSYS_TENANTS_DIR": str(self.base / "tenants"),
             "RECSYS_DATA_ROOT": str(self.base),
@@ -204,14 +205,18 @@ class Deployment:
         self.airflow("db", "migrate", timeout=600)
         self.airflow("pools", "set", "training", str(self.training_slots), "model fitting")
 
-    def start(self, *components: tuple[str, ...]) -> None:
+    def start(self, *components: tuple[str, ...], name: str | None = None, env: dict[str, str] | None = None) -> None:
         """Start each component (argv after `airflow`), logging to base/logs/<name>.log."""
         (self.base / "logs").mkdir(exist_ok=True)
         for argv in components:
-            name = "-".join(a for a in argv if not a.startswith("-"))[:60]
-            log = open(self.base / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-            self.procs[name] = subprocess.Popen(
-                [AIRFLOW, *argv], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            key = name or "-".join(a for a in argv if not a.startswith("-"))[:60]
+            log = open(self.base / "logs" / f"{key}.log", "wb")  # noqa: SIM115 (closed with the process)
+            self.procs[key] = subprocess.Popen(
+                [AIRFLOW, *argv],
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def start_core(self) -> None:
