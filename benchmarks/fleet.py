@@ -357,19 +357,22 @@ PARTS = ("schedule", "queue", "start", "bootstrap", "imports", "stage", "cpu", "
 
 
 def summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means of each part; `slot_wait` is the mean `start` beyond the fastest one (tasks queued
-    behind busy executor slots), and `overhead_no_slot_wait` the overhead without it: the
-    machinery's cost rather than a saturated box's queue."""
+    """Mean and median of each part. `overhead_no_capacity_wait` is the mean overhead with
+    `queue` and `start` at their medians: a task that waited for a pool slot (training) or a
+    free executor slot waited for capacity, not for the machinery, and those waits are few
+    and long (they move the mean, not the median)."""
     if not parts:
         return {"tasks": 0}
     mean = {k: round(float(np.mean([p[k] for p in parts])), 3) for k in PARTS}
-    slot_wait = mean["start"] - float(np.min([p["start"] for p in parts]))
+    median = {k: round(float(np.median([p[k] for p in parts])), 3) for k in PARTS}
+    capacity_wait = (mean["queue"] - median["queue"]) + (mean["start"] - median["start"])
     return {
         "tasks": len(parts),
         "mean_seconds": mean,
+        "median_seconds": median,
         "p90_overhead": round(float(np.percentile([p["overhead"] for p in parts], 90)), 3),
-        "slot_wait": round(slot_wait, 3),
-        "overhead_no_slot_wait": round(mean["overhead"] - slot_wait, 3),
+        "capacity_wait": round(capacity_wait, 3),
+        "overhead_no_capacity_wait": round(mean["overhead"] - capacity_wait, 3),
     }
 
 

@@ -145,6 +145,7 @@ def main() -> None:
                 "deployment_rss": round(mem.peak_tree / 2**30, 2),
             },
             "load_avg_at_end": list(os.getloadavg()),
+            "tasks": parts,
             "airflow": AIRFLOW,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
