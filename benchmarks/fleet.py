@@ -97,8 +97,9 @@ def _sql(url: str, query: str, *args: Any, autocommit: bool = False) -> list[tup
 
 
 class MemorySampler:
-    """Peak memory while a run lasts: the machine's used memory, and the summed RSS of this
-    process's descendants (the deployment's own share on a shared box), sampled every second."""
+    """Peak memory while a run lasts: the machine's used memory, and the summed PSS of this
+    process's descendants (the deployment's own share on a shared box; PSS, not RSS, so pages
+    that forked tasks share with their parent count once), sampled every second."""
 
     def __init__(self) -> None:
         self.peak_used = self.peak_tree = 0
@@ -114,7 +115,7 @@ class MemorySampler:
             tree = 0
             for p in me.children(recursive=True):
                 try:
-                    tree += p.memory_info().rss
+                    tree += p.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak_tree = max(self.peak_tree, tree)

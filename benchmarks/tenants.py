@@ -142,7 +142,7 @@ def main() -> None:
             "per_stage": {s: summarise([p for p in parts if p["task_id"] == s]) for s in STAGES},
             "peak_memory_gb": {
                 "machine_used": round(mem.peak_used / 2**30, 2),
-                "deployment_rss": round(mem.peak_tree / 2**30, 2),
+                "deployment_pss": round(mem.peak_tree / 2**30, 2),
             },
             "load_avg_at_end": list(os.getloadavg()),
             "tasks": parts,

@@ -2,10 +2,13 @@
 
 Every task of a tenant's DAG is a process forked (by the LocalExecutor's workers, or a Celery
 worker) from a process that has imported Airflow but none of what stages need. Each task then
-imports numpy, pandas and pyarrow (every stage) and torch (select, train, evaluate, gate,
-refit) itself: seconds of CPU per task, the largest part of a small tenant's task overhead
-(benchmarks/tenants.py). Imported once in the forking process instead, they are inherited
-copy-on-write by every task it starts.
+imports numpy, pandas and pyarrow (every stage), torch (select, train, evaluate, gate,
+refit), MLflow (train, refit, publish) and Great Expectations (validate) itself: seconds of
+CPU per task, the largest part of a small tenant's task overhead (benchmarks/tenants.py).
+Imported once in the forking process instead, they are inherited copy-on-write by every
+task it starts. Only third-party libraries: the pipeline's own modules are imported by each
+task, so a task always runs the code on disk (a library upgrade needs a worker restart, as
+it does anyway).
 
 `include/airflow/config/airflow_local_settings.py` calls `preload_for(sys.argv)`; Airflow
 imports that file in every component, so only the processes that fork tasks preload:
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODULES = "numpy,pandas,pyarrow,pyarrow.parquet,torch"
+# what the stages import at module level (numpy .. safetensors) or inside their functions
+# (faiss: index; mlflow: train, refit, publish; great_expectations: validate)
+DEFAULT_MODULES = "numpy,pandas,pyarrow,pyarrow.parquet,scipy.sparse,torch,safetensors,faiss,mlflow,great_expectations"
 # argv after the `airflow` executable, of the components that fork task processes
 FORKING_COMMANDS = (("scheduler",), ("celery", "worker"))
 
