@@ -41,7 +41,8 @@ def test_many_tiny_tenants_pay_a_bounded_overhead_per_task(tmp_path: Path):
     finally:
         dep.stop()
         dep.drop()
-    assert states == dict.fromkeys(dags, "success"), states
+    assert {d: states[d] for d in dags} == dict.fromkeys(dags, "success"), states
+    rows = [r for r in rows if r["dag_id"] in dags]  # not the export DAGs the releases trigger
     assert sum(r["state"] == "success" for r in rows) == len(dags) * len(STAGES)
 
     summary = summarise(task_parts(rows, STAGES))

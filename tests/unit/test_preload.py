@@ -54,3 +54,11 @@ def test_local_settings_preload_in_a_scheduler_process_only():
         out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["[]", expected]
+
+
+def test_compose_preloads_the_default_modules():
+    """docker-compose passes RECSYS_PRELOAD explicitly (an unset variable would arrive empty: off)."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["x-recsys-env"]["RECSYS_PRELOAD"] == preload.DEFAULT_MODULES
