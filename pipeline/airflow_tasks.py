@@ -7,8 +7,10 @@ it. DAG files call these functions; they hold no logic of their own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,15 +81,23 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
     -> failed without retries; anything else (Redis or S3 down, ...) -> an ordinary failure
     that Airflow retries (the retry, a higher try of the same dag run, continues the lease).
     """
+    entered = time.time()
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from pipeline.config import TenantConfigError, load_tenant_file
     from pipeline.context import RunContext, StageError
     from pipeline.stages import GateRejected
     from pipeline.stages import run_stage as run
+    from pipeline.stages import stage as load_stage
     from pipeline.storage.lease import LeaseHeld, LeaseLost
-    from pipeline.validation.stage import ValidationFailed
 
+    bad_input: tuple[type[Exception], ...] = (StageError, TenantConfigError)
+    if stage == "validate":  # the validation stage's module only where it runs
+        from pipeline.validation.stage import ValidationFailed
+
+        bad_input += (ValidationFailed,)
+    load_stage(stage)  # imported before the stage's clock starts: imports are timed on their own
+    imported = time.time()
     mask_secrets()
     start, end = interval_of(context)
     ctx = None
@@ -95,12 +105,13 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
         ctx = RunContext(
             config=load_tenant_file(tenant_file), interval_end=end, interval_start=start, holder=holder_of(context)
         )
+        began, cpu = time.time(), time.process_time()
         result = run(stage, ctx)
     except GateRejected as exc:
         raise AirflowSkipException(f"gate rejected the model: {exc}") from exc
     except (LeaseHeld, LeaseLost) as exc:
         raise AirflowFailException(str(exc)) from exc  # a second copy or a zombie: retrying must not win
-    except (StageError, ValidationFailed, TenantConfigError) as exc:
+    except bad_input as exc:
         if ctx is not None:
             ctx.release_lease()  # the run is over: another run of the interval may start at once
         raise AirflowFailException(str(exc)) from exc  # bad input: retrying will not help
@@ -112,7 +123,17 @@ def run_stage(stage: str, tenant_file: str, **context: Any) -> dict[str, Any]:
                 "pointer_moved": result["pointer_moved"],
                 "data_interval_end": ctx.interval_end.isoformat(),
             }
-    return result
+    returned = time.time()
+    # where a task's time went (benchmarks/tenants.py joins it with the task instance's timestamps)
+    timing = {
+        "entered": entered,  # task process start + DAG parse end here
+        "import_s": round(imported - entered, 4),
+        "stage_s": round(returned - began, 4),
+        "stage_cpu_s": round(time.process_time() - cpu, 4),
+        "returned": returned,
+    }
+    log.info("task timing: %s", json.dumps(timing))
+    return {**result, "task_timing": timing}
 
 
 def on_failure(context: dict[str, Any]) -> None:
