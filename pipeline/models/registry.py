@@ -20,6 +20,7 @@ from pipeline.config.models import (
     ItemKNNConfig,
     LightGCNConfig,
     ModelBase,
+    SASRecConfig,
     TwoTowerConfig,
     model_config,
 )
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 Scoring = Literal["dot", "item_item"]  # base.DotProduct or base.ItemItem
 # How serving updates a user from events posted to the API, before the next release:
 # "vector" re-solves their vector (ALS: models/als_fold.py); "seen_list" stores their new seen
-# list, which is all an item-item kind scores from (X[u] @ S).
-FoldIn = Literal["vector", "seen_list"]
+# list, which is all an item-item kind scores from (X[u] @ S); "sequence" re-encodes the new seen
+# list with the release's encoder (SASRec: models/sequence.py), no solve.
+FoldIn = Literal["vector", "seen_list", "sequence"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ KINDS: dict[str, Kind] = {
     "lightgcn": Kind("graphsage", "LightGCN", LightGCNConfig),
     "ease": Kind("ease", "EASE", EASEConfig, scoring="item_item", fold_in="seen_list"),
     "item_knn": Kind("itemknn", "ItemKNN", ItemKNNConfig, scoring="item_item", fold_in="seen_list"),
+    "sasrec": Kind("sasrec", "SASRec", SASRecConfig, fold_in="sequence"),
 }
 
 

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from pipeline.models import registry
 from pipeline.models.itemitem import seen_matrix
 from pipeline.models.registry import Scoring
+from pipeline.models.sequence import SequenceEncoder
 from pipeline.storage import codecs
 
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
@@ -66,6 +67,7 @@ class Release:
     similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
     candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
     neighbors: np.ndarray | None = None  # int32 [n_items, C]: each item's nearest items at publish, -1 padded
+    encoder: SequenceEncoder | None = None  # a "sequence" fold-in kind's (SASRec) encoder, from model.safetensors
 
     @property
     def scoring(self) -> Scoring:
@@ -195,6 +197,7 @@ def decode(
         similarity=similarity,
         candidates=candidates,
         neighbors=neighbors,
+        encoder=_encoder(tenant, release_id, model_meta, item_vectors, get),
     )
 
 
@@ -213,6 +216,24 @@ def _row_table(
     ):
         raise ReleaseError(f"release {tenant}/{release_id}: {name} disagrees with the id maps")
     return table
+
+
+def _encoder(
+    tenant: str, release_id: str, model_meta: dict[str, Any], item_vectors: np.ndarray, get: Callable[[str], bytes]
+) -> SequenceEncoder | None:
+    """The encoder a "sequence" kind re-encodes folded-in users with (None for other kinds)."""
+    if registry.fold_in(model_meta.get("kind", "")) != "sequence":
+        return None
+    from safetensors.numpy import load as st_load
+
+    state = st_load(get("model.safetensors"))
+    try:
+        heads = int(model_meta["config"]["heads"])
+        encoder = SequenceEncoder.from_state({**state, "item_vectors": item_vectors}, heads)
+        encoder.encode(np.zeros(1, dtype=np.int64))  # every weight present and of a shape that fits
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReleaseError(f"release {tenant}/{release_id}: model.safetensors has no usable encoder ({exc})") from exc
+    return encoder
 
 
 def _similarity(tenant: str, release_id: str, n_items: int, get: Callable[[str], bytes]) -> sp.csr_matrix:

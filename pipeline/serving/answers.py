@@ -293,7 +293,8 @@ def fold_in_events(
     whether the user store was unavailable (the rest not folded in: degraded).
 
     "vector" (ALS): re-solve the vector (the model's closed form). "seen_list" (item-item): the
-    new seen list, newest first, is the update: the next request scores from it.
+    new seen list, newest first, is the update: the next request scores from it. "sequence"
+    (SASRec): the release's encoder over the new seen list gives the vector (no solve).
     """
     folded = 0
     if live.can_fold_in:
@@ -308,6 +309,8 @@ def fold_in_events(
                 history = pd.unique(np.concatenate((new_rows, old)))  # newest first, distinct
                 if live.fold_in == "seen_list":
                     vector = np.empty(0, dtype=np.float32)  # zero-width, as the release's own vectors
+                elif live.fold_in == "sequence" and live.release.encoder is not None:
+                    vector = live.release.encoder.encode(history)  # the encoder over the new seen list
                 else:
                     new_counts = pd.Series(new_rows).value_counts(sort=False)
                     counts = new_counts.reindex(history, fill_value=0).to_numpy() + np.isin(history, old)

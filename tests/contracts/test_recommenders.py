@@ -13,6 +13,7 @@ from pipeline.config.models import (
     GraphSAGEConfig,
     ItemKNNConfig,
     LightGCNConfig,
+    SASRecConfig,
     TwoTowerConfig,
 )
 from pipeline.models import Recommender, registry
@@ -95,3 +96,13 @@ class TestItemKNN(RecommenderContract):
 
     def make(self, seed: int, device: str = "cpu") -> Recommender:
         return registry.build(ItemKNNConfig(neighbours=20, seed=seed), torch.device(device))
+
+
+class TestSASRec(RecommenderContract):
+    kind = "sasrec"
+    gpu_min_overlap = 0.3  # another device's dropout and kernels: a different (equally good) fit
+    gpu_ndcg_tolerance = 0.05
+
+    def make(self, seed: int, device: str = "cpu") -> Recommender:
+        cfg = SASRecConfig(dim=16, max_len=10, epochs=12, batch_size=64, learning_rate=0.01, seed=seed)
+        return registry.build(cfg, torch.device(device))
