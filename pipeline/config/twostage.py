@@ -16,10 +16,12 @@ KNOWN_SOURCES = ("model", "cooccurrence", "segment_popularity")
 
 
 class RankerConfig(_Strict):
-    trees: int = Field(default=300, ge=1, le=5000, description="Boosting rounds at most (early stopping may use fewer).")
+    trees: int = Field(
+        default=300, ge=1, le=5000, description="Boosting rounds at most (early stopping may use fewer)."
+    )
     learning_rate: float = Field(default=0.05, gt=0, le=1)
-    leaves: int = Field(default=31, ge=2, le=1024)
-    min_data_in_leaf: int = Field(default=50, ge=1)
+    leaves: int = Field(default=15, ge=2, le=1024)
+    min_data_in_leaf: int = Field(default=200, ge=1, description="Large: the labels are few and noisy.")
     early_stopping_rounds: int = Field(default=30, ge=1, description="On a share of the ranker's own users.")
     early_stopping_fraction: float = Field(default=0.2, gt=0, lt=1)
     threads: int = Field(default=1, ge=1, le=256)
@@ -33,7 +35,7 @@ class TwoStageConfig(_Strict):
         description="Candidate source -> items it proposes per user (sources: model, cooccurrence, segment_popularity).",
     )
     validation_fraction: float = Field(
-        default=0.1,
+        default=0.2,
         gt=0,
         lt=1,
         description="Last share of each user's TRAIN events the ranker learns to find (never the holdout).",

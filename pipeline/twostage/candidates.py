@@ -69,7 +69,9 @@ def seen_newest_first(history: TrainData) -> tuple[np.ndarray, np.ndarray]:
 def _top_n(dense: np.ndarray, n: int, floor: float) -> Proposals:
     """Best n per row of `dense` (float32, -inf = ineligible); scores <= floor are not proposed."""
     n = min(n, dense.shape[1])
-    part = np.argpartition(-dense, n - 1, axis=1)[:, :n] if n < dense.shape[1] else np.tile(np.arange(n), (len(dense), 1))
+    part = (
+        np.argpartition(-dense, n - 1, axis=1)[:, :n] if n < dense.shape[1] else np.tile(np.arange(n), (len(dense), 1))
+    )
     vals = np.take_along_axis(dense, part, axis=1)
     order = np.lexsort((part, -vals), axis=1)  # score desc, then item row: deterministic ties
     items = np.take_along_axis(part, order, axis=1).astype(np.int64)

@@ -22,7 +22,8 @@ from pipeline.twostage.candidates import SECONDS_PER_DAY, Candidates
 
 ITEM_COLUMNS = ("item_users", "item_events_7d", "item_events_30d", "item_days_since_last", "item_age_days", "trend")
 USER_COLUMNS = tuple(f"user_{c}" for c in ONLINE_USER_FEATURES)
-PAIR_COLUMNS = ("n_sources", "category_share")
+PAIR_COLUMNS = ("n_sources", "category_share", "item_events_7d_at_user", "item_events_30d_at_user")
+WINDOWS_DAYS = (7, 30)
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,19 @@ class Stats:
     item: np.ndarray  # float32 [n_items, len(ITEM_COLUMNS)]
     user_category: sp.csr_matrix | None  # share of each user's events per item category
     item_category: np.ndarray | None  # int64 [n_items], -1 = none
+    user_last: np.ndarray  # float64 [n_users]: the user's newest event (epoch seconds), NaN: none
+    event_keys: np.ndarray  # int64, sorted: item * SPAN + (timestamp - origin), one per event
+    origin: int  # the history's oldest timestamp
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The tensors a release stores to rebuild these statistics (safetensors, no pickle)."""
-        out = {"user_stats": self.user, "item_stats": self.item}
+        out = {
+            "user_stats": self.user,
+            "item_stats": self.item,
+            "user_last": self.user_last,
+            "event_keys": self.event_keys,
+            "origin": np.array([self.origin], dtype=np.int64),
+        }
         if self.user_category is not None and self.item_category is not None:
             uc = self.user_category
             out |= {
@@ -56,7 +66,7 @@ class Stats:
             uc = sp.csr_matrix(
                 (a["user_category_data"], a["user_category_indices"], a["user_category_indptr"]), shape=(n_users, n_cat)
             )
-        return cls(a["user_stats"], a["item_stats"], uc, cat)
+        return cls(a["user_stats"], a["item_stats"], uc, cat, a["user_last"], a["event_keys"], int(a["origin"][0]))
 
 
 def _window_counts(idx: np.ndarray, age: np.ndarray, n: int, days: float) -> np.ndarray:
@@ -100,7 +110,27 @@ def compute(history: TrainData) -> Stats:
         uc = sp.csr_matrix((np.ones(int(has.sum())), (u[has], cat[i][has])), shape=(nu, n_cat))
         uc.sum_duplicates()
         uc = sp.csr_matrix(sp.diags(1.0 / np.maximum(n_u, 1.0)) @ uc).astype(np.float32)
-    return Stats(user.astype(np.float32), item.astype(np.float32), uc, cat)
+    origin = int(history.timestamp.min()) if len(ts) else 0
+    user_last = np.full(nu, np.nan)
+    np.fmax.at(user_last, u, ts)
+    keys = np.sort(i.astype(np.int64) * SPAN + (history.timestamp.astype(np.int64) - origin))
+    return Stats(user.astype(np.float32), item.astype(np.float32), uc, cat, user_last, keys, origin)
+
+
+SPAN = 1 << 40  # seconds a history may span (34,000 years): keys of two items never overlap
+
+
+def at_user_time(stats: Stats, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """float32 [len, len(WINDOWS_DAYS)]: the item's events in the days up to the user's newest
+    event: what was popular when the user was last active, not at the history's end."""
+    t = np.nan_to_num(stats.user_last[users] - stats.origin, nan=-1.0).astype(np.int64)
+    base = items.astype(np.int64) * SPAN
+    upper = np.searchsorted(stats.event_keys, base + t, side="right")
+    cols = [
+        upper - np.searchsorted(stats.event_keys, base + np.maximum(t - int(d * SECONDS_PER_DAY), 0), side="left")
+        for d in WINDOWS_DAYS
+    ]
+    return np.column_stack(cols).astype(np.float32)
 
 
 def names(source_names: tuple[str, ...]) -> list[str]:
@@ -122,6 +152,7 @@ def matrix(cands: Candidates, users: np.ndarray, stats: Stats, user_stats: np.nd
         ok = c >= 0
         share[ok] = np.asarray(stats.user_category[u[ok], c[ok]]).ravel()
     per_user = stats.user[u] if user_stats is None else user_stats[cands.user]
+    windows = at_user_time(stats, u, cands.item)
     return np.column_stack(
-        [cands.sources, n_sources.astype(np.float32), share, per_user, stats.item[cands.item]]
+        [cands.sources, n_sources.astype(np.float32), share, windows, per_user, stats.item[cands.item]]
     ).astype(np.float32)

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from pipeline.config.twostage import TwoStageConfig
 from pipeline.evaluation import metrics
-from pipeline.features.dataset import temporal_holdout
+from pipeline.features.dataset import Features, temporal_holdout
 from pipeline.models.base import Recommender, TrainData
 from pipeline.twostage import candidates as cg
 from pipeline.twostage import features as tf
@@ -41,7 +41,9 @@ def carve(history: TrainData, fraction: float) -> tuple[TrainData, sp.csr_matrix
     shape = (history.n_users, history.n_items)
     fit = subset(history, ~held)
     seen = sp.csr_matrix((np.ones(int((~held).sum()), np.float32), (fit.user_idx, fit.item_idx)), shape=shape)
-    target = sp.csr_matrix((np.ones(int(held.sum()), np.float32), (history.user_idx[held], history.item_idx[held])), shape=shape)
+    target = sp.csr_matrix(
+        (np.ones(int(held.sum()), np.float32), (history.user_idx[held], history.item_idx[held])), shape=shape
+    )
     target.sum_duplicates()
     target.data[:] = 1.0
     target = target - target.multiply(seen.astype(bool).astype(np.float32))
@@ -114,9 +116,7 @@ def training_set(
     return X[keep], y[keep], sizes[sizes > 0], tf.names(tuple(config.sources)), counts
 
 
-def fit(
-    config: TwoStageConfig, history: TrainData, make_model: Callable[[TrainData], Recommender]
-) -> Ranker:
+def fit(config: TwoStageConfig, history: TrainData, make_model: Callable[[TrainData], Recommender]) -> Ranker:
     """The ranker learned from `history` only (see the module docstring)."""
     X, y, sizes, names, counts = training_set(config, history, make_model)
     if not len(sizes):
@@ -126,10 +126,20 @@ def fit(
     return ranker
 
 
-def evaluate(stage: TwoStage, relevant: sp.csr_matrix, k: int) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
+def evaluate(
+    stage: TwoStage, relevant: sp.csr_matrix, k: int
+) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """(summary, per-user metrics, user rows) on `relevant`, as evaluation.scoring reports a model."""
     rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
     top = stage.recommend(rows, k)
     hits = metrics.hits_matrix(top, rows, relevant)
     per_user = metrics.per_user_metrics(hits, np.diff(relevant.indptr)[rows])
     return metrics.summarize(per_user, top, relevant.shape[1]), per_user, rows
+
+
+def fit_train_split(
+    config: TwoStageConfig, feats: Features, item_features, make_model: Callable[[TrainData], Recommender]
+) -> Ranker:
+    """The ranker a run judges: learned from the train split's events only (never the holdout)."""
+    history = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, item_features)
+    return fit(config, history, make_model)
