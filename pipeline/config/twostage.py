@@ -32,7 +32,7 @@ class TwoStageConfig(_Strict):
     enabled: bool = False
     sources: dict[str, int] = Field(
         default={"model": 100, "cooccurrence": 50, "segment_popularity": 30},
-        description="Candidate source -> items it proposes per user (sources: model, cooccurrence, segment_popularity).",
+        description="Candidate source -> items it proposes per user: model, cooccurrence, segment_popularity.",
     )
     validation_fraction: float = Field(
         default=0.2,
