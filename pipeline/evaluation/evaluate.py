@@ -16,15 +16,25 @@ import pandas as pd
 
 from pipeline.context import RunContext, StageIO
 from pipeline.evaluation.scoring import at_k, baselines, evaluate_model
-from pipeline.features.dataset import Features
+from pipeline.features.dataset import Features, read_item_features
 from pipeline.models import TrainData
 from pipeline.models.io import read_model
 from pipeline.ops import tracking
 from pipeline.storage import codecs, paths
+from pipeline.twostage import stage as two_stage
 
 STAGE = "evaluate"
 IO = StageIO(
-    reads=(paths.USERS, paths.ITEMS, paths.EVENTS, paths.TRAINED.weights, paths.TRAINED.meta, paths.TRAIN_RESULT),
+    reads=(
+        paths.USERS,
+        paths.ITEMS,
+        paths.EVENTS,
+        paths.ITEM_FEATURES,
+        paths.TRAINED.weights,
+        paths.TRAINED.meta,
+        paths.TRAIN_RESULT,
+        paths.TRAINED_RANKER,
+    ),
     writes=(paths.METRICS, paths.PER_USER_METRICS),
 )
 
@@ -47,6 +57,12 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
         results[name] = at_k(summary, k)
         per_user_cols["user_idx"] = rows.astype(np.int32)
         per_user_cols.update({f"{name}_{metric}": values for metric, values in per_user.items()})
+    if ctx.config.two_stage.enabled:  # the model as one candidate source, reordered by the trained ranker
+        data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, read_item_features(ctx))
+        two = two_stage.evaluate(ctx, data, model, relevant, k, paths.TRAINED_RANKER)
+        if two is not None:
+            results[two_stage.NAME] = at_k(two[0], k)
+            per_user_cols.update({f"{two_stage.NAME}_{metric}": values for metric, values in two[1].items()})
     ctx.write(paths.PER_USER_METRICS, codecs.parquet_bytes(pd.DataFrame(per_user_cols)))
     report = {"k": k, "model": model.kind, "users": int(len(per_user_cols["user_idx"])), "metrics": results}
     ctx.write(paths.METRICS, codecs.json_bytes(report))

@@ -26,7 +26,16 @@ from pipeline.storage import codecs
 
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
 # candidates.npy: each user's top items of a dot-product release (pipeline/release/candidates.py)
-OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet", "candidates.npy")
+# ranker.txt, twostage.*: a release whose gate chose two stages (pipeline/twostage/serve.py)
+OPTIONAL_FILES = (
+    "item_attributes.parquet",
+    "user_stats.parquet",
+    "item_stats.parquet",
+    "candidates.npy",
+    "ranker.txt",
+    "twostage.safetensors",
+    "twostage.json",
+)
 
 
 class ReleaseError(RuntimeError):
@@ -58,6 +67,7 @@ class Release:
     user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
     similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
     candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
+    two_stage: Any = None  # twostage.serve.ServingTwoStage: the second stage serving applies, when shipped
 
     @property
     def scoring(self) -> Scoring:
@@ -176,6 +186,11 @@ def decode(
             or (candidates.size and (candidates.min() < -1 or candidates.max() >= n_items))
         ):
             raise ReleaseError(f"release {tenant}/{release_id}: candidates.npy disagrees with the id maps")
+    two_stage = None
+    if optional["ranker.txt"] is not None:
+        from pipeline.twostage import serve  # lightgbm: imported only for releases that carry a ranker
+
+        two_stage = serve.decode(optional, n_users, n_items, f"release {tenant}/{release_id}")
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -194,6 +209,7 @@ def decode(
         user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
         similarity=similarity,
         candidates=candidates,
+        two_stage=two_stage,
     )
 
 

@@ -66,7 +66,7 @@ def seen_newest_first(history: TrainData) -> tuple[np.ndarray, np.ndarray]:
     return indptr.astype(np.int64), i[keep].astype(np.int64)
 
 
-def _top_n(dense: np.ndarray, n: int, floor: float) -> Proposals:
+def top_n(dense: np.ndarray, n: int, floor: float) -> Proposals:
     """Best n per row of `dense` (float32, -inf = ineligible); scores <= floor are not proposed."""
     n = min(n, dense.shape[1])
     part = (
@@ -102,7 +102,7 @@ class _DenseSource:
             dense = np.array(self.scores(block), dtype=np.float32)
             mask = self.seen[block].tocoo()
             dense[mask.row, mask.col] = -np.inf
-            parts.append(_top_n(dense, n, self.floor))
+            parts.append(top_n(dense, n, self.floor))
         if not parts:
             return Proposals(np.empty((0, n), np.int64), np.empty((0, n), np.float32))
         return Proposals(np.concatenate([p.items for p in parts]), np.concatenate([p.scores for p in parts]))

@@ -190,3 +190,10 @@ def test_ranker_training_never_sees_the_holdout(ctx):
 def test_config_rejects_unknown_sources():
     with pytest.raises(ValueError, match="unknown candidate source"):
         TwoStageConfig(sources={"model": 10, "telepathy": 5})
+
+
+def test_sources_keep_one_order_whatever_the_file_says():
+    """The order is the ranker's feature columns: a config snapshot with sorted keys must not permute them."""
+    a = TwoStageConfig(sources={"segment_popularity": 5, "model": 10, "cooccurrence": 7})
+    b = TwoStageConfig.model_validate_json(a.model_dump_json())
+    assert list(a.sources) == list(b.sources) == ["model", "cooccurrence", "segment_popularity"]
