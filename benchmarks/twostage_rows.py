@@ -1,9 +1,10 @@
-"""The two-stage rows of benchmarks/quality.py: LightGBM LambdaRank (the product's ranker) and,
-for the choice, a small torch MLP trained with a listwise softmax loss on the same features.
+"""The two-stage rows of benchmarks/quality.py: the product's ranker (a small MLP, listwise
+softmax loss: pipeline/twostage/ranker.py) and, for the choice, LightGBM LambdaRank on the same
+training set (`lightgbm` from requirements-bench.txt; the product does not need it).
 
-Both learn from the same training set (pipeline/twostage/model.py: `training_set`, carved from
-the TRAIN split only) and rank the same candidates; only the second stage differs. Also the
-in-process cost of one request's second stage (candidates of one user, features, ranker), p50/p99.
+Both learn from the same rows (pipeline/twostage/model.py: `training_set`, carved from the
+TRAIN split only) and rank the same candidates; only the second stage differs. Also the
+in-process cost of one user's second stage (candidates, features, ranker): p50/p99 ms.
 """
 
 from __future__ import annotations
@@ -11,52 +12,46 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from pipeline.config.twostage import TwoStageConfig
 from pipeline.evaluation import metrics
 from pipeline.twostage import model as tsm
+from pipeline.twostage.ranker import Ranker
 
 
-class TorchRanker:
-    """2-layer MLP over standardised features (NaN -> 0 plus a missing flag), listwise softmax loss per user."""
+class LambdaRank:
+    """LightGBM LambdaRank, early-stopped on NDCG@10 of a seeded fifth of the users."""
 
-    def __init__(self, hidden: int = 64, epochs: int = 60, lr: float = 3e-3, seed: int = 0) -> None:
-        self.hidden, self.epochs, self.lr, self.seed = hidden, epochs, lr, seed
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
 
-    def _prep(self, X: np.ndarray) -> torch.Tensor:
-        miss = np.isnan(X)
-        Z = (np.where(miss, self.mean, X) - self.mean) / self.std
-        return torch.as_tensor(np.hstack([Z, miss[:, self.has_missing]]), dtype=torch.float32)
+    def fit(self, X: np.ndarray, y: np.ndarray, sizes: np.ndarray) -> LambdaRank:
+        import lightgbm as lgb
 
-    def fit(self, X: np.ndarray, y: np.ndarray, sizes: np.ndarray) -> TorchRanker:
-        torch.manual_seed(self.seed)
-        X = np.sign(X) * np.log1p(np.abs(X))  # counts and ages span orders of magnitude
-        self.mean, self.std = np.nanmean(X, axis=0), np.nanstd(X, axis=0) + 1e-6
-        self.mean, self.std = np.nan_to_num(self.mean), np.nan_to_num(self.std, nan=1.0)
-        self.has_missing = np.isnan(X).any(axis=0)
-        T = self._prep(X)
-        group = torch.as_tensor(np.repeat(np.arange(len(sizes)), sizes))
-        target = torch.as_tensor(y)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(T.shape[1], self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 1)
+        held = np.random.default_rng(self.seed).random(len(sizes)) < 0.2
+        rows = held[np.repeat(np.arange(len(sizes)), sizes)]
+        params = {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [10],
+            "learning_rate": 0.05,
+            "num_leaves": 15,
+            "min_data_in_leaf": 200,
+            "num_threads": 1,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbosity": -1,
+        }
+        train = lgb.Dataset(X[~rows], y[~rows], group=sizes[~held])
+        valid = lgb.Dataset(X[rows], y[rows], group=sizes[held], reference=train)
+        self.booster = lgb.train(
+            params, train, 300, valid_sets=[valid], callbacks=[lgb.early_stopping(30, verbose=False)]
         )
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=1e-5)
-        n = len(sizes)
-        for _ in range(self.epochs):  # full batch: the listwise loss needs whole groups
-            s = self.net(T).squeeze(1)
-            mx = torch.zeros(n).scatter_reduce(0, group, s.detach(), "amax", include_self=False)
-            lse = torch.log(torch.zeros(n).index_add(0, group, torch.exp(s - mx[group]))) + mx
-            pos = torch.zeros(n).index_add(0, group, target)
-            loss = -(torch.zeros(n).index_add(0, group, target * s) - pos * lse).sum() / pos.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.net(self._prep(np.sign(X) * np.log1p(np.abs(X)))).squeeze(1).numpy()
+        return self.booster.predict(X, num_threads=1)
 
 
 def _metrics(top: np.ndarray, rows: np.ndarray, relevant) -> dict[str, float]:
@@ -66,28 +61,25 @@ def _metrics(top: np.ndarray, rows: np.ndarray, relevant) -> dict[str, float]:
 
 
 def rows_for_seed(config: TwoStageConfig, train, relevant, make_model, seed: int) -> dict[str, dict]:
-    """{'lightgbm': {...}, 'torch_mlp': {...}} metrics at 10 and seconds, one base-model seed."""
+    """{'mlp': (metrics, extras), 'lambdarank': (metrics, extras)} for one base-model seed."""
     out = {}
     t = time.perf_counter()
     X, y, sizes, names, counts = tsm.training_set(config, train, make_model)
     prep = time.perf_counter() - t
     base = make_model(train)
     rows = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    for name in ("lightgbm", "torch_mlp"):
+    for name in ("mlp", "lambdarank"):
         t = time.perf_counter()
-        if name == "lightgbm":
-            from pipeline.twostage.ranker import Ranker
-
-            ranker = Ranker.train(X, y, sizes, names, config.ranker)
+        if name == "mlp":
+            ranker = Ranker.train(X, y, sizes, names, config.ranker.model_copy(update={"seed": seed}))
         else:
-            ranker = TorchRanker(seed=seed).fit(X, y, sizes)
+            ranker = LambdaRank(seed).fit(X, y, sizes)
         secs = time.perf_counter() - t
         stage = tsm.TwoStage.build(config, ranker, train, base)  # type: ignore[arg-type]
-        out[name] = {**_metrics(stage.recommend(rows, 10), rows, relevant), "fit_seconds": round(prep + secs, 2)}
-        out[name]["ranker_seconds"] = round(secs, 2)
-        out[name]["training_set"] = counts
-        if name == "lightgbm":
-            out[name]["latency_ms"] = request_cost(stage, rows)
+        summary = _metrics(stage.recommend(rows, 10), rows, relevant)
+        extras = {"fit_seconds": round(prep + secs, 2), "ranker_seconds": round(secs, 2), "training_set": counts}
+        extras["second_stage_ms"] = request_cost(stage, rows)
+        out[name] = (summary, extras)
     return out
 
 

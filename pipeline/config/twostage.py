@@ -1,7 +1,7 @@
 """The `two_stage:` section of a tenant file: candidate sources and the learned ranker.
 
 Off by default: the tenant's model alone ranks. On, the model becomes one candidate source
-among several and a LightGBM LambdaRank model over features reorders the merged candidates
+among several and a learned ranker over features reorders the merged candidates
 (pipeline/twostage/). It is judged like any challenger: evaluate scores it on the holdout,
 the gate decides.
 """
@@ -16,15 +16,12 @@ KNOWN_SOURCES = ("model", "cooccurrence", "segment_popularity")
 
 
 class RankerConfig(_Strict):
-    trees: int = Field(
-        default=300, ge=1, le=5000, description="Boosting rounds at most (early stopping may use fewer)."
-    )
-    learning_rate: float = Field(default=0.05, gt=0, le=1)
-    leaves: int = Field(default=15, ge=2, le=1024)
-    min_data_in_leaf: int = Field(default=200, ge=1, description="Large: the labels are few and noisy.")
-    early_stopping_rounds: int = Field(default=30, ge=1, description="On a share of the ranker's own users.")
-    early_stopping_fraction: float = Field(default=0.2, gt=0, lt=1)
-    threads: int = Field(default=1, ge=1, le=256)
+    """The second stage: a 2-layer MLP, listwise softmax loss, full-batch Adam (pipeline/twostage/ranker.py)."""
+
+    hidden: int = Field(default=64, ge=1, le=4096)
+    epochs: int = Field(default=60, ge=1, le=10_000)
+    learning_rate: float = Field(default=3e-3, gt=0, le=1)
+    weight_decay: float = Field(default=1e-5, ge=0)
     seed: int = 0
 
 

@@ -26,13 +26,13 @@ from pipeline.storage import codecs
 
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
 # candidates.npy: each user's top items of a dot-product release (pipeline/release/candidates.py)
-# ranker.txt, twostage.*: a release whose gate chose two stages (pipeline/twostage/serve.py)
+# ranker.safetensors, twostage.*: a release whose gate chose two stages (pipeline/twostage/serve.py)
 OPTIONAL_FILES = (
     "item_attributes.parquet",
     "user_stats.parquet",
     "item_stats.parquet",
     "candidates.npy",
-    "ranker.txt",
+    "ranker.safetensors",
     "twostage.safetensors",
     "twostage.json",
 )
@@ -187,8 +187,8 @@ def decode(
         ):
             raise ReleaseError(f"release {tenant}/{release_id}: candidates.npy disagrees with the id maps")
     two_stage = None
-    if optional["ranker.txt"] is not None:
-        from pipeline.twostage import serve  # lightgbm: imported only for releases that carry a ranker
+    if optional["ranker.safetensors"] is not None:
+        from pipeline.twostage import serve  # imported only for releases that carry a ranker
 
         two_stage = serve.decode(optional, n_users, n_items, f"release {tenant}/{release_id}")
     return Release(

@@ -103,7 +103,7 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     if (ctx.read_json(paths.DECISION).get(two_stage.NAME) or {}).get("serve") and ctx.exists(paths.REFIT_RANKER):
         # the gate chose two stages: the refit's ranker and what serving needs to run it
         data = TrainData.from_events(feats.events, feats.n_users, feats.n_items, read_item_features(ctx))
-        files |= two_stage.release_files(ctx, data, model, ctx.read(paths.REFIT_RANKER).decode())
+        files |= two_stage.release_files(ctx, data, model, ctx.read(paths.REFIT_RANKER))
         info["two_stage"] = True
     return files, info
 

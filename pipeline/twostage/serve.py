@@ -6,7 +6,7 @@ co-occurrence and segment-popularity sources are computed here from the user's s
 (newest first, so items posted since the release count) with one sparse row sum and one
 table row; the features are the offline ones (pipeline/twostage/features.py) from the
 release's statistics. All of it is a handful of vector operations over the user's few
-hundred candidates, then one LightGBM predict: no loop over items.
+hundred candidates, then the ranker's two small matrix products: no loop over items.
 """
 
 from __future__ import annotations
@@ -88,13 +88,15 @@ class ServingTwoStage:
 
 def decode(files: dict[str, bytes | None], n_users: int, n_items: int, where: str) -> ServingTwoStage:
     """The second stage from a release's verified files; ValueError naming what disagrees."""
-    missing = [n for n in ("ranker.txt", "twostage.safetensors", "twostage.json") if files.get(n) is None]
+    missing = [n for n in ("ranker.safetensors", "twostage.safetensors", "twostage.json") if files.get(n) is None]
     if missing:
-        raise ValueError(f"{where}: ranker.txt comes with twostage.safetensors and twostage.json; missing {missing}")
+        raise ValueError(
+            f"{where}: ranker.safetensors comes with twostage.safetensors and twostage.json; missing {missing}"
+        )
     get: Callable[[str], bytes] = lambda n: files[n]  # type: ignore[assignment,return-value]  # noqa: E731
     meta = json.loads(get("twostage.json"))
     a = st_load(get("twostage.safetensors"))
-    ranker = Ranker.from_text(get("ranker.txt").decode())
+    ranker = Ranker.from_bytes(get("ranker.safetensors"))
     sim = sp.csr_matrix(
         (a["similarity_data"], a["similarity_indices"], a["similarity_indptr"]), shape=(n_items, n_items)
     )

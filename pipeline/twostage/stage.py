@@ -24,7 +24,7 @@ from pipeline.twostage import model as tsm
 from pipeline.twostage.ranker import Ranker
 
 NAME = "two_stage"  # its row in evaluate's metrics, its columns in per_user.parquet
-RELEASE_FILES = ("ranker.txt", "twostage.safetensors", "twostage.json")
+RELEASE_FILES = ("ranker.safetensors", "twostage.safetensors", "twostage.json")
 
 
 def fit_ranker(
@@ -41,7 +41,7 @@ def fit_ranker(
         ranker = tsm.fit(ts, data, lambda d: build(cfg, device).fit(d))
     except ValueError as exc:
         raise ctx.error(stage, str(exc)) from exc
-    ctx.write(out, ranker.to_text().encode())
+    ctx.write(out, ranker.to_bytes())
     top = dict(list(ranker.importance().items())[:8])
     log.info("%s: two-stage ranker %s; top features by gain %s", stage, ranker.report, top)
     tracking.log_metrics(
@@ -57,7 +57,7 @@ def evaluate(
     train split with the trained model, the trained ranker over them."""
     if not ctx.config.two_stage.enabled or not ctx.exists(ranker):
         return None
-    stage = tsm.TwoStage.build(ctx.config.two_stage, Ranker.from_text(ctx.read(ranker).decode()), data, model)
+    stage = tsm.TwoStage.build(ctx.config.two_stage, Ranker.from_bytes(ctx.read(ranker)), data, model)
     return tsm.evaluate(stage, relevant, k)
 
 
@@ -82,7 +82,7 @@ def judge(per_user: pd.DataFrame, model: str, metric: str, policy) -> dict[str, 
     }
 
 
-def release_files(ctx: RunContext, data: TrainData, model: Recommender, ranker_text: str) -> dict[str, bytes]:
+def release_files(ctx: RunContext, data: TrainData, model: Recommender, ranker_bytes: bytes) -> dict[str, bytes]:
     """What serving needs to run both stages for one user: the ranker, the co-occurrence S,
     segment popularity, the statistics (all from every event, as the refit), the config."""
     ts = ctx.config.two_stage
@@ -99,7 +99,7 @@ def release_files(ctx: RunContext, data: TrainData, model: Recommender, ranker_t
     }
     meta = {"config": ts.model_dump(mode="json"), "features": tf.names(tuple(ts.sources))}
     return {
-        "ranker.txt": ranker_text.encode(),
+        "ranker.safetensors": ranker_bytes,
         "twostage.safetensors": st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
         "twostage.json": codecs.json_bytes(meta),
     }

@@ -25,7 +25,7 @@ from tests.conftest import INTERVAL_END, isolated_settings, write_tenant
 from tests.integration.fast_tenant import GATE_OPEN
 
 pytestmark = pytest.mark.integration
-TWO_STAGE = {"enabled": True, "ranker": {"trees": 40, "min_data_in_leaf": 20}}
+TWO_STAGE = {"enabled": True, "ranker": {"epochs": 30}}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_evaluate_and_gate_judge_two_stage_against_the_single_stage(chain):
     # the trained ranker is the one evaluate scored: rebuilt from the files, it gives the same metric
     feats = Features.read(ctx)
     data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
-    ranker = Ranker.from_text(ctx.store.get(ctx.key(paths.TRAINED_RANKER)).decode())
+    ranker = Ranker.from_bytes(ctx.store.get(ctx.key(paths.TRAINED_RANKER)))
     stage = tsm.TwoStage.build(ctx.config.two_stage, ranker, data, read_model(ctx, paths.TRAINED))
     assert tsm.evaluate(stage, feats.relevant(), 10)[0]["ndcg"] == pytest.approx(per_user["two_stage_ndcg"].mean())
 
@@ -82,7 +82,7 @@ def test_served_answers_are_the_offline_two_stage_ranking(chain):
     assert rel.manifest["gate"]["two_stage"]["serve"] is True
     feats = Features.read(ctx)
     data = TrainData.from_events(feats.events, feats.n_users, feats.n_items)
-    ranker = Ranker.from_text(ctx.store.get(ctx.key(paths.REFIT_RANKER)).decode())
+    ranker = Ranker.from_bytes(ctx.store.get(ctx.key(paths.REFIT_RANKER)))
     offline = tsm.TwoStage.build(ctx.config.two_stage, ranker, data, read_model(ctx, paths.REFITTED))
     rows = np.array([0, 17, 150])
     expected = offline.recommend(rows, 10)
@@ -106,9 +106,9 @@ def test_served_answers_are_the_offline_two_stage_ranking(chain):
 
 def test_two_stage_release_files_are_checksummed(chain):
     rel = _publish(chain, serve=True)
-    key = paths.release_key("acme", rel.release_id, "ranker.txt")
+    key = paths.release_key("acme", rel.release_id, "ranker.safetensors")
     chain.store.put(key, chain.store.get(key) + b"\n")
-    with pytest.raises(release.ReleaseError, match="checksum mismatch on ranker.txt"):
+    with pytest.raises(release.ReleaseError, match="checksum mismatch on ranker.safetensors"):
         release.load_release(chain.store, "acme", rel.release_id)
 
 
