@@ -14,6 +14,11 @@ evaluate: full ranking excluding training items). Rows:
 * "bpr (tuned)": the selection stage's Optuna search (pipeline/training/select.py) over BPR ranges
   on a validation split carved from the TRAIN events, `--bpr-trials` trials, then the
   chosen config on the holdout (seeds 0, 1, 2);
+* "two-stage": candidates from the default ALS, item co-occurrence and segment popularity,
+  reordered by the learned ranker (pipeline/twostage/, tenant `two_stage:`), the ranker learned
+  on a split of the TRAIN events (seeds 0, 1, 2 of the ALS); beside it the same candidates
+  ranked by LightGBM LambdaRank (benchmarks/twostage_rows.py), the measured alternative, and
+  the in-process cost of one user's second stage (p50/p99 ms);
 * `--implicit`: the `implicit` library's ALS and BPR over small grids scored on the SAME
   holdout (generous to it: tuned on test). Install it only for the benchmark
   (requirements-bench.txt); the product does not need it.
@@ -231,6 +236,35 @@ def _segment_table(row) -> str:
     return "\n".join(lines)
 
 
+def _two_stage(feats, item_features) -> list[dict]:
+    """Two-stage over the default ALS, seeds 0-2: the product's MLP ranker and LightGBM LambdaRank."""
+    from benchmarks.twostage_rows import rows_for_seed
+    from pipeline.config.twostage import TwoStageConfig
+
+    config = TwoStageConfig(enabled=True)
+    train = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, item_features)
+    labels = {"mlp": "two-stage (default)", "lambdarank": "two-stage, LightGBM LambdaRank ranker"}
+    per: dict[str, list[dict]] = {name: [] for name in labels}
+    for seed in SEEDS:
+        als = model_config({"kind": "als", "seed": seed})
+        out = rows_for_seed(config, train, feats.relevant(), lambda d, als=als: build(als, CPU).fit(d), seed)
+        for name, (summary, extras) in out.items():
+            row = {"model": f"{labels[name]} seed {seed}", **scoring.at_k(summary, 10)}
+            row |= {"fit_seconds": extras.pop("fit_seconds"), "params": extras | {"seed": seed}}
+            print(f"{row['model']:<36} ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}", flush=True)
+            per[name].append(row)
+    rows = []
+    for name, seed_rows in per.items():
+        keys = [k for k in seed_rows[0] if k not in ("model", "params")]
+        mean = {k: float(np.mean([r[k] for r in seed_rows])) for k in keys}
+        std = float(np.std([r["ndcg@10"] for r in seed_rows]))
+        params = {"seed": list(SEEDS), "ndcg_std": std, "config": config.model_dump(mode="json")}
+        params["second_stage_ms"] = [r["params"]["second_stage_ms"] for r in seed_rows]
+        print(f"{labels[name]:<36} mean ndcg@10 {mean['ndcg@10']:.4f} +- {std:.4f}", flush=True)
+        rows += seed_rows + [{"model": labels[name], **mean, "params": params}]
+    return rows
+
+
 def _table(rows) -> str:
     keys = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage", "diversity@10", "novelty@10")
     lines = [f"{'model':<36}" + "".join(f"{k:>14}" for k in keys) + f"{'fit s':>8}"]
@@ -365,6 +399,8 @@ def main() -> None:
         }
         for name, als_cfg in ablations.items():
             rows += _seeds(name, als_cfg, train, feats, SEEDS)
+    if not only or "two_stage" in only:
+        rows += _two_stage(feats, item_features)
     if not only or "ease" in only:
         rows += _seeds("ease, dense", EASEConfig(neighbours=None), train, feats, SEEDS[:1])
     if args.bpr_trials and (not only or "bpr" in only):

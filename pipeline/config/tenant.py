@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import experiments as exp
 from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
+from pipeline.config.twostage import TwoStageConfig
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
@@ -308,6 +309,7 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+    two_stage: TwoStageConfig = TwoStageConfig()  # candidates from several sources + a learned ranker
     experiments: exp.Experiments = Field(default=[], description="Online experiments (pipeline/config/experiments.py).")
     challenger: exp.ChallengerConfig = exp.ChallengerConfig()
 

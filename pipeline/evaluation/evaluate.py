@@ -30,6 +30,7 @@ from pipeline.models import TrainData
 from pipeline.models.io import read_model
 from pipeline.ops import tracking
 from pipeline.storage import codecs, paths
+from pipeline.twostage import stage as two_stage
 
 STAGE = "evaluate"
 IO = StageIO(
@@ -42,6 +43,7 @@ IO = StageIO(
         paths.TRAIN_RESULT,
         paths.ITEM_FEATURES,
         paths.USER_ATTRIBUTES,
+        paths.TRAINED_RANKER,
     ),
     writes=(paths.METRICS, paths.PER_USER_METRICS),
 )
@@ -73,6 +75,12 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
             labels = _segments(ctx, feats, rows)
             segments = beyond.segment_report({**per_user, **lists}, top, feats.n_items, labels, k)
             per_user_cols.update({f"segment_{s}": pd.array(v, dtype="string") for s, v in labels.items()})
+    if ctx.config.two_stage.enabled:  # the model as one candidate source, reordered by the trained ranker
+        data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, read_item_features(ctx))
+        two = two_stage.evaluate(ctx, data, model, relevant, k, paths.TRAINED_RANKER)
+        if two is not None:
+            results[two_stage.NAME] = at_k(two[0], k)
+            per_user_cols.update({f"{two_stage.NAME}_{metric}": values for metric, values in two[1].items()})
     ctx.write(paths.PER_USER_METRICS, codecs.parquet_bytes(pd.DataFrame(per_user_cols)))
     report = {
         "k": k,

@@ -69,6 +69,7 @@ from pipeline.ops import tracking
 from pipeline.release import format as release
 from pipeline.stages import GateRejected
 from pipeline.storage import codecs, paths
+from pipeline.twostage import stage as two_stage
 
 STAGE = "gate"
 IO = StageIO(
@@ -80,6 +81,7 @@ IO = StageIO(
         paths.TRAINED.weights,
         paths.TRAINED.meta,
         paths.TRAIN_RESULT,
+        paths.PER_USER_METRICS,
     ),
     writes=(paths.DECISION, paths.PAIRED),
 )
@@ -168,6 +170,9 @@ def gate(ctx: RunContext) -> dict[str, Any]:
         "note": note,
         "policy": policy.model_dump(mode="json"),
     }
+    if two_stage.NAME in ev["metrics"]:  # two-stage against its single stage, like any challenger
+        per_user = ctx.read_parquet(paths.PER_USER_METRICS)
+        record[two_stage.NAME] = two_stage.judge(per_user, ev["model"], policy.metric, policy)
     if cmp is not None:
         paired = pd.DataFrame({"user_idx": cmp.user_idx, "challenger": cmp.challenger, "champion": cmp.champion})
         ctx.write(paths.PAIRED, codecs.parquet_bytes(paired))
@@ -178,6 +183,8 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     if train_run:
         _track(ctx, train_run, decision, champion)
     log.info("gate: %s\n%s", decision.reason, format_table(decision))
+    if record.get(two_stage.NAME):
+        log.info("gate: %s", record[two_stage.NAME]["reason"])
     ctx.write_result(STAGE, record)
     if not decision.publish:
         raise GateRejected(record)  # the run ends "skipped": downstream stages do not run

@@ -28,12 +28,16 @@ from pipeline.storage import codecs
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
 # candidates.npy / neighbors.npy: each user's top items and each item's nearest items of a
 # dot-product release (pipeline/release/candidates.py)
+# ranker.safetensors, twostage.*: a release whose gate chose two stages (pipeline/twostage/serve.py)
 OPTIONAL_FILES = (
     "item_attributes.parquet",
     "user_stats.parquet",
     "item_stats.parquet",
     "candidates.npy",
     "neighbors.npy",
+    "ranker.safetensors",
+    "twostage.safetensors",
+    "twostage.json",
 )
 
 
@@ -68,6 +72,7 @@ class Release:
     candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
     neighbors: np.ndarray | None = None  # int32 [n_items, C]: each item's nearest items at publish, -1 padded
     encoder: SequenceEncoder | None = None  # a "sequence" fold-in kind's (SASRec) encoder, from model.safetensors
+    two_stage: Any = None  # twostage.serve.ServingTwoStage: the second stage serving applies, when shipped
 
     @property
     def scoring(self) -> Scoring:
@@ -178,6 +183,11 @@ def decode(
     optional = {n: get(n) if n in manifest["files"] else None for n in OPTIONAL_FILES}
     candidates = _row_table(tenant, release_id, "candidates.npy", optional["candidates.npy"], n_users, n_items)
     neighbors = _row_table(tenant, release_id, "neighbors.npy", optional["neighbors.npy"], n_items, n_items)
+    two_stage = None
+    if optional["ranker.safetensors"] is not None:
+        from pipeline.twostage import serve  # imported only for releases that carry a ranker
+
+        two_stage = serve.decode(optional, n_users, n_items, f"release {tenant}/{release_id}")
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -198,6 +208,7 @@ def decode(
         candidates=candidates,
         neighbors=neighbors,
         encoder=_encoder(tenant, release_id, model_meta, item_vectors, get),
+        two_stage=two_stage,
     )
 
 

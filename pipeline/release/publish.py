@@ -14,13 +14,14 @@ import numpy as np
 from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
 from pipeline.experiments import challenger
-from pipeline.features.dataset import Features
-from pipeline.models import DotProduct, ItemItem, Recommender, registry
+from pipeline.features.dataset import Features, read_item_features
+from pipeline.models import DotProduct, ItemItem, Recommender, TrainData, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
 from pipeline.release import alias, candidates
 from pipeline.release import format as release
 from pipeline.storage import codecs, paths
+from pipeline.twostage import stage as two_stage
 
 STAGE = "publish"
 IO = StageIO(
@@ -34,6 +35,8 @@ IO = StageIO(
         paths.REFITTED.weights,
         paths.REFITTED.meta,
         paths.REFIT_RESULT,
+        paths.REFIT_RANKER,
+        paths.ITEM_FEATURES,
         paths.INDEX,
         paths.INDEX_INFO,
         paths.METRICS,
@@ -42,7 +45,7 @@ IO = StageIO(
     writes=(paths.result("publish"),),
 )
 # what the manifest keeps of the gate's decision (the run's gate/decision.json has all the evidence)
-GATE_FIELDS = ("publish", "reason", "checks", "metric", "basis", "champion_release_id", "ci")
+GATE_FIELDS = ("publish", "reason", "checks", "metric", "basis", "champion_release_id", "ci", "two_stage")
 
 
 def _seen_csr(feats: Features) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +104,11 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         )
     else:
         info |= {"dim": 0, "scoring": "item_item", "similarity_nnz": int(scores.similarity.nnz)}
+    if (ctx.read_json(paths.DECISION).get(two_stage.NAME) or {}).get("serve") and ctx.exists(paths.REFIT_RANKER):
+        # the gate chose two stages: the refit's ranker and what serving needs to run it
+        data = TrainData.from_events(feats.events, feats.n_users, feats.n_items, read_item_features(ctx))
+        files |= two_stage.release_files(ctx, data, model, ctx.read(paths.REFIT_RANKER))
+        info["two_stage"] = True
     return files, info
 
 

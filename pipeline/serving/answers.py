@@ -213,9 +213,11 @@ def recommend_many(
     known = list(personal)
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     want = candidates_wanted(live, opts)
+    second = live.release.two_stage  # a ranker to apply after retrieval, when the gate chose two stages
+    fetch = max(want, second.model_candidates) if second is not None else want
     search = []
     for j in known:  # the users of one request: the release's precomputed candidates where they hold
-        got = live.precomputed(user_ids[j], personal[j], want, excluded, allowed) if live.scoring == "dot" else None
+        got = live.precomputed(user_ids[j], personal[j], fetch, excluded, allowed) if live.scoring == "dot" else None
         if got is None:
             search.append(j)
         else:
@@ -225,10 +227,13 @@ def recommend_many(
     if search:
         metrics.candidates.labels(tenant, "search").inc(len(search))
         exclude = [np.concatenate((personal[j][1], excluded)) for j in search]
-        rows, scores = live.top_items([personal[j] for j in search], want, exclude, allowed)
+        rows, scores = live.top_items([personal[j] for j in search], fetch, exclude, allowed)
         for n, j in enumerate(search):
             ok = rows[n] >= 0
             found[j] = (rows[n][ok], scores[n][ok])
+    if second is not None:
+        for j in found:  # the users of one request: the ranker reorders each one's merged candidates
+            found[j] = second_stage(live, user_ids[j], personal[j], found[j], excluded, allowed, want)
     filtered = allowed is not None
     out = []
     for j, user_id in enumerate(user_ids):  # the users of one request
@@ -263,6 +268,25 @@ def recommend_many(
             )
         )
     return out
+
+
+def second_stage(
+    live: LiveRelease,
+    user_id: str,
+    user: UserData,
+    retrieved: tuple[np.ndarray, np.ndarray],
+    excluded: np.ndarray,
+    allowed: np.ndarray | None,
+    want: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The release's ranker over the user's merged candidates (pipeline/twostage/serve.py); a user
+    the release does not know (new since, folded in) has no statistics: retrieval's order stands."""
+    row = live.row_of_user(user_id)
+    rows, scores = retrieved
+    if row is None:
+        return rows[:want], scores[:want]
+    banned = np.concatenate((user[1], excluded)).astype(np.int64)
+    return live.release.two_stage.rank(row, user[1], rows, scores, banned, allowed, want)
 
 
 def one_user(live: LiveRelease, tenant: str, user_id: str) -> tuple[UserData | None, str | None]:

@@ -153,6 +153,7 @@ class ModelArtifacts:
 
 TRAINED = ModelArtifacts(Artifact("train", "model.safetensors"), Artifact("train", "model.json"))
 TRAIN_RESULT = result("train")
+TRAINED_RANKER = Artifact("train", "ranker.safetensors")  # two_stage: the ranker evaluate and the gate judge
 
 METRICS = Artifact("evaluate", "metrics.json")
 PER_USER_METRICS = Artifact("evaluate", "per_user.parquet")
@@ -162,6 +163,7 @@ PAIRED = Artifact("gate", "paired.parquet")
 
 REFITTED = ModelArtifacts(Artifact("refit", "model.safetensors"), Artifact("refit", "model.json"))
 REFIT_RESULT = result("refit")
+REFIT_RANKER = Artifact("refit", "ranker.safetensors")  # two_stage: the ranker learned from every event
 
 INDEX = Artifact("index", "items.faiss")
 INDEX_INFO = Artifact("index", "info.json")

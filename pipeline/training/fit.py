@@ -16,7 +16,7 @@ from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
 from pipeline.models.io import model_meta, write_model
 from pipeline.ops import tracking
 from pipeline.storage import paths
-from pipeline.storage.paths import ModelArtifacts
+from pipeline.storage.paths import Artifact, ModelArtifacts
 
 # what both fits read: the model select chose and the indexed tables
 READS = (paths.SELECTED_CONFIG, paths.USERS, paths.ITEMS, paths.EVENTS, paths.ITEM_FEATURES)
@@ -27,8 +27,11 @@ def chosen_config(ctx: RunContext) -> ModelBase:
     return model_config(ctx.read_json(paths.SELECTED_CONFIG))
 
 
-def fit(ctx: RunContext, stage: str, holdout: bool | None, out: ModelArtifacts) -> dict[str, Any]:
-    """Fit the chosen model on the train split (holdout=False) or on every event (None)."""
+def fit(
+    ctx: RunContext, stage: str, holdout: bool | None, out: ModelArtifacts, ranker: Artifact | None = None
+) -> dict[str, Any]:
+    """Fit the chosen model on the train split (holdout=False) or on every event (None); with
+    `two_stage` on, also the ranker, learned from the same events only (pipeline/twostage/stage.py)."""
     log = ctx.logger(stage)
     feats = Features.read(ctx)
     data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items, read_item_features(ctx))
@@ -73,6 +76,10 @@ def fit(ctx: RunContext, stage: str, holdout: bool | None, out: ModelArtifacts) 
         "device": str(device),
         "mlflow_run_id": run.info.run_id,
     }
+    if ranker is not None:
+        from pipeline.twostage.stage import fit_ranker
+
+        result["two_stage"] = fit_ranker(ctx, stage, data, cfg, device, ranker, run.info.run_id)
     log.info(
         "%s: %s fitted on %d events in %.1fs (loss %.6f)",
         stage,

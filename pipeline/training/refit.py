@@ -12,8 +12,8 @@ from pipeline.storage import paths
 from pipeline.training.fit import READS, fit
 
 STAGE = "refit"
-IO = StageIO(reads=READS, writes=(paths.REFITTED.weights, paths.REFITTED.meta, paths.REFIT_RESULT))
+IO = StageIO(reads=READS, writes=(paths.REFITTED.weights, paths.REFITTED.meta, paths.REFIT_RESULT, paths.REFIT_RANKER))
 
 
 def refit(ctx: RunContext) -> dict[str, Any]:
-    return fit(ctx, STAGE, holdout=None, out=paths.REFITTED)
+    return fit(ctx, STAGE, holdout=None, out=paths.REFITTED, ranker=paths.REFIT_RANKER)
