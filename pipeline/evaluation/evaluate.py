@@ -79,7 +79,7 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
         data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items, read_item_features(ctx))
         two = two_stage.evaluate(ctx, data, model, relevant, k, paths.TRAINED_RANKER)
         if two is not None:
-            results[two_stage.NAME] = at_k(two[0], k)
+            results[two_stage.NAME] = {**at_k(two[0], k)}
             per_user_cols.update({f"{two_stage.NAME}_{metric}": values for metric, values in two[1].items()})
     ctx.write(paths.PER_USER_METRICS, codecs.parquet_bytes(pd.DataFrame(per_user_cols)))
     report = {
