@@ -193,19 +193,41 @@ class ALS:
         reg: torch.Tensor,
         steps: int,
         terms: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`steps` conjugate-gradient steps on every row's normal equations, block by block, from X0.
 
         terms (float64 scalar): if given, sum over this side's pairs of (c - 1) s^2 - 2 c p s, plus
         sum of r |x0|^2 (s = x0_u . y_i), added in: the objective at (X0, F) minus its cheap parts,
-        taken from the product the first CG residual computes anyway.
+        taken from the product the first CG residual computes anyway. out may be X0 (in place).
+        On the CPU the compiled row-by-row loop of als_kernel runs instead of the tensor ops.
         """
-        FtF, out = F.T @ F, torch.empty_like(X0)
-        for block in side.blocks:
-            self._cg_block(side, block, F, FtF, X0, target, reg, steps, out[block.r0 : block.r1], terms)
+        FtF, out = F.T @ F, torch.empty_like(X0) if out is None else out
+        if F.device.type == "cpu":
+            self._cg_cpu(side, F, FtF, X0, target, reg, steps, out, terms)
+        else:
+            for block in side.blocks:
+                self._cg_block(side, block, F, FtF, X0, target, reg, steps, out[block.r0 : block.r1], terms)
         if not bool(torch.isfinite(out.sum())):  # a NaN or inf anywhere poisons the sum; one cheap pass
             raise TrainingDiverged("ALS conjugate gradient produced non-finite factors")
         return out
+
+    @staticmethod
+    def _cg_cpu(side, F, FtF, X0, target, reg, steps: int, out: torch.Tensor, terms) -> None:
+        """als_kernel.cg_rows on torch.get_num_threads() threads (chunks of equal work, 8 per thread)."""
+        import numba
+
+        from pipeline.models.als_kernel import cg_rows, work_cuts  # compiled or cached
+
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        numba.set_num_threads(threads)
+        indptr = side.crow.numpy()
+        csr = (indptr, side.col.numpy(), side.weight.numpy(), target.numpy())
+        per_row = np.empty(side.n_rows, np.float64)
+        cuts = work_cuts(indptr, F.shape[1], 8 * threads)
+        cg_rows(csr, F.numpy(), FtF.numpy(), reg.numpy(), X0.numpy(), out.numpy(), steps, cuts, per_row)
+        if terms is not None:
+            terms += float(per_row.sum())
 
     @staticmethod
     def _cg_block(side, block, F, FtF, X0, target, reg, steps: int, x: torch.Tensor, terms) -> None:
