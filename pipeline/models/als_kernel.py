@@ -157,6 +157,18 @@ def cg_rows(csr, F, G, reg, X0, out, steps, cuts, terms):
                 out[u, t] = x[t]
 
 
+def solve_rows(csr, F, G, reg, X0, out, steps: int) -> float:
+    """cg_rows on torch's thread count, in chunks of equal work (8 per thread); returns the
+    loss terms summed over the rows (in row order: the same sum on any thread count)."""
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    numba.set_num_threads(threads)
+    per_row = np.empty(len(X0), np.float64)
+    cg_rows(csr, F, G, reg, X0, out, steps, work_cuts(csr[0], F.shape[1], 8 * threads), per_row)
+    return float(per_row.sum())
+
+
 def work_cuts(indptr: np.ndarray, f: int, chunks: int) -> np.ndarray:
     """Row boundaries of `chunks` pieces of about equal work (a row costs its nonzeros plus
     f / 2 for the dense f x f product, counted in units of one nonzero's 2f multiply-adds)."""
