@@ -16,11 +16,10 @@ Each half-step solves A_u x_u = b_u for every row, A_u = YtY + sum_i (c_ui - 1) 
 b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
   cg        (default) `cg_steps` conjugate-gradient steps per row, warm-started from the
             previous factors (Takacs et al. 2011; implicit's default). A_u is never formed:
-            A_u p_u = YtY p_u + sum_i (c_ui - 1) (y_i.p_u) y_i is one sampled dense-dense
-            product (the dot products at the nonzeros only, `torch.sparse.sampled_addmm`), one
-            CSR x dense product and one GEMM for a block of rows at once: O(nnz f) per step
-            instead of O(nnz f^2 + rows f^3). On the CPU rows go in blocks of ~64k nonzeros,
-            each through all its steps, so the other side's rows it touches stay in cache.
+            A_u p_u = YtY p_u + sum_i (c_ui - 1) (y_i.p_u) y_i: O(nnz f) per step instead of
+            O(nnz f^2 + rows f^3). On a GPU, tensor ops for a block of rows at once (a sampled
+            dense-dense product at the nonzeros, CSR x dense, one GEMM); on the CPU a compiled
+            loop row by row on all cores (als_kernel.py: MKL's sparse paths are slow on AMD).
             The loss reported for iteration k comes from iteration k+1's first product.
             Its quality and speed against the exact solve: benchmarks/quality.py, training.py.
   cholesky  exact: the sum is one sparse x dense product C @ Z with Z_i = upper triangle of
@@ -112,8 +111,7 @@ class ALS:
         self.config = config or ALSConfig()
         self.device = torch.device(device)
         self.block_floats = block_floats
-        # CG runs block by block on the CPU so the other side's rows a block touches stay in
-        # cache across its steps (faster than one pass over all rows); a GPU wants one big launch
+        # the tensor-op CG's rows per launch (on the CPU only when called directly, as tests do)
         self.block_nnz = block_nnz or (1 << 16 if self.device.type == "cpu" else 1 << 62)
         self.X: torch.Tensor | None = None
         self.Y: torch.Tensor | None = None
@@ -121,24 +119,28 @@ class ALS:
     # --- fitting -----------------------------------------------------------------------
     def _side(self, rows, cols, conf, target, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
         """rows, cols: the pairs in (user, item) order (Pairs' order), for either side."""
+        weight, ctarget = (conf - 1.0).astype(np.float32), (conf * target).astype(np.float32)
+        return self._side_of(rows, cols, weight, ctarget, n_rows, n_cols, reg_lambda)
+
+    def _side_of(self, rows, cols, weight, ctarget, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
+        """_side from weight = c - 1 and ctarget = c p in float32 (unchanged: it permutes copies)."""
         cfg, dev = self.config, self.device
         # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface); the
         # compact types are taken before the permutation, so its copies are half as large
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
         cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64)
-        weight, ctarget = (conf - 1.0).astype(np.float32), (conf * target).astype(np.float32)
+        counts = np.bincount(rows, minlength=n_rows)
         if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):  # the user side comes sorted
             # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
             key = torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64)
             order = torch.sort(key, stable=True).indices.numpy()
-            del key
-            rows, cols, weight, ctarget = rows[order], cols[order], weight[order], ctarget[order]
-            del order
-        counts = np.bincount(rows, minlength=n_rows)
+            cols, weight, ctarget = cols[order], weight[order], ctarget[order]
+            rows = rows[order] if cfg.solver == "cholesky" else None  # only the tiles need rows
+            del key, order
         crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
         reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
         indptr = np.concatenate(([0], np.cumsum(counts)))
-        cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(rows), self.block_nnz)), n_rows])
+        cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(cols), self.block_nnz)), n_rows])
         blocks = [
             _Block(int(r0), int(r1), int(indptr[r0]), int(indptr[r1]), crow[r0 : r1 + 1] - crow[r0])
             for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True)
@@ -319,23 +321,28 @@ class ALS:
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
+        # float64 arrays are dropped as soon as their float32 forms exist (10M pairs: 80 MB each)
         pairs = training_pairs(data)
         conf = confidence(pairs.events, cfg.alpha)
         target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-        constant = float(np.sum(conf * target**2))
-        user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
-        item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
-        fold, counts = fold_in_terms(cfg), user_side.counts.cpu().numpy()
-        fold_target = None
+        ct = conf * target
+        constant = float(np.dot(ct, target))  # sum c p^2
+        weight, ctarget = (conf - 1.0).astype(np.float32), ct.astype(np.float32)
+        del ct
+        fold, fold_target = fold_in_terms(cfg), None
         if cfg.fold_in_half_life:  # Pairs' order is the user side's
-            sharp = recency_target(pairs.newer, fold.half_life, fold.floor)
-            fold_target = torch.as_tensor((conf * sharp).astype(np.float32), device=dev)
-            del sharp
-        del pairs, conf, target  # the sides hold what training needs (the pairs: ~34 bytes each)
+            target = recency_target(pairs.newer, fold.half_life, fold.floor)
+            fold_target = torch.as_tensor((conf * target).astype(np.float32), device=dev)
+        user, item = pairs.user, pairs.item
+        del pairs, conf, target
+        user_side = self._side_of(user, item, weight, ctarget, data.n_users, data.n_items, cfg.regularization)
+        item_side = self._side_of(item, user, weight, ctarget, data.n_items, data.n_users, cfg.regularization)
+        del user, item, weight, ctarget
+        counts = user_side.counts.cpu().numpy()
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / np.sqrt(cfg.factors)
-        self.X = (torch.randn(data.n_users, cfg.factors, generator=gen) * std).to(dev)
-        self.Y = (torch.randn(data.n_items, cfg.factors, generator=gen) * std).to(dev)
+        self.X = torch.randn(data.n_users, cfg.factors, generator=gen).mul_(std).to(dev)
+        self.Y = torch.randn(data.n_items, cfg.factors, generator=gen).mul_(std).to(dev)
         # on the CPU each half-step overwrites the factors it solves (saves a copy of X)
         out = (lambda M: M) if dev.type == "cpu" else (lambda M: None)  # noqa: E731
 

@@ -72,7 +72,10 @@ def _by_user_then_time(user: np.ndarray, t: np.ndarray) -> np.ndarray:
     t0, span = int(t.min()), int(t.max()) - int(t.min()) + 1
     if span * (int(user.max()) + 1) >= 2**62:
         return np.lexsort((t, user))
-    return np.argsort(user * span + (t.astype(np.int64) - t0))
+    key = user * span  # built in place: one temporary
+    key += t
+    key -= t0
+    return np.argsort(key)
 
 
 def recency_target(newer: np.ndarray, half_life: float | None, floor: float) -> np.ndarray:
