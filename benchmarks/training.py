@@ -7,7 +7,8 @@ Data: 500k users x 50k items, ~8.5M unique (user, item) pairs with a long tail (
 popularity, log-normal user activity, taste clusters), generated vectorised and cached
 under var/cache/. `--quick`: 50k x 5k, ~850k pairs.
 
-Jobs (each in its own subprocess, so peak RSS is per model):
+Jobs (each in its own subprocess, so peak RSS is per model; ours first fit a 4-pair tenant,
+so compiling or loading numba's cache is not timed: `warmup_seconds`):
   als               our ALS, default config (3 CG steps per solve), `--als-iterations` (15), 64 factors
   als_cholesky      the same with exact Cholesky solves (not run unless named in --only: ~35 min)
   ease              not run unless named in --only: its dense items^2 solve is for smaller catalogs
@@ -23,8 +24,15 @@ Threads: BLAS is pinned to 1 thread per process (OPENBLAS/MKL/OMP_NUM_THREADS=1,
 implicit recommends); the models' own parallelism gets `--threads` (default 1: on a shared
 2-core box OpenMP threads spin on barriers while another process holds a core):
 torch.set_num_threads for ours, num_threads for implicit's. Every row records its
-threads, wall seconds, seconds per epoch and peak RSS (ru_maxrss of the subprocess).
+threads, wall seconds, CPU seconds (user + system, all threads: steadier than wall time
+when other work shares the box), seconds per epoch, peak RSS (ru_maxrss of the subprocess),
+the load average before and after, and the thread pools loaded (threadpoolctl: which BLAS,
+OpenMP). The result records the CPU model (lscpu) and torch's build configuration (its BLAS).
 A job that exceeds `--job-timeout` is recorded as a timeout, not dropped.
+
+Before/after in one run: `--baseline DIR` (a checkout of another commit, e.g.
+`git worktree add /tmp/base main`) runs that checkout's `als` and `bpr` jobs too, interleaved
+with this one's, as rows with "code": "baseline" (this checkout's: "code": "this").
 """
 
 from __future__ import annotations
@@ -133,8 +141,49 @@ def run_job(name: str, data_path: Path, threads: int, epochs_other: int, bpr_epo
         row.update(_implicit(name, d, users, items, threads, bpr_epochs, als_iterations))
     else:
         row.update(_ours(name, d, users, items, threads, epochs_other, bpr_epochs, als_iterations))
-    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    row["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    row["threadpools"] = _threadpools()
     return row
+
+
+def _threadpools() -> list[dict]:
+    """The BLAS and OpenMP libraries loaded in this process and their thread counts (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    keys = ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")
+    return [
+        {k: v for k, v in info.items() if k in keys} | {"file": Path(info["filepath"]).name}
+        for info in threadpool_info()
+    ]
+
+
+def machine() -> dict:
+    """CPU model (lscpu), cores, and torch's build configuration: which BLAS its CPU ops use."""
+    import torch
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    except (OSError, subprocess.CalledProcessError):
+        model = ""
+    config = torch.__config__.show().splitlines()
+    try:
+        import numba
+
+        numba_info = {"version": numba.__version__, "num_threads": numba.config.NUMBA_NUM_THREADS}
+    except ImportError:
+        numba_info = {}
+    return {
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_blas": [
+            ln.strip() for ln in config if any(k in ln for k in ("BLAS", "MKL", "LAPACK", "CPU capability"))
+        ],
+        "numba": numba_info,
+    }
 
 
 def _ours(
@@ -152,6 +201,11 @@ def _ours(
         "bpr": {"factors": 64, "epochs": bpr_epochs, "threads": threads},
     }.get(name, {})
     cfg = model_config({"kind": name.removesuffix("_cholesky"), **overrides})
+    warm = time.perf_counter()  # compiled kernels (numba: ALS, BPR) build or load from cache here, not in the timing
+    tiny = TrainData(3, 3, np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]), np.arange(4), np.full(4, np.nan))
+    small = {"iterations": 1} if "als" in name else {"epochs": 1}
+    build(model_config({**cfg.model_dump(mode="json", exclude={"search"}), **small}), torch.device("cpu")).fit(tiny)
+    warmup_seconds = time.perf_counter() - warm
     model = build(cfg, torch.device("cpu"))
     limit = None if name in ("als", "als_cholesky", "bpr") else epochs_other
     stamps: list[float] = []
@@ -166,13 +220,17 @@ def _ours(
             raise _Stop
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     try:
         model.fit(data, callback=progress)
     except _Stop:
         pass
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     epoch_secs = np.diff([started, *stamps])
     return {
+        "cpu_seconds": round(cpu_seconds, 2),
+        "warmup_seconds": round(warmup_seconds, 2),
         "config": cfg.model_dump(mode="json", exclude={"search"}),
         "epochs": len(stamps),
         "seconds": round(seconds, 2),
@@ -207,9 +265,11 @@ def _implicit(name: str, d, users: int, items: int, threads: int, bpr_epochs: in
         )
         epochs = bpr_epochs
     started = time.perf_counter()
+    cpu_started = time.process_time()
     model.fit(m, show_progress=False)
     seconds = time.perf_counter() - started
     return {
+        "cpu_seconds": round(time.process_time() - cpu_started, 2),
         "library": f"implicit {implicit.__version__}",
         "epochs": epochs,
         "seconds": round(seconds, 2),
@@ -257,6 +317,7 @@ def main() -> None:
     )
     parser.add_argument("--job-timeout", type=float, default=3600.0, help="seconds before a job is given up")
     parser.add_argument("--cache", default=str(ROOT / "var" / "cache"))
+    parser.add_argument("--baseline", default="", help="another checkout whose als/bpr jobs run too (before/after)")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
     parser.add_argument("--_data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,38 +333,45 @@ def main() -> None:
     env.setdefault("RECSYS_DEVICE", "cpu")
     rows = []
     only = [s for s in args.only.split(",") if s]
-    for name in jobs(only):
-        cmd = [sys.executable, __file__, "--_job", name, "--_data", str(data_path), "--threads", str(args.threads)]
+    runs = [(name, "this", Path(__file__)) for name in jobs(only)]
+    if args.baseline:  # each baseline job right after this checkout's, so both see about the same load
+        base = Path(args.baseline).resolve() / "benchmarks" / "training.py"
+        runs = [
+            r for this in runs for r in [this] + ([(this[0], "baseline", base)] if this[0] in ("als", "bpr") else [])
+        ]
+    for name, code, script in runs:
+        cmd = [sys.executable, str(script), "--_job", name, "--_data", str(data_path), "--threads", str(args.threads)]
         cmd += ["--epochs-other", str(args.epochs_other), "--bpr-epochs", str(args.bpr_epochs)]
         cmd += ["--als-iterations", str(args.als_iterations)]
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.job_timeout)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             row = json.loads(lines[-1][7:]) if lines else {"job": name, "error": proc.stderr[-2000:]}
         except subprocess.TimeoutExpired as exc:
             row = {"job": name, "error": f"timeout after {args.job_timeout:.0f}s", **_partial(exc.stdout)}
+        row["code"] = code
         target = 100 if "bpr" in name else 15 if "als" in name else None
         if target and row.get("seconds_per_epoch"):  # setup + the target epochs at the measured pace
             row[f"projected_{target}_epochs_seconds"] = round(
                 row["seconds"] + (target - row["epochs"]) * row["seconds_per_epoch"], 1
             )
         row["load_average_before"] = round(load_before, 2)
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)  # the job's whole process, setup included
+        row["cpu_seconds_process"] = round(done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime, 2)
+        row["load_average_after"] = round(os.getloadavg()[0], 2)
         row["wall_seconds_with_startup"] = round(time.perf_counter() - started, 1)
         rows.append(row)
-        keys = ("seconds", "seconds_per_epoch", "epochs", "peak_rss_mb", "threads", "error")
-        print(f"{name:<14} " + "  ".join(f"{k}={row[k]}" for k in keys if k in row), flush=True)
+        keys = ("seconds", "cpu_seconds", "seconds_per_epoch", "epochs", "peak_rss_mb", "threads", "error")
+        label = f"{name}@{code}" if args.baseline else name
+        print(f"{label:<18} " + "  ".join(f"{k}={row[k]}" for k in keys if k in row), flush=True)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": describe(data_path),
         "quick": args.quick,
-        "machine": {
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": __import__("torch").__version__,
-        },
+        "machine": machine(),
         "threads": {"compute": args.threads, "blas": 1},
         "reference": REFERENCE,
         "rows": rows,

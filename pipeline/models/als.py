@@ -19,11 +19,10 @@ Each half-step solves A_u x_u = b_u for every row, A_u = YtY + sum_i (c_ui - 1) 
 b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
   cg        (default) `cg_steps` conjugate-gradient steps per row, warm-started from the
             previous factors (Takacs et al. 2011; implicit's default). A_u is never formed:
-            A_u p_u = YtY p_u + sum_i (c_ui - 1) (y_i.p_u) y_i is one sampled dense-dense
-            product (the dot products at the nonzeros only, `torch.sparse.sampled_addmm`), one
-            CSR x dense product and one GEMM for a block of rows at once: O(nnz f) per step
-            instead of O(nnz f^2 + rows f^3). On the CPU rows go in blocks of ~64k nonzeros,
-            each through all its steps, so the other side's rows it touches stay in cache.
+            A_u p_u = YtY p_u + sum_i (c_ui - 1) (y_i.p_u) y_i: O(nnz f) per step instead of
+            O(nnz f^2 + rows f^3). On a GPU, tensor ops for a block of rows at once (a sampled
+            dense-dense product at the nonzeros, CSR x dense, one GEMM); on the CPU a compiled
+            loop row by row on all cores (als_kernel.py: MKL's sparse paths are slow on AMD).
             The loss reported for iteration k comes from iteration k+1's first product.
             Its quality and speed against the exact solve: benchmarks/quality.py, training.py.
   cholesky  exact: the sum is one sparse x dense product C @ Z with Z_i = upper triangle of
@@ -116,8 +115,7 @@ class ALS:
         self.config = config or ALSConfig()
         self.device = torch.device(device)
         self.block_floats = block_floats
-        # CG runs block by block on the CPU so the other side's rows a block touches stay in
-        # cache across its steps (faster than one pass over all rows); a GPU wants one big launch
+        # the tensor-op CG's rows per launch (on the CPU only when called directly, as tests do)
         self.block_nnz = block_nnz or (1 << 16 if self.device.type == "cpu" else 1 << 62)
         self.X: torch.Tensor | None = None
         self.Y: torch.Tensor | None = None
@@ -125,19 +123,28 @@ class ALS:
     # --- fitting -----------------------------------------------------------------------
     def _side(self, rows, cols, conf, target, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
         """rows, cols: the pairs in (user, item) order (Pairs' order), for either side."""
+        weight, ctarget = (conf - 1.0).astype(np.float32), (conf * target).astype(np.float32)
+        return self._side_of(rows, cols, weight, ctarget, n_rows, n_cols, reg_lambda)
+
+    def _side_of(self, rows, cols, weight, ctarget, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
+        """_side from weight = c - 1 and ctarget = c p in float32 (unchanged: it permutes copies)."""
         cfg, dev = self.config, self.device
-        # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
-        key = torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64)
-        order = torch.sort(key, stable=True).indices.numpy()
-        rows, cols, conf, target = rows[order], cols[order], conf[order], target[order]
-        counts = np.bincount(rows, minlength=n_rows)
-        # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface)
+        # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface); the
+        # compact types are taken before the permutation, so its copies are half as large
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
+        cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64)
+        counts = np.bincount(rows, minlength=n_rows)
+        if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):  # the user side comes sorted
+            # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
+            key = torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64)
+            order = torch.sort(key, stable=True).indices.numpy()
+            cols, weight, ctarget = cols[order], weight[order], ctarget[order]
+            rows = rows[order] if cfg.solver == "cholesky" else None  # only the tiles need rows
+            del key, order
         crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
-        as_f = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
         reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
         indptr = np.concatenate(([0], np.cumsum(counts)))
-        cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(rows), self.block_nnz)), n_rows])
+        cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(cols), self.block_nnz)), n_rows])
         blocks = [
             _Block(int(r0), int(r1), int(indptr[r0]), int(indptr[r1]), crow[r0 : r1 + 1] - crow[r0])
             for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True)
@@ -146,23 +153,23 @@ class ALS:
             n_rows=n_rows,
             n_cols=n_cols,
             crow=crow,
-            col=torch.as_tensor(cols, dtype=index, device=dev),
-            weight=as_f(conf - 1.0),
-            target=as_f(conf * target),
-            reg=as_f(reg),
+            col=torch.as_tensor(cols, device=dev),
+            weight=torch.as_tensor(weight, device=dev),
+            target=torch.as_tensor(ctarget, device=dev),
+            reg=torch.as_tensor(reg, dtype=torch.float32, device=dev),
             counts=torch.as_tensor(counts, device=dev),
-            tiles=self._tiles(rows, cols, conf, n_rows, n_cols) if cfg.solver == "cholesky" else [],
+            tiles=self._tiles(rows, cols, weight, n_rows, n_cols) if cfg.solver == "cholesky" else [],
             blocks=blocks,
         )
 
-    def _tiles(self, rows, cols, conf, n_rows: int, n_cols: int) -> list:
+    def _tiles(self, rows, cols, weight, n_rows: int, n_cols: int) -> list:
         f = self.config.factors
         step = max(1, self.block_floats // (f * (f + 1) // 2))
         tiles = []
         for r0 in range(0, n_rows, step):
             r1 = min(r0 + step, n_rows)
             lo, hi = np.searchsorted(rows, [r0, r1])
-            br, bc, bv = rows[lo:hi] - r0, cols[lo:hi], conf[lo:hi] - 1.0
+            br, bc, bv = rows[lo:hi] - r0, cols[lo:hi].astype(np.int64), weight[lo:hi]
             parts = []
             for c0 in range(0, n_cols, step):
                 c1 = min(c0 + step, n_cols)
@@ -180,13 +187,15 @@ class ALS:
         target: torch.Tensor | None = None,
         reg: torch.Tensor | None = None,
         steps: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """New factors for every row of `side` given the other side's factors F (X0: current ones)."""
+        """New factors for every row of `side` given the other side's factors F (X0: current ones;
+        CG writes into `out`, which may be X0)."""
         target = side.target if target is None else target
         reg = side.reg if reg is None else reg
         if self.config.solver == "cholesky":
             return self._solve_exact(side, F, target, reg)
-        return self._solve_cg(side, F, X0, target, reg, steps or self.config.cg_steps)
+        return self._solve_cg(side, F, X0, target, reg, steps or self.config.cg_steps, out=out)
 
     def _solve_cg(
         self,
@@ -197,16 +206,26 @@ class ALS:
         reg: torch.Tensor,
         steps: int,
         terms: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`steps` conjugate-gradient steps on every row's normal equations, block by block, from X0.
 
         terms (float64 scalar): if given, sum over this side's pairs of (c - 1) s^2 - 2 c p s, plus
         sum of r |x0|^2 (s = x0_u . y_i), added in: the objective at (X0, F) minus its cheap parts,
-        taken from the product the first CG residual computes anyway.
+        taken from the product the first CG residual computes anyway. out may be X0 (in place).
+        On the CPU the compiled row-by-row loop of als_kernel runs instead of the tensor ops.
         """
-        FtF, out = F.T @ F, torch.empty_like(X0)
-        for block in side.blocks:
-            self._cg_block(side, block, F, FtF, X0, target, reg, steps, out[block.r0 : block.r1], terms)
+        FtF, out = F.T @ F, torch.empty_like(X0) if out is None else out
+        if F.device.type == "cpu":
+            from pipeline.models.als_kernel import solve_rows  # numba: compiled or cached on first use
+
+            csr = (side.crow.numpy(), side.col.numpy(), side.weight.numpy(), target.numpy())
+            pair_terms = solve_rows(csr, F.numpy(), FtF.numpy(), reg.numpy(), X0.numpy(), out.numpy(), steps)
+            if terms is not None:
+                terms += pair_terms
+        else:
+            for block in side.blocks:
+                self._cg_block(side, block, F, FtF, X0, target, reg, steps, out[block.r0 : block.r1], terms)
         if not bool(torch.isfinite(out.sum())):  # a NaN or inf anywhere poisons the sum; one cheap pass
             raise TrainingDiverged("ALS conjugate gradient produced non-finite factors")
         return out
@@ -280,38 +299,59 @@ class ALS:
             out[r0:r1] = torch.cholesky_solve(b_all[r0:r1, :, None], L)[:, :, 0]
         return out
 
-    def loss(self, user_side: _Side, item_side: _Side, constant: float, terms: torch.Tensor | None = None) -> float:
+    def loss(
+        self,
+        user_side: _Side,
+        item_side: _Side,
+        constant: float,
+        terms: torch.Tensor | None = None,
+        gram: torch.Tensor | None = None,
+    ) -> float:
         """The full objective per observed pair, without materialising the dense matrix.
 
         Per pair c (p - s)^2 - s^2 (the unobserved cell's s^2 is in the all-cells term) expands
         to c p^2 - 2 c p s + (c - 1) s^2: `constant` is sum c p^2; the pair terms and the user
-        regulariser come from `terms` (see _solve_cg), computed here if not given.
+        regulariser come from `terms` (see _solve_cg), computed here if not given; `gram`: X^T X
+        of the X the terms were taken at, if X has been overwritten since.
         """
         X, Y = self.X, self.Y
         assert X is not None and Y is not None, "fit first"
         if terms is None:
             terms = torch.zeros((), dtype=torch.float64, device=X.device)
             self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms)
-        all_sq = torch.sum((X.T @ X) * (Y.T @ Y))  # sum over every (u, i) of (x_u.y_i)^2
+        all_sq = torch.sum((X.T @ X if gram is None else gram) * (Y.T @ Y))  # sum over every (u, i) of (x_u.y_i)^2
         item_reg = torch.dot(item_side.reg, torch.einsum("ij,ij->i", Y, Y))
         return float((constant + all_sq.double() + terms + item_reg.double()) / max(len(user_side.col), 1))
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
+        # float64 arrays are dropped as soon as their float32 forms exist (10M pairs: 80 MB each)
         pairs = training_pairs(data)
         conf = confidence(pairs.events, cfg.alpha, pairs.weight)
         target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-        user_side = self._side(pairs.user, pairs.item, conf, target, data.n_users, data.n_items, cfg.regularization)
-        item_side = self._side(pairs.item, pairs.user, conf, target, data.n_items, data.n_users, cfg.regularization)
+        ct = conf * target
+        constant = float(np.dot(ct, target))  # sum c p^2
+        weight, ctarget = (conf - 1.0).astype(np.float32), ct.astype(np.float32)
+        del ct
+        fold, fold_target = fold_in_terms(cfg), None
+        if cfg.fold_in_half_life:  # Pairs' order is the user side's
+            target = recency_target(pairs.newer, fold.half_life, fold.floor)
+            fold_target = torch.as_tensor((conf * target).astype(np.float32), device=dev)
+        user, item = pairs.user, pairs.item
+        del pairs, conf, target
+        user_side = self._side_of(user, item, weight, ctarget, data.n_users, data.n_items, cfg.regularization)
+        item_side = self._side_of(item, user, weight, ctarget, data.n_items, data.n_users, cfg.regularization)
+        del user, item, weight, ctarget
+        counts = user_side.counts.cpu().numpy()
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / np.sqrt(cfg.factors)
-        self.X = (torch.randn(data.n_users, cfg.factors, generator=gen) * std).to(dev)
-        self.Y = (torch.randn(data.n_items, cfg.factors, generator=gen) * std).to(dev)
-        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
-        constant = float(np.sum(conf * target**2))
+        self.X = torch.randn(data.n_users, cfg.factors, generator=gen).mul_(std).to(dev)
+        self.Y = torch.randn(data.n_items, cfg.factors, generator=gen).mul_(std).to(dev)
+        # on the CPU each half-step overwrites the factors it solves (saves a copy of X)
+        out = (lambda M: M) if dev.type == "cpu" else (lambda M: None)  # noqa: E731
 
-        def report(it: int, terms: torch.Tensor | None) -> None:
-            loss = self.loss(user_side, item_side, constant, terms)
+        def report(it: int, terms: torch.Tensor | None, gram: torch.Tensor | None = None) -> None:
+            loss = self.loss(user_side, item_side, constant, terms, gram)
             if not np.isfinite(loss):
                 raise TrainingDiverged(f"ALS loss is {loss} at iteration {it}")
             if callback is not None:
@@ -320,12 +360,15 @@ class ALS:
         for it in range(1, cfg.iterations + 1):
             if cfg.solver == "cg" and it > 1:  # iteration it-1's loss from this half-step's first product
                 terms = torch.zeros((), dtype=torch.float64, device=dev)
-                X = self._solve_cg(user_side, self.Y, self.X, user_side.target, user_side.reg, cfg.cg_steps, terms)
-                report(it - 1, terms)
+                gram = self.X.T @ self.X
+                X = self._solve_cg(
+                    user_side, self.Y, self.X, user_side.target, user_side.reg, cfg.cg_steps, terms, out(self.X)
+                )
+                report(it - 1, terms, gram)
                 self.X = X
             else:
-                self.X = self._solve(user_side, self.Y, self.X)
-            self.Y = self._solve(item_side, self.X, self.Y)
+                self.X = self._solve(user_side, self.Y, self.X, out=out(self.X))
+            self.Y = self._solve(item_side, self.X, self.Y, out=out(self.Y))
             if cfg.solver == "cholesky" or it == cfg.iterations:
                 report(it, None)
         if cfg.cold_item_regularization and data.item_features is not None:
@@ -335,16 +378,16 @@ class ALS:
             if len(cold):
                 assert self.Y is not None
                 self.Y[torch.as_tensor(cold, device=dev)] = torch.as_tensor(vectors, device=dev)
-        if cfg.fold_in_half_life:
-            fold = fold_in_terms(cfg)
-            sharp = recency_target(pairs.newer, fold.half_life, fold.floor)
+        if fold_target is not None:
+            fold_reg = row_regularization(counts, fold.regularization, cfg.reg_exponent)
             self.X = self._solve(
                 user_side,
                 self.Y,
                 self.X,
-                target=as_t(conf * sharp),  # Pairs' order is the user side's
-                reg=as_t(row_regularization(user_side.counts.cpu().numpy(), fold.regularization, cfg.reg_exponent)),
+                target=fold_target,
+                reg=torch.as_tensor(fold_reg, dtype=torch.float32, device=dev),
                 steps=cfg.fold_in_cg_steps,
+                out=out(self.X),
             )
             if not torch.isfinite(self.X).all():
                 raise TrainingDiverged("ALS fold-in produced non-finite user vectors")

@@ -46,27 +46,40 @@ def training_pairs(data: TrainData) -> Pairs:
     newer = #{the user's pairs whose latest event is at or after this one's} - 1, so pairs
     tied at the same second all count each other as newer.
     """
-    u = np.asarray(data.user_idx, dtype=np.int64)
-    i = np.asarray(data.item_idx, dtype=np.int64)
-    t = np.asarray(data.timestamp)
-    key = u * max(data.n_items, 1) + i
+    n_items = max(data.n_items, 1)
+    key = np.asarray(data.user_idx, dtype=np.int64) * n_items + np.asarray(data.item_idx, dtype=np.int64)
     order = np.argsort(key)
+    # intermediates are dropped as soon as they are used: at 10M events each is 80 MB
     sorted_key = key[order]
-    start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]]) if len(key) else np.zeros(0, np.int64)
-    latest = np.maximum.reduceat(t[order], start) if len(start) else t[:0]
-    weights = data.weights
-    weight = np.maximum.reduceat(weights[order], start) if len(start) else weights[:0]
-    events = np.diff(np.r_[start, len(key)]).astype(np.float64)
+    del key
+    t_sorted = np.asarray(data.timestamp)[order]
+    w_sorted = None if data.weight is None else data.weights[order]  # None: every weight 1, no array
+    del order
+    start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]]) if len(sorted_key) else np.zeros(0, np.int64)
+    latest = np.maximum.reduceat(t_sorted, start) if len(start) else t_sorted[:0]
+    weight = np.ones(len(start)) if w_sorted is None or not len(start) else np.maximum.reduceat(w_sorted, start)
+    del t_sorted, w_sorted
+    events = np.diff(np.r_[start, len(sorted_key)]).astype(np.float64)
     pair_key = sorted_key[start]
-    user, item = pair_key // max(data.n_items, 1), pair_key % max(data.n_items, 1)
+    del sorted_key, start
+    user, item = pair_key // n_items, pair_key % n_items
+    del pair_key
     by_time = _by_user_then_time(user, latest)  # each user's pairs, oldest first
-    u2, t2 = user[by_time], latest[by_time]
-    position = np.arange(len(u2))
+    u2 = user[by_time]
+    t2 = latest[by_time]
+    del latest
     new_group = np.r_[True, (u2[1:] != u2[:-1]) | (t2[1:] != t2[:-1])] if len(u2) else np.zeros(0, bool)
-    group_start = np.maximum.accumulate(np.where(new_group, position, 0))  # first pair tied with this one
+    del t2
+    group_start = np.where(new_group, np.arange(len(u2)), 0)  # first pair tied with this one
+    del new_group
+    np.maximum.accumulate(group_start, out=group_start)
     user_end = np.cumsum(np.bincount(u2, minlength=data.n_users))[u2]
-    newer = np.empty(len(u2))
-    newer[by_time] = user_end - group_start - 1
+    del u2
+    user_end -= group_start
+    del group_start
+    user_end -= 1
+    newer = np.empty(len(user_end))
+    newer[by_time] = user_end
     return Pairs(user, item, events, newer, weight)
 
 
@@ -77,7 +90,10 @@ def _by_user_then_time(user: np.ndarray, t: np.ndarray) -> np.ndarray:
     t0, span = int(t.min()), int(t.max()) - int(t.min()) + 1
     if span * (int(user.max()) + 1) >= 2**62:
         return np.lexsort((t, user))
-    return np.argsort(user * span + (t.astype(np.int64) - t0))
+    key = user * span  # built in place: one temporary
+    key += t
+    key -= t0
+    return np.argsort(key)
 
 
 def recency_target(newer: np.ndarray, half_life: float | None, floor: float) -> np.ndarray:

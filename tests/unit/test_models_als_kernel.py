@@ -1,0 +1,90 @@
+"""ALS's compiled CPU conjugate gradient (pipeline/models/als_kernel.py) against the tensor-op
+path it replaces on the CPU, and the memory-lean training_pairs against a plain reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config.models import ALSConfig
+from pipeline.models import TrainData
+from pipeline.models.als import ALS
+from pipeline.models.als_kernel import solve_rows, work_cuts
+from pipeline.models.pairs import training_pairs
+
+
+def _problem(seed=0, users=40, items=25, f=6):
+    rng = np.random.default_rng(seed)
+    n = 300
+    data = TrainData(
+        users, items, rng.integers(0, users, n), rng.integers(0, items, n), rng.integers(0, 50, n), np.ones(n)
+    )
+    pairs = training_pairs(data)
+    conf = 1.0 + np.log2(1.0 + pairs.events)
+    target = 0.2 + 0.8 * 0.5 ** (pairs.newer / 3.0)
+    model = ALS(ALSConfig(factors=f))
+    side = model._side(pairs.user, pairs.item, conf, target, users, items, 0.1)
+    Y = torch.as_tensor(rng.standard_normal((items, f)) * 0.3, dtype=torch.float32)
+    X0 = torch.as_tensor(rng.standard_normal((users, f)) * 0.3, dtype=torch.float32)
+    return model, side, Y, X0
+
+
+def _tensor_path(model, side, Y, X0, steps):
+    """The torch block path (the GPU's), run on the CPU: what the kernel must reproduce."""
+    FtF, out = Y.T @ Y, torch.empty_like(X0)
+    terms = torch.zeros((), dtype=torch.float64)
+    for block in side.blocks:
+        model._cg_block(side, block, Y, FtF, X0, side.target, side.reg, steps, out[block.r0 : block.r1], terms)
+    return out, float(terms)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_kernel_matches_the_tensor_path_and_its_loss_terms(steps):
+    model, side, Y, X0 = _problem()
+    want, want_terms = _tensor_path(model, side, Y, X0, steps)
+    terms = torch.zeros((), dtype=torch.float64)
+    got = model._solve_cg(side, Y, X0, side.target, side.reg, steps, terms)
+    assert np.allclose(got.numpy(), want.numpy(), atol=1e-5)
+    assert float(terms) == pytest.approx(want_terms, rel=1e-5)
+
+
+def test_kernel_result_is_the_same_on_any_thread_count_chunking_and_in_place():
+    model, side, Y, X0 = _problem(seed=1)
+    csr = (side.crow.numpy(), side.col.numpy(), side.weight.numpy(), side.target.numpy())
+    G, reg = (Y.T @ Y).numpy(), side.reg.numpy()
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = np.empty_like(X0.numpy())
+            results.append((out, solve_rows(csr, Y.numpy(), G, reg, X0.numpy(), out, 3)))
+    finally:
+        torch.set_num_threads(before)
+    same = X0.numpy().copy()
+    terms_in_place = solve_rows(csr, Y.numpy(), G, reg, same, same, 3)  # out is X0: row by row, safe
+    for out, terms in results[1:] + [(same, terms_in_place)]:
+        assert np.array_equal(out, results[0][0]) and terms == results[0][1]
+
+
+def test_work_cuts_split_rows_by_nonzeros_plus_the_dense_product():
+    # rows with 0, 10, 0, 0, 10 nonzeros and f = 4 (each row also costs f / 2 = 2): costs 2, 12,
+    # 2, 2, 12 (total 30); the cut goes where the running cost reaches half: after row 2 (16)
+    indptr = np.array([0, 0, 10, 10, 10, 20])
+    assert work_cuts(indptr, 4, 2).tolist() == [0, 3, 5]
+    assert work_cuts(indptr, 4, 1).tolist() == [0, 5]
+    assert work_cuts(np.array([0]), 4, 3).tolist() == [0]  # no rows: no chunks
+
+
+def test_training_pairs_match_a_plain_reference():
+    rng = np.random.default_rng(5)
+    n, users, items = 2_000, 50, 30
+    u, i = rng.integers(0, users, n), rng.integers(0, items, n)
+    t = rng.integers(0, 40, n)  # many ties within a user
+    pairs = training_pairs(TrainData(users, items, u, i, t, np.ones(n)))
+    keys = sorted(set(zip(u.tolist(), i.tolist(), strict=True)))
+    latest = {k: max(t[(u == k[0]) & (i == k[1])]) for k in keys}
+    assert list(zip(pairs.user.tolist(), pairs.item.tolist(), strict=True)) == keys
+    assert pairs.events.tolist() == [float(((u == a) & (i == b)).sum()) for a, b in keys]
+    newer = [sum(latest[o] >= latest[k] for o in keys if o[0] == k[0]) - 1 for k in keys]
+    assert pairs.newer.tolist() == newer
+    assert pairs.user.dtype == np.int64 and pairs.events.dtype == np.float64 and pairs.newer.dtype == np.float64
