@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipeline.config.engine import DataEngineConfig
 from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
@@ -307,6 +308,7 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+    data: DataEngineConfig = DataEngineConfig()
 
     def model_kinds(self) -> list[str]:
         """Every kind this tenant may train: `model` and the selection candidates."""
