@@ -34,11 +34,16 @@ class Session:
         return (self.folder / name).as_posix()
 
     def sql(self, query: str, params: list[Any] | None = None) -> Any:
-        return self.con.execute(query, params or [])
+        """Run a statement (DDL runs at once) or a query (a relation: fetchone/fetchall it)."""
+        return self.con.sql(query, params=params or None)
+
+    def one(self, query: str, params: list[Any] | None = None) -> tuple:
+        """The first row of a query's result."""
+        return self.con.sql(query, params=params or None).fetchall()[0]
 
     def fetch_df(self, query: str, params: list[Any] | None = None):
         """A (small) query result as pandas."""
-        return self.con.sql(query, params=params).to_arrow_table().to_pandas()
+        return self.con.sql(query, params=params or None).to_arrow_table().to_pandas()
 
     def stage_in(self, ctx: RunContext, artifact: Artifact) -> str:
         """The run artifact as a local Parquet file DuckDB can stream (`read_parquet(path)`)."""
@@ -51,7 +56,7 @@ class Session:
     def copy_out(self, ctx: RunContext, artifact: Artifact, query: str) -> str:
         """COPY the query's rows to Parquet (zstd, streamed by DuckDB) and write it as `artifact`."""
         target = self.path(f"out_{artifact.stage}_{artifact.name}".replace("/", "_"))
-        self.con.execute(f"COPY ({query}) TO {_sql_str(target)} (FORMAT parquet, COMPRESSION zstd)")
+        self.con.sql(f"COPY ({query}) TO {_sql_str(target)} (FORMAT parquet, COMPRESSION zstd)")
         key = ctx.write(artifact, Path(target).read_bytes())
         os.unlink(target)
         return key
@@ -72,6 +77,7 @@ def session(ctx: RunContext) -> Iterator[Session]:
     try:
         con.execute(f"SET memory_limit = '{cfg.memory_limit_gb:g}GB'")
         con.execute(f"SET temp_directory = {_sql_str((folder / 'spill').as_posix())}")
+        con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back (and truncate) in UTC
         con.execute("SET preserve_insertion_order = false")  # every output here is ordered explicitly
         if cfg.threads:
             con.execute(f"SET threads = {int(cfg.threads)}")

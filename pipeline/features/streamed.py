@@ -75,8 +75,8 @@ def build(
         "CREATE TABLE i AS SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1)::INTEGER AS item_idx "
         f"FROM ({item_ids})"
     )
-    n_u, n_i = (int(x) for x in s.sql("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM i)").fetchone())
-    n_items_with_events = int(s.sql("SELECT count(DISTINCT item_id) FROM ev").fetchone()[0])
+    n_u, n_i = (int(x) for x in s.one("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM i)"))
+    n_items_with_events = int(s.one("SELECT count(DISTINCT item_id) FROM ev")[0])
     check_sizes(n_u, n_items_with_events)  # as the in-memory path: items with events, before the catalog
     fraction = float(ctx.config.features.holdout_fraction)
     s.sql(
@@ -102,12 +102,12 @@ def build(
         "count(e.item_idx) FILTER (NOT e.holdout) AS n_train FROM i LEFT JOIN e USING (item_idx) "
         "GROUP BY ALL ORDER BY item_idx"
     )
-    rel, rel_users = s.sql(
+    rel, rel_users = s.one(
         "SELECT count(*), count(DISTINCT user_idx) FROM "
         "(SELECT DISTINCT user_idx, item_idx FROM e WHERE holdout "
         " EXCEPT SELECT DISTINCT user_idx, item_idx FROM e WHERE NOT holdout)"
-    ).fetchone()
-    n_events, n_train = (int(x) for x in s.sql("SELECT count(*), count(*) FILTER (NOT holdout) FROM e").fetchone())
+    )
+    n_events, n_train = (int(x) for x in s.one("SELECT count(*), count(*) FILTER (NOT holdout) FROM e"))
     out_users = pd.DataFrame(
         {
             "user_id": pd.array(users["user_id"], dtype="string"),
