@@ -123,7 +123,7 @@ def exact(s: Session, exp: Any, columns: list[str]) -> dict[str, Any] | None:
             f"SELECT {key} FROM batch JOIN d USING ({using}) WHERE {where} ORDER BY file_row_number LIMIT 5"
         )
         return _counted(int(n), int(nonnull), int(bad), mostly, rows.to_dict("records"))
-    c = _q(col)
+    c = _q(str(col))
     if kind == "expect_column_values_to_not_be_null":
         n, bad = s.one(f"SELECT count(*), count(*) FILTER ({c} IS NULL) FROM batch WHERE {where}")
         return _counted(int(n), int(n), int(bad), mostly, [])
@@ -250,7 +250,7 @@ def stats(s: Session, spec, frame: checks.Frame, has_catalog: bool) -> dict[str,
     return out
 
 
-def totals(s: Session, dup_key: list[str], bots: list[str]) -> dict[str, int]:
+def totals(s: Session, dup_key: list[str], bots: list[str]) -> dict[str, Any]:
     """Rows, rows checked, duplicate rows in the interval (pandas' `duplicated`), rows of filtered bots."""
     inside = "timestamp >= (SELECT t0 FROM bounds) AND timestamp < (SELECT t1 FROM bounds)"
     key = ", ".join(_q(c) for c in dup_key)

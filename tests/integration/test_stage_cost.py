@@ -39,3 +39,22 @@ def test_each_stage_records_its_cost(published):
     text = out.getvalue()
     assert "cost per stage" in text and "peak RSS MB" in text
     assert f"{ctx.read_result('train')['cost']['cpu_s']:.2f}" in text
+
+
+def test_a_rejected_run_logs_its_costs_on_the_train_run(settings, small_df):
+    import mlflow
+
+    from pipeline.context import RunContext
+    from pipeline.stages import GateRejected, run_all
+    from tests.conftest import INTERVAL_END, write_tenant
+
+    cfg = write_tenant(settings, "worse", small_df, model={"factors": 1, "iterations": 1, "regularization": 500.0})
+    ctx = RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings)
+    with pytest.raises(GateRejected):
+        run_all(ctx)
+    ran = STAGES[: STAGES.index("gate") + 1]
+    assert all(ctx.read_result(s)["cost"]["wall_s"] > 0 for s in ran) and ctx.read_result("refit") is None
+    client = mlflow.MlflowClient(ctx.settings.mlflow_tracking_uri)
+    metrics = client.get_run(ctx.read_result("train")["mlflow_run_id"]).data.metrics
+    assert {k.split(".")[1] for k in metrics if k.startswith("cost.") and k.count(".") == 2} >= set(ran)
+    assert metrics["cost.gate.peak_rss_mb"] == ctx.read_result("gate")["cost"]["peak_rss_mb"]
