@@ -212,14 +212,16 @@ def stats(s: Session, spec, frame: checks.Frame, has_catalog: bool) -> dict[str,
         "interval_events": int(interval_events),
         "peak_user_hour": int(peak),
     }
-    allowed = list(frame.event_types)
-    marks = ", ".join("?" * len(allowed)) or "NULL"
-    bad = s.fetch_df(
-        f"SELECT event_type, count(*) AS n FROM src WHERE event_type IS NOT NULL AND event_type NOT IN ({marks}) "
-        "GROUP BY ALL ORDER BY n DESC, event_type LIMIT 5",
-        allowed,
-    )
-    out["bad_event_types"] = {str(k): int(v) for k, v in zip(bad["event_type"], bad["n"], strict=True)}
+    out["bad_event_types"] = {}
+    if "event_type" in frame.columns:
+        allowed = list(frame.event_types)
+        marks = ", ".join("?" * len(allowed)) or "NULL"
+        bad = s.fetch_df(
+            f"SELECT event_type, count(*) AS n FROM src WHERE event_type IS NOT NULL AND event_type NOT IN ({marks}) "
+            "GROUP BY ALL ORDER BY n DESC, event_type LIMIT 5",
+            allowed,
+        )
+        out["bad_event_types"] = {str(k): int(v) for k, v in zip(bad["event_type"], bad["n"], strict=True)}
     bots = s.fetch_df(
         "SELECT user_id, max(n) AS events, arg_min(hour, [-n, hour]) AS hour FROM uh WHERE n > ? "
         "GROUP BY user_id ORDER BY events DESC, user_id",
