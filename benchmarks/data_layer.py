@@ -6,8 +6,9 @@
 Synthetic events with a realistic long tail (Zipf-like item popularity, log-normal user
 activity, users leaning to a taste cluster) are written once as daily Parquet files
 (Hive-style `dt=YYYY-MM-DD/`), then the real stages run in a FRESH subprocess, so its peak
-RSS (ru_maxrss) is the stages' own, not the generator's. Targets from the issue: under 90 s
-and under 4 GB peak RSS on the 2-core box.
+RSS (the process's VmHWM across stages, pipeline/ops/cost.py) is the stages' own, not the
+generator's. `--engine duckdb` runs validate and features out of core (data.engine).
+Targets from the issue: under 90 s and under 4 GB peak RSS on the 2-core box.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,6 +73,7 @@ def run_stages(root: Path, source: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from pipeline.config import Settings, load_tenant_file
     from pipeline.context import RunContext
+    from pipeline.ops import cost
     from pipeline.stages import run_stage
 
     tenant_file = root / "tenants" / "bench.yaml"
@@ -82,6 +83,7 @@ def run_stages(root: Path, source: Path) -> dict:
         f"source:\n  uri: {source}\n"
         "  columns: {user_id: user_id, item_id: item_id, timestamp: timestamp, rating: rating}\n"
         "validation:\n  rating_range: [1, 5]\n"
+        f"data: {{engine: {os.environ.get('BENCH_ENGINE', 'pandas')}}}\n"
     )
     settings = Settings(home=root / "home", artifact_root=str(root / "artifacts"), tenants_dir=root / "tenants")
     ctx = RunContext(config=load_tenant_file(tenant_file), interval_end=END, settings=settings)
@@ -93,11 +95,18 @@ def run_stages(root: Path, source: Path) -> dict:
         out["stages"][stage] = {
             "seconds": round(time.perf_counter() - t, 2),
             "rows": result.get("rows") or result.get("events"),
-            "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            # the stage's own peak (run_stage resets the process's high-water mark per stage)
+            "peak_rss_mb": (ctx.read_result(stage) or {}).get("cost", {}).get("peak_rss_mb"),
+            "peak_rss_mb_so_far": cost.process_peak_rss_mb(),
         }
     out["total_seconds"] = round(time.perf_counter() - total, 2)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = cost.process_peak_rss_mb()  # ru_maxrss is reset with each stage's VmHWM
     return out
+
+
+def _cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
 
 
 def main() -> None:
@@ -106,6 +115,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=500_000)
     ap.add_argument("--items", type=int, default=50_000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_layer.json"))
+    ap.add_argument("--engine", choices=("pandas", "duckdb"), default="pandas", help="data.engine of the tenant")
     ap.add_argument("--_stages", nargs=2, help=argparse.SUPPRESS)  # internal: run the stages
     args = ap.parse_args()
     if args._stages:
@@ -117,7 +127,7 @@ def main() -> None:
         data = generate(root / "source", args.events, args.users, args.items)
         gen_seconds = time.perf_counter() - t
         print(f"generated {data} in {gen_seconds:.1f}s", flush=True)
-        env = {**os.environ, "GX_ANALYTICS_ENABLED": "false", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "GX_ANALYTICS_ENABLED": "false", "PYTHONWARNINGS": "ignore", "BENCH_ENGINE": args.engine}
         proc = subprocess.run(
             [sys.executable, __file__, "--_stages", str(root), str(root / "source")],
             capture_output=True,
@@ -131,7 +141,14 @@ def main() -> None:
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {
         "benchmark": "data_layer",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "engine": args.engine,
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),  # a shared box slows every stage
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "data": {
             **data,
             "days": DAYS,

@@ -76,17 +76,59 @@ def run_stage(name: str, ctx: RunContext) -> dict[str, Any]:
     The lease (pipeline/storage/lease.py) fences the run: a second copy of the interval fails
     here with LeaseHeld, and a copy taken over fails at its next write with LeaseLost. The
     last stage and a rejection end the run and release it."""
+    from pipeline.ops import cost as costs
+
     fn, io = stage(name)
     fenced, lease = ctx.take_lease(name)
     with lease.heartbeat():
         try:
-            result = fn(fenced.scoped(name, io, _run_config(name, fenced)))
+            with costs.measure() as spent:
+                result = fn(fenced.scoped(name, io, _run_config(name, fenced)))
         except GateRejected:
+            _record_cost(fenced, name, spent)
+            _log_run_costs(fenced)
             lease.release()
             raise
+        _record_cost(fenced, name, spent)
     if name == STAGES[-1]:
+        _log_run_costs(fenced)
         lease.release()
     return result
+
+
+def _record_cost(ctx: RunContext, name: str, cost: dict[str, Any]) -> None:
+    """Add `cost` (pipeline/ops/cost.py) to the stage's result.json; the XCom result stays as the
+    stage returned it, so a rerun returns the same dict."""
+    recorded = ctx.read_result(name)
+    if recorded is not None:
+        ctx.write_result(name, {**recorded, "cost": cost})
+    log.info(
+        "stage %s: cost %.2f CPU s, %.2f s wall, peak RSS %.1f MB (tenant %s, run %s)",
+        name,
+        cost["cpu_s"],
+        cost["wall_s"],
+        cost["peak_rss_mb"],
+        ctx.tenant,
+        ctx.run_id,
+    )
+
+
+def _log_run_costs(ctx: RunContext) -> None:
+    """At the run's end, every stage's cost goes to MLflow, into the run of the model the run
+    produced (refit's, or train's when the gate rejected it). MLflow down never fails the run:
+    result.json keeps the costs."""
+    from pipeline.ops import tracking
+
+    results = {s: ctx.read_result(s) for s in STAGES}
+    runs = [r.get("mlflow_run_id") for s in ("refit", "train") if (r := results[s])]
+    target = next((run for run in runs if run), None)
+    spent = {s: r["cost"] for s, r in results.items() if r and isinstance(r.get("cost"), dict)}
+    if target is None or not spent:
+        return
+    try:
+        tracking.log_metrics(ctx, target, tracking.cost_metrics(spent))
+    except Exception as exc:  # noqa: BLE001 - bookkeeping; the stage's outputs are written
+        log.warning("could not log stage costs of %s/%s to MLflow: %s", ctx.tenant, ctx.run_id, exc)
 
 
 def run_all(ctx: RunContext, until: str | None = None) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import experiments as exp
+from pipeline.config.engine import DataEngineConfig
 from pipeline.config.models import MODEL_CONFIGS, MODEL_QUEUES, ALSConfig, ModelConfig, _Strict
 from pipeline.config.twostage import TwoStageConfig
 
@@ -309,6 +310,7 @@ class TenantConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     retention: RetentionConfig = RetentionConfig()
     export: ExportConfig = ExportConfig()
+    data: DataEngineConfig = DataEngineConfig()
     two_stage: TwoStageConfig = TwoStageConfig()  # candidates from several sources + a learned ranker
     experiments: exp.Experiments = Field(default=[], description="Online experiments (pipeline/config/experiments.py).")
     challenger: exp.ChallengerConfig = exp.ChallengerConfig()

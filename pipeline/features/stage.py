@@ -63,29 +63,24 @@ def item_feature_table(item_ids: pd.Series, catalog: pd.DataFrame) -> pd.DataFra
 
 
 def features(ctx: RunContext) -> dict[str, Any]:
-    log = ctx.logger(STAGE)
+    excluded = ctx.read_parquet(paths.EXCLUDED_USERS)["user_id"]
+    catalog = attributes.load_catalog(ctx)
+    if ctx.config.data.engine == "duckdb":
+        return _streamed(ctx, excluded, catalog)
     df = ctx.read_parquet(paths.INTERACTIONS)
     df = df[["user_id", "item_id", "timestamp", "rating", "weight"]] if "weight" in df else df.assign(weight=1.0)
-    excluded = ctx.read_parquet(paths.EXCLUDED_USERS)["user_id"]
     keep = df["user_id"].notna() & df["item_id"].notna() & df["timestamp"].notna()
     if len(excluded):  # users validation flagged (bots): their events never reach training
         keep &= ~df["user_id"].isin(excluded)
     df = df[keep]
     user_idx, user_ids = pd.factorize(df["user_id"], sort=True)
     item_idx, item_ids = pd.factorize(df["item_id"], sort=True)
-    cfg = ctx.config.features
-    if len(user_ids) < cfg.min_users or len(item_ids) < cfg.min_items:
-        raise ctx.error(
-            STAGE,
-            f"too few to train: {len(user_ids)} users (features.min_users={cfg.min_users}), "
-            f"{len(item_ids)} items (features.min_items={cfg.min_items})",
-        )
-    catalog = attributes.load_catalog(ctx)
+    _check_sizes(ctx, len(user_ids), len(item_ids))
     if catalog is not None:  # catalog items without events get an index too: models can still vector them
         item_ids = pd.Index(item_ids).union(pd.Index(catalog["item_id"].dropna().unique()))
         item_idx = item_ids.get_indexer(df["item_id"])
     ts = df["timestamp"].dt.tz_convert(None).to_numpy("datetime64[us]").astype(np.int64)
-    holdout = temporal_holdout(user_idx, ts, item_idx, cfg.holdout_fraction)
+    holdout = temporal_holdout(user_idx, ts, item_idx, ctx.config.features.holdout_fraction)
     events = (
         pd.DataFrame(
             {
@@ -121,57 +116,102 @@ def features(ctx: RunContext) -> dict[str, Any]:
             "n_train": np.bincount(iidx[tr], minlength=n_i),
         }
     )
-    feats = Features(users=users, items=items, events=events)
-    rel = feats.relevant()
-    holdout_users = int((np.diff(rel.indptr) > 0).sum())
-    if holdout_users == 0:
+    rel = Features(users=users, items=items, events=events).relevant()
+    counts = {
+        "events": len(events),
+        "train_events": int(tr.sum()),
+        "holdout_events": int((~tr).sum()),
+        "holdout_users": int((np.diff(rel.indptr) > 0).sum()),
+        "relevant_pairs": int(rel.nnz),
+    }
+    cat = _indexed_catalog(items, catalog)
+    # descriptive user/item statistics as of the interval end (offline; users' go online in Redis)
+    u_stats = feature_tables.user_features(_indexed_events(events), ctx.interval_end, cat)
+    i_stats = feature_tables.item_features(_indexed_events(events), ctx.interval_end, cat)
+    return _finish(ctx, users, items, catalog, u_stats, i_stats, counts, len(excluded), events=events)
+
+
+def _streamed(ctx: RunContext, excluded: pd.Series, catalog: pd.DataFrame | None) -> dict[str, Any]:
+    """The same tables out of core (pipeline/features/streamed.py); EVENTS is written by DuckDB."""
+    from pipeline.data import engine
+    from pipeline.features import streamed
+
+    cat_ids = None if catalog is None else pd.Series(catalog["item_id"].dropna().unique())
+    with engine.session(ctx) as s:
+        # the catalog keyed by item index needs the items table: built after numbering, inside `build`
+        out = streamed.build(
+            ctx, s, excluded, cat_ids, catalog, lambda n_u, n_i: _check_sizes(ctx, n_u, n_i), _indexed_catalog
+        )
+    return _finish(ctx, out.users, out.items, catalog, out.user_stats, out.item_stats, out.counts, len(excluded))
+
+
+def _check_sizes(ctx: RunContext, n_users: int, n_items: int) -> None:
+    cfg = ctx.config.features
+    if n_users < cfg.min_users or n_items < cfg.min_items:
+        raise ctx.error(
+            STAGE,
+            f"too few to train: {n_users} users (features.min_users={cfg.min_users}), "
+            f"{n_items} items (features.min_items={cfg.min_items})",
+        )
+
+
+def _finish(ctx, users, items, catalog, u_stats, i_stats, counts, n_excluded, events=None) -> dict[str, Any]:
+    """Write the tables (EVENTS too when given) and the result; both paths end here."""
+    log = ctx.logger(STAGE)
+    if counts["holdout_users"] == 0:
         raise ctx.error(
             STAGE,
             "no user has enough events for a holdout "
-            f"(features.holdout_fraction={cfg.holdout_fraction}); cannot evaluate",
+            f"(features.holdout_fraction={ctx.config.features.holdout_fraction}); cannot evaluate",
         )
-    tables = {paths.USERS: users, paths.ITEMS: items, paths.EVENTS: events}
+    u_stats["user_id"] = users["user_id"].to_numpy()[u_stats["user_id"].to_numpy()]
+    i_stats["item_id"] = items["item_id"].to_numpy()[i_stats["item_id"].to_numpy()]
+    tables = {paths.USERS: users, paths.ITEMS: items}
+    if events is not None:
+        tables[paths.EVENTS] = events
     if catalog is not None:
         tables[paths.ITEM_FEATURES] = item_feature_table(items["item_id"], catalog)
-    # descriptive user/item statistics as of the interval end (offline; users' go online in Redis)
-    tables[paths.USER_STATS], tables[paths.ITEM_STATS] = _stats(events, users, items, catalog, ctx.interval_end)
+    tables[paths.USER_STATS], tables[paths.ITEM_STATS] = u_stats, i_stats
     for artifact, table in tables.items():
         ctx.write(artifact, codecs.parquet_bytes(table))
+    n_u, n_i = len(users), len(items)
     result = {
         "users": n_u,
         "items": n_i,
         "items_without_events": int((items["n_events"] == 0).sum()),
-        "events": len(events),
-        "excluded_users": int(len(excluded)),
-        "train_events": int(tr.sum()),
-        "holdout_events": int((~tr).sum()),
-        "holdout_users": holdout_users,
-        "relevant_pairs": int(rel.nnz),
-        "density": round(len(events) / (n_u * n_i), 6),
+        "events": counts["events"],
+        "excluded_users": int(n_excluded),
+        "train_events": counts["train_events"],
+        "holdout_events": counts["holdout_events"],
+        "holdout_users": counts["holdout_users"],
+        "relevant_pairs": counts["relevant_pairs"],
+        "density": round(counts["events"] / (n_u * n_i), 6),
+        "engine": ctx.config.data.engine,
     }
     log.info(
-        "features: %d users, %d items, %d train / %d holdout events, %d users evaluated",
+        "features (%s): %d users, %d items, %d train / %d holdout events, %d users evaluated",
+        result["engine"],
         n_u,
         n_i,
         result["train_events"],
         result["holdout_events"],
-        holdout_users,
+        result["holdout_users"],
     )
     return ctx.write_result(STAGE, result)
 
 
-def _stats(events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, catalog, as_of) -> tuple:
-    """feature_tables on the integer indices (no string-keyed groupbys over every event), ids mapped back."""
-    ev = events[["user_idx", "item_idx", "timestamp", "rating"]].rename(
+def _indexed_events(events: pd.DataFrame) -> pd.DataFrame:
+    """feature_tables on the integer indices (no string-keyed groupbys over every event)."""
+    return events[["user_idx", "item_idx", "timestamp", "rating"]].rename(
         columns={"user_idx": "user_id", "item_idx": "item_id"}
     )
-    cat = None
-    if catalog is not None:
-        idx = pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].astype(str).to_numpy())
-        cat = catalog.assign(item_id=catalog["item_id"].astype(str).map(idx)).dropna(subset=["item_id"])
-        cat["item_id"] = cat["item_id"].astype(np.int64)
-    u = feature_tables.user_features(ev, as_of, cat)
-    i = feature_tables.item_features(ev, as_of, cat)
-    u["user_id"] = users["user_id"].to_numpy()[u["user_id"].to_numpy()]
-    i["item_id"] = items["item_id"].to_numpy()[i["item_id"].to_numpy()]
-    return u, i
+
+
+def _indexed_catalog(items: pd.DataFrame, catalog: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The catalog keyed by item index (its item_id column holds the index), for the statistics."""
+    if catalog is None:
+        return None
+    idx = pd.Series(items["item_idx"].to_numpy(), index=items["item_id"].astype(str).to_numpy())
+    cat = catalog.assign(item_id=catalog["item_id"].astype(str).map(idx)).dropna(subset=["item_id"])
+    cat["item_id"] = cat["item_id"].astype(np.int64)
+    return cat

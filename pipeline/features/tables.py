@@ -71,6 +71,12 @@ def item_features(events: pd.DataFrame, as_of: datetime, catalog: pd.DataFrame |
             "age_days": g["age"].max(),
         }
     )
+    return finish_items(out, catalog)
+
+
+def finish_items(out: pd.DataFrame, catalog: pd.DataFrame | None) -> pd.DataFrame:
+    """The item table from its per-item aggregates (index item_id: users, events_7d, events_30d,
+    age_days): trend and the catalog's attributes. Shared by the in-memory and out-of-core paths."""
     out["trend"] = (out["events_7d"] / 7 + 1 / 30) / (out["events_30d"] / 30 + 1 / 30)
     out = out.reset_index()
     if catalog is not None:

@@ -57,6 +57,7 @@ def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console
                 f"{t['kind']} · {t['iterations']} it · {t['seconds']}s on {t['device']}",
             )
     console.print(data)
+    _print_costs(console, res)
     if ev := res["evaluate"]:
         table = Table(title=f"holdout metrics ({ev['users']} users, full ranking)")
         first = next(iter(ev["metrics"].values()))
@@ -96,3 +97,22 @@ def print_summary(ctx: RunContext, curl_examples: bool = False, console: Console
             console.print(f"  curl -s '{base}/users/{user}/recommendations?k=5'")
             console.print(f"  curl -s '{base}/items/{item}/similar?k=5'")
     return True
+
+
+def _print_costs(console: Console, res: dict) -> None:
+    """What each stage cost (recorded by pipeline.stages.run_stage, see pipeline/ops/cost.py)."""
+    spent = {s: r["cost"] for s, r in res.items() if r and isinstance(r.get("cost"), dict)}
+    if not spent:
+        return
+    table = Table(title="cost per stage")
+    for col in ("stage", "CPU s", "wall s", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, c in spent.items():
+        table.add_row(stage, f"{c['cpu_s']:.2f}", f"{c['wall_s']:.2f}", f"{c['peak_rss_mb']:,.1f}")
+    table.add_row(
+        "total",
+        f"{sum(c['cpu_s'] for c in spent.values()):.2f}",
+        f"{sum(c['wall_s'] for c in spent.values()):.2f}",
+        f"{max(c['peak_rss_mb'] for c in spent.values()):,.1f} (max)",
+    )
+    console.print(table)

@@ -92,6 +92,16 @@ def log_metrics(ctx: RunContext, run_id: str, metrics: dict[str, float], step: i
         mlf.log_batch(run_id, metrics=batch[start : start + 1000])
 
 
+def cost_metrics(costs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of a run's stage costs: `cost.{stage}.{cpu_s,wall_s,peak_rss_mb}` and the
+    run's totals (`cost.total.cpu_s`, `cost.total.wall_s`, `cost.max.peak_rss_mb`)."""
+    out = {f"cost.{s}.{k}": float(c[k]) for s, c in costs.items() for k in ("cpu_s", "wall_s", "peak_rss_mb")}
+    out["cost.total.cpu_s"] = round(sum(float(c["cpu_s"]) for c in costs.values()), 3)
+    out["cost.total.wall_s"] = round(sum(float(c["wall_s"]) for c in costs.values()), 3)
+    out["cost.max.peak_rss_mb"] = max(float(c["peak_rss_mb"]) for c in costs.values())
+    return out
+
+
 def set_tags(ctx: RunContext, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def interactions(
@@ -66,3 +68,59 @@ def interactions(
     df["item_id"] = "i" + df["item_id"].astype(str)
     df["rating"] = rng.integers(1, 6, len(df)).astype(float)
     return df.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+
+def _draw(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
+    """n draws of indices with probabilities ~ diff(cdf): sorted uniforms searched in order
+    (cache-friendly, ~5x `Generator.choice` on millions of choices), then shuffled."""
+    out = np.minimum(np.searchsorted(cdf, np.sort(rng.random(n)) * cdf[-1], side="right"), len(cdf) - 1)
+    rng.shuffle(out)
+    return out
+
+
+def long_tail_days(
+    n_events: int,
+    n_users: int,
+    n_items: int,
+    days: int,
+    end: str = "2026-01-31",
+    clusters: int = 20,
+    seed: int = 0,
+):
+    """Yield (day, Arrow table of that day's events) for a tenant too big to build in memory.
+
+    The same structure as `interactions` at a cost linear in the events: Zipf-like item
+    popularity (exponent 0.9), log-normal user activity, and half of each user's events in
+    their taste cluster (skewed to its head), the other half following global popularity.
+    One day's rows are held at a time; the draws of a day depend only on (seed, day)."""
+    root = np.random.default_rng(seed)
+    pop = 1.0 / np.power(root.permutation(n_items) + 1.0, 0.9)
+    item_cluster = root.integers(0, clusters, n_items)
+    activity = root.lognormal(0.0, 1.0, n_users)
+    cdf_user, cdf_item = np.cumsum(activity), np.cumsum(pop)
+    order = np.argsort(item_cluster, kind="stable")
+    starts = np.searchsorted(item_cluster[order], np.arange(clusters))
+    sizes = np.diff(np.append(starts, n_items))
+    first = pd.Timestamp(end, tz="UTC") - pd.Timedelta(days=days)
+    per_day = np.full(days, n_events // days)
+    per_day[: n_events % days] += 1
+    for d in range(days):
+        rng = np.random.default_rng([seed, d])
+        n = int(per_day[d])
+        users = _draw(rng, cdf_user, n)
+        uc = users % clusters
+        taste = order[starts[uc] + (rng.random(n) ** 2 * sizes[uc]).astype(np.int64)]
+        items = np.where(rng.random(n) < 0.5, _draw(rng, cdf_item, n), taste)
+        day = first + pd.Timedelta(days=d)
+        ts = pa.array(day.value // 1000 + rng.integers(0, 86_400_000_000, n), pa.timestamp("us", tz="UTC"))
+        yield (
+            day.date(),
+            pa.table(
+                {
+                    "user_id": pc.binary_join_element_wise("u", pc.cast(pa.array(users), pa.string()), ""),
+                    "item_id": pc.binary_join_element_wise("i", pc.cast(pa.array(items), pa.string()), ""),
+                    "timestamp": ts,
+                    "rating": rng.integers(1, 6, n).astype(np.float64),
+                }
+            ),
+        )

@@ -122,18 +122,21 @@ def _stats(df, in_interval, user_hour, spec: SuiteConfig, frame: checks.Frame, c
     return stats
 
 
-def _exclude_bots(ctx: RunContext, df: pd.DataFrame, spec: SuiteConfig, stats: dict[str, Any]) -> list[str]:
+def _bots(spec: SuiteConfig, stats: dict[str, Any]) -> list[str]:
+    return [b["user_id"] for b in stats["bots"]] if spec.bot_users.enabled and spec.bot_users.filter else []
+
+
+def _exclude_bots(ctx: RunContext, users: list[str], stats: dict[str, Any], filtered_rows: int) -> list[str]:
     """Record the users training must not see (flagged bots when the tenant filters them).
 
     Always written, empty or not, so a rerun never leaves an earlier run's list behind."""
-    users = [b["user_id"] for b in stats["bots"]] if spec.bot_users.enabled and spec.bot_users.filter else []
     if users:
-        stats["filtered_rows"] = int(df["user_id"].isin(users).sum())
+        stats["filtered_rows"] = filtered_rows
     ctx.write(paths.EXCLUDED_USERS, codecs.parquet_bytes(pd.DataFrame({"user_id": pd.array(users, dtype="string")})))
     return users
 
 
-def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], end: pd.Timestamp) -> list[dict]:
+def _external(spec: SuiteConfig, rows: int, extracted: dict[str, Any], end: pd.Timestamp) -> list[dict]:
     """The checks GX cannot see: the whole table's size (GX sees the rows read this run), and
     events extract dropped for being stamped at/after the interval end when those can only come
     from this interval's own data: a date-partitioned source read for days before the end's day
@@ -147,8 +150,8 @@ def _external(spec: SuiteConfig, df: pd.DataFrame, extracted: dict[str, Any], en
                 c.severity,
                 "expect_table_row_count_to_be_between",
                 f"at least {c.min:,} rows in the table extract hands over",
-                len(df) >= c.min,
-                observed_value=len(df),
+                rows >= c.min,
+                observed_value=rows,
                 kwargs={"min_value": c.min},
             )
         )
@@ -172,15 +175,13 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     log = ctx.logger(STAGE)
     assert ctx.settings.expectations_dir is not None  # Settings fills the default at construction
     spec, files, origins = load_suite_config(ctx.config, ctx.settings.expectations_dir)
-    df = ctx.read_parquet(paths.INTERACTIONS)
     extracted = ctx.read_json(paths.EXTRACT_RESULT) if ctx.exists(paths.EXTRACT_RESULT) else {}
     catalog = attributes.load_catalog(ctx)
     start, end = interval_of(ctx)
-    in_interval = (df["timestamp"] >= start) & (df["timestamp"] < end)  # NaT: False
     history_ = previous_volumes(ctx, start, end, spec.volume.window)
     read_since = extracted.get("window_start")
     frame = checks.Frame(
-        columns=list(df.columns),
+        columns=[],
         start=start,
         end=end,
         read_since=checks.utc(read_since) if read_since else None,
@@ -189,38 +190,27 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         event_types=spec.event_types.allowed_for(ctx.config),
         history=history_,
     )
-    expectations, skipped = checks.build(spec, frame, origins)
-    user_hour = _user_hour_events(df, in_interval)
-    stats = _stats(df, in_interval, user_hour, spec, frame, catalog)
-    stats["extract_dropped_event_types"] = extracted.get("dropped_unknown_event_types") or {}
-    excluded = _exclude_bots(ctx, df, spec, stats)
-    # GX sees the rows this run read (see validation_checks); every row on a first run
-    if frame.read_since is None:
-        read = pd.Series(True, index=df.index)
-    else:
-        read = in_interval | df["timestamp"].isna() | (df["timestamp"] >= frame.read_since)
-    res, docs_key = gx.run_suite(ctx, _derive(df.loc[read], user_hour.loc[read], catalog), expectations)
-    described = [reporting.describe(r) for r in res.results] + _external(spec, df, extracted, end)
+    run = _streamed if ctx.config.data.engine == "duckdb" else _in_memory
+    res, docs_key, stats, counts, excluded, skipped, described = run(ctx, spec, origins, frame, catalog, extracted)
     described.sort(key=lambda e: (e["check"] or "", e["expectation"], str(e["column"])))
     outcomes = reporting.summarise(described, spec, skipped, stats)
     failures = [o for o in outcomes if o.status == "fail"]
     warnings = [o for o in outcomes if o.status == "warn"]
     docs_uri = ctx.store.uri(docs_key) if docs_key else None
-    dup_key = [c for c in (*KEY_COLUMNS, "event_type") if c in df]
     report: dict[str, Any] = {
         "tenant": ctx.tenant,
         "run_id": ctx.run_id,
         "success": not failures,
-        "rows": len(df),
-        "duplicate_rows": int(df.loc[in_interval].duplicated(dup_key).sum()),  # repeats in the interval
-        "interval": {"start": start.isoformat(), "end": end.isoformat(), "events": int(in_interval.sum())},
-        "rows_checked": int(read.sum()),
+        "rows": counts["rows"],
+        "duplicate_rows": counts["duplicate_rows"],  # repeats in the interval
+        "interval": {"start": start.isoformat(), "end": end.isoformat(), "events": stats["interval_events"]},
+        "rows_checked": counts["rows_checked"],
         "rows_checked_since": frame.read_since.isoformat() if frame.read_since is not None else None,
         "volume_history": history_,
         "checks": [o.__dict__ for o in outcomes],
         "failures": [f"{o.check}: {o.message}" for o in failures],
         "warnings": [f"{o.check}: {o.message}" for o in warnings],
-        "statistics": dict(res.statistics),
+        "statistics": counts["statistics"],
         "expectations": described,
         "expectations_files": files,
         "filtered_users": excluded,
@@ -229,9 +219,10 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     }
     report_key = ctx.write(paths.VALIDATION_REPORT, codecs.json_bytes(report))
     log.info(
-        "validation of %s: %d rows, %d in the interval [%s, %s)\n%s",
+        "validation of %s (%s): %d rows, %d in the interval [%s, %s)\n%s",
         paths.INTERACTIONS,
-        len(df),
+        ctx.config.data.engine,
+        counts["rows"],
         report["interval"]["events"],
         checks._fmt_ts(start),
         checks._fmt_ts(end),
@@ -266,3 +257,61 @@ def validate(ctx: RunContext) -> dict[str, Any]:
             f"report: {ctx.store.uri(report_key)}\nData Docs: {docs_uri}"
         )
     return result
+
+
+def _in_memory(ctx: RunContext, spec: SuiteConfig, origins, frame: checks.Frame, catalog, extracted) -> tuple:
+    """pandas + GX on the whole batch."""
+    df = ctx.read_parquet(paths.INTERACTIONS)
+    frame.columns = list(df.columns)
+    in_interval = (df["timestamp"] >= frame.start) & (df["timestamp"] < frame.end)  # NaT: False
+    expectations, skipped = checks.build(spec, frame, origins)
+    user_hour = _user_hour_events(df, in_interval)
+    stats = _stats(df, in_interval, user_hour, spec, frame, catalog)
+    stats["extract_dropped_event_types"] = extracted.get("dropped_unknown_event_types") or {}
+    bots = _bots(spec, stats)
+    excluded = _exclude_bots(ctx, bots, stats, int(df["user_id"].isin(bots).sum()) if bots else 0)
+    # GX sees the rows this run read (see validation_checks); every row on a first run
+    if frame.read_since is None:
+        read = pd.Series(True, index=df.index)
+    else:
+        read = in_interval | df["timestamp"].isna() | (df["timestamp"] >= frame.read_since)
+    res, docs_key = gx.run_suite(ctx, _derive(df.loc[read], user_hour.loc[read], catalog), expectations)
+    described = [reporting.describe(r) for r in res.results] + _external(spec, len(df), extracted, frame.end)
+    dup_key = [c for c in (*KEY_COLUMNS, "event_type") if c in df]
+    counts = {
+        "rows": len(df),
+        "duplicate_rows": int(df.loc[in_interval].duplicated(dup_key).sum()),
+        "rows_checked": int(read.sum()),
+        "statistics": dict(res.statistics),
+    }
+    return res, docs_key, stats, counts, excluded, skipped, described
+
+
+def _streamed(ctx: RunContext, spec: SuiteConfig, origins, frame: checks.Frame, catalog, extracted) -> tuple:
+    """DuckDB's exact counts over every row, GX on a sample (pipeline/validation/streamed.py)."""
+    from pipeline.data import engine
+    from pipeline.validation import streamed
+
+    with engine.session(ctx) as s:
+        frame.columns = streamed.prepare(ctx, s, frame.start, frame.end, frame.read_since, catalog)
+        expectations, skipped = checks.build(spec, frame, origins)
+        exact = {streamed.key_of(e.configuration): streamed.exact(s, e, frame.columns) for e in expectations}
+        stats = streamed.stats(s, spec, frame, catalog is not None)
+        stats["extract_dropped_event_types"] = extracted.get("dropped_unknown_event_types") or {}
+        bots = _bots(spec, stats)
+        dup_key = [c for c in (*KEY_COLUMNS, "event_type") if c in frame.columns]
+        counts = streamed.totals(s, dup_key, bots)
+        batch = streamed.sample(s)
+    excluded = _exclude_bots(ctx, bots, stats, counts["filtered_rows"])
+    res, docs_key = gx.run_suite(ctx, batch, expectations)
+    described = [reporting.describe(r) for r in res.results]
+    streamed.merge(res.results, described, exact)
+    ok = sum(1 for e in described if e["success"])
+    counts["statistics"] = {
+        "evaluated_expectations": len(described),
+        "successful_expectations": ok,
+        "unsuccessful_expectations": len(described) - ok,
+        "success_percent": 100.0 * ok / len(described) if described else None,
+    }
+    described += _external(spec, counts["rows"], extracted, frame.end)
+    return res, docs_key, stats, counts, excluded, skipped, described
