@@ -23,8 +23,12 @@ export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="${AIRFLOW__CORE__DAGS_ARE_PAU
 HOST="${AIRFLOW_HOST:-localhost}"
 PORT="${AIRFLOW_PORT:-8080}"
 export AIRFLOW__API__PORT="$PORT"
+export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}"  # this machine only; set 0.0.0.0 to share it
 # the UI's links and the task workers' execution API both follow the base URL
 export AIRFLOW__API__BASE_URL="${AIRFLOW__API__BASE_URL:-http://$HOST:$PORT}"
+# task workers call the API server on every state change: on a busy laptop or CI box (SQLite) the
+# default 5 s timeout fails tasks before they start
+export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
 export GX_ANALYTICS_ENABLED=false MLFLOW_ENABLE_ASYNC_LOGGING=false
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 TENANTS="${RECSYS_TENANTS_DIR:-$ROOT/include/tenants}"
