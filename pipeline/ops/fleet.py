@@ -128,7 +128,7 @@ def fleet_row(
     live_age = _hours(now, live["data_interval_end"]) if live else None
     status = last["status"] if last else "never run"
     af_state = (airflow or {}).get("state")
-    if af_state == "failed" or (af_state in ("running", "queued") and status != "published"):
+    if af_state in ("failed", "running", "queued"):  # Airflow knows before the store does
         status = "failed" if af_state == "failed" else "running"
     validation = last["validation"] if last else None
     stale = live is None or any(h is not None and h > stale_after_hours for h in (freshness, live_age))

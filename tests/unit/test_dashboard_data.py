@@ -100,4 +100,5 @@ def test_run_status_cost_and_fleet_order(tmp_path):
     assert [r["tenant"] for r in fleet.fleet(list(rows.values()))] == ["broke", "old", "good", "nope"]
     # Airflow's own state of the latest run wins when it says failed
     assert fleet.fleet_row(store, _cfg("good"), NOW, {"state": "failed", "run_id": "m"})["health"] == "failed"
+    assert fleet.fleet_row(store, _cfg("good"), NOW, {"state": "running", "run_id": "m"})["status"] == "running"
     assert fleet.fleet_row(store, _cfg("never"), NOW)["status"] == "never run"
