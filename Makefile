@@ -22,6 +22,7 @@ DEMO_TENANT ?= demo
 DEMO_DATE ?= 2026-01-01
 HOST ?= 127.0.0.1
 PORT ?= 8000
+AIRFLOW_PORT ?= 8080
 
 .PHONY: run test lint demo-data airflow-db airflow serve clean help
 
@@ -29,7 +30,7 @@ help:
 	@echo "make run   - install, run the demo tenant's DAG through Airflow, print a summary, serve the API"
 	@echo "make test  - install test deps and run the whole suite (what CI runs)"
 	@echo "make lint  - ruff check, ruff format --check, mypy on pipeline/ (make test runs it first)"
-	@echo "make airflow - Airflow standalone (UI on :8080) with the tenant DAGs and the recsys dashboard plugin"
+	@echo "make airflow - Airflow standalone (UI on :$(AIRFLOW_PORT)) with the tenant DAGs and the recsys dashboard plugin"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -52,12 +53,10 @@ airflow-db: $(STAMP)
 	@$(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 	@$(VENV)/bin/airflow pools set training 1 "torch training jobs (one at a time on a laptop)" > /dev/null
 
-airflow: demo-data airflow-db
-	@echo ">>> Airflow standalone on http://localhost:8080 (user admin; password in"
-	@echo "    $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated). Dashboard: Browse > Recsys tenants."
-	@# standalone starts its scheduler, dag-processor, triggerer and api-server as `airflow ...`
-	@# subprocesses found on the PATH: the venv's bin must be on it or each one dies at start
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/airflow standalone
+airflow: demo-data
+	@# include/scripts/airflow_standalone.sh: DB, pools, tenant files checked, URL and password file
+	@# printed, then `airflow standalone` with the venv on the PATH (tests/dags/test_standalone.py runs it)
+	VENV=$(VENV) AIRFLOW_PORT=$(AIRFLOW_PORT) include/scripts/airflow_standalone.sh
 
 run: demo-data airflow-db
 	@echo ">>> airflow dags test recsys_$(DEMO_TENANT) $(DEMO_DATE)  (log: $(RECSYS_HOME)/dags-test.log)"

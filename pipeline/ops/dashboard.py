@@ -1,23 +1,32 @@
-"""The tenant dashboard: live release, release history (with a metrics plot), the last gate
-decision, the last validation (with its Data Docs), and the rollback and unpin actions (a
-rollback pins the tenant; the page shows the pin and who set it).
+"""The recsys dashboard: a fleet view of every tenant and a view per tenant, with actions.
 
-A plain FastAPI app with server-rendered HTML (no JS build, no CDN): the Airflow plugin in
-plugins/ mounts it under /recsys with Airflow's own authentication; it runs standalone too.
-Templates are Jinja2 with autoescape. Rollback is a JSON POST that needs a custom header, so
-a cross-site form cannot trigger it (CSRF), and the plugin adds a per-DAG permission check.
+Fleet (`/`): each tenant's newest run status, data freshness, live release age, last gate
+verdict, validation warnings and run cost; failures and stale tenants first, sortable and
+filterable in the page. Tenant (`/tenants/{t}`): every metric over releases beside popularity,
+data volume and validation per day, stage durations, the gate's checks with their evidence,
+the diff between two releases, and rollback / pin / unpin (pipeline/ops/fleet.py and
+release_diff.py gather the data; this module only serves it).
+
+A plain FastAPI app with server-rendered HTML: the Airflow plugin in plugins/ mounts it under
+/recsys with Airflow's authentication and shows it in Airflow's navigation (external views);
+it runs standalone too. Charts are drawn by Chart.js, vendored in static/ (no CDN, no build
+step). Templates are Jinja2 with autoescape; page data travels as escaped JSON. Actions are
+JSON POSTs that need a custom header naming the action, so a cross-site form cannot send
+them (CSRF); the plugin adds Airflow's per-DAG edit permission check.
 """
 
 from __future__ import annotations
 
 import mimetypes
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 import jinja2
-from fastapi import FastAPI, Header, HTTPException, Path
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import TENANT_ID_PATTERN, Settings, TenantConfig, get_settings, load_tenant
 from pipeline.ops.maintenance import blocking_failures
@@ -26,11 +35,14 @@ from pipeline.ops.maintenance import blocking_failures
 # loads plugins in its components, and this module must stay cheap to import there.
 
 TenantId = Path(pattern=TENANT_ID_PATTERN)
-METRICS = ("ndcg@10", "recall@10", "map@10", "coverage")
+RELEASE_ID = r"^\d{8}T\d{6}Z-[0-9a-f]+$"  # a fresh Query() per parameter: FastAPI sets its alias in place
+STATIC = ("chart.umd.min.js", "dashboard.js", "dashboard.css")
+ACTIONS = ("rollback", "pin", "unpin")
+PERMISSION = "edit permission on the tenant's DAG (Airflow: DAG PUT; SimpleAuthManager role user or above)"
 
 
 def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
-    """Everything the dashboard shows for one tenant, as plain data (also served as JSON)."""
+    """The tenant's releases (every metric, model and popularity), last gate and validation."""
     from pipeline.release import format as release
     from pipeline.storage import codecs, paths
 
@@ -40,13 +52,14 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
     for rid in release.list_releases(store, t):
         m = release.read_manifest(store, t, rid)
         model = m.get("model", "")
+        metrics = m.get("metrics", {})
         history.append(
             {
                 "release_id": rid,
                 "data_interval_end": m.get("data_interval_end"),
                 "model": model,
-                "metrics": {k: m.get("metrics", {}).get(model, {}).get(k) for k in METRICS},
-                "popularity_ndcg": m.get("metrics", {}).get("popularity", {}).get("ndcg@10"),
+                "metrics": metrics.get(model, {}),
+                "popularity": metrics.get("popularity", {}),
                 "gate": (m.get("gate") or {}).get("reason"),
             }
         )
@@ -63,6 +76,7 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
             "run_id": runs[-1],
             "success": report["success"],
             "rows": report["rows"],
+            "interval_events": (report.get("interval") or {}).get("events"),
             "duplicate_rows": report["duplicate_rows"],
             "failed": blocking_failures(report),
             "warnings": report.get("warnings", []),
@@ -72,43 +86,10 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
         "tenant": t,
         "live": pointer[0] if pointer else None,
         "releases": history,
+        "metric_names": sorted({k for h in history for k in h["metrics"]}),
         "gate": gate,
         "validation": validation,
     }
-
-
-def metrics_svg(history: list[dict[str, Any]], width: int = 640, height: int = 220) -> str:
-    """A small inline SVG line chart of NDCG@10 per release, model vs popularity."""
-    points = [(h["metrics"].get("ndcg@10"), h.get("popularity_ndcg")) for h in history]
-    values = [v for pair in points for v in pair if v is not None]
-    if not values:
-        return "<p>No metrics yet.</p>"
-    top = max(values) * 1.1 or 1.0
-    pad, n = 36, max(len(points) - 1, 1)
-    x = lambda i: pad + i * (width - 2 * pad) / n  # noqa: E731
-    y = lambda v: height - pad - v / top * (height - 2 * pad)  # noqa: E731
-
-    def line(idx: int, colour: str, label: str) -> str:
-        pts = [(x(i), y(p[idx])) for i, p in enumerate(points) if p[idx] is not None]
-        coords = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
-        dots = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>' for a, b in pts)
-        return (
-            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>{dots}'
-            f'<text x="{width - pad}" y="{pts[-1][1] - 6:.1f}" fill="{colour}" text-anchor="end">{label}</text>'
-        )
-
-    axis = (
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
-        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{top:.2f}</text>'
-        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end" font-size="10">0</text>'
-        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle" font-size="11">releases (oldest → newest)</text>'
-    )
-    return (
-        f'<svg id="metrics-plot" role="img" aria-label="NDCG@10 over releases" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="12">{axis}{line(0, "#1f6feb", "model ndcg@10")}'
-        f"{line(1, '#999', 'popularity')}</svg>"
-    )
 
 
 _TEMPLATES = jinja2.Environment(
@@ -120,8 +101,14 @@ def _render(name: str, **values: Any) -> HTMLResponse:
     return HTMLResponse(_TEMPLATES.get_template(name).render(**values))
 
 
-class RollbackRequest(BaseModel):
-    release_id: str | None = None
+class ActionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    release_id: str | None = None  # rollback: the target (default: the previous release)
+    reason: str = ""
+
+
+def _default_actor() -> str:
+    return "airflow-ui"
 
 
 def create_dashboard(
@@ -129,9 +116,14 @@ def create_dashboard(
     dependencies: Sequence[Any] = (),
     rollback_dependencies: Sequence[Any] = (),
     base_path: str = "",
+    airflow_runs: Callable[[list[str]], dict[str, dict[str, Any]]] | None = None,
+    actor: Callable[..., str] = _default_actor,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
     """`dependencies` guard every route (the plugin passes Airflow's authentication);
-    `rollback_dependencies` guard the rollback action (e.g. a per-tenant DAG edit check)."""
+    `rollback_dependencies` guard the actions (the plugin: edit permission on the tenant's DAG);
+    `airflow_runs(dag_ids)` gives each DAG's latest Airflow run (state, run_id, dates) when the
+    app runs inside Airflow; `actor` names who acts (a FastAPI dependency)."""
     app = FastAPI(title="recsys tenants", dependencies=list(dependencies), docs_url=None, redoc_url=None)
 
     def store():
@@ -145,13 +137,48 @@ def create_dashboard(
         except Exception:
             raise HTTPException(404, f"unknown tenant {tenant!r}") from None
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
+    def fleet_rows() -> list[dict[str, Any]]:
+        from pipeline.ops import fleet
         from pipeline.ops.maintenance import valid_configs
 
-        s = store()
-        overviews = [tenant_overview(s, cfg) for cfg in valid_configs(settings_provider())]
-        return _render("index.html", tenants=overviews, base=base_path)
+        s, now = store(), clock()
+        configs = valid_configs(settings_provider())
+        states = airflow_runs([f"recsys_{c.tenant}" for c in configs]) if airflow_runs else {}
+        return fleet.fleet([fleet.fleet_row(s, c, now, states.get(f"recsys_{c.tenant}")) for c in configs])
+
+    def detail(tenant: str, old: str | None, new: str | None) -> dict[str, Any]:
+        from pipeline.ops import fleet
+        from pipeline.ops.release_diff import release_diff
+
+        cfg, s = config(tenant), store()
+        o = tenant_overview(s, cfg)
+        o["runs"] = fleet.tenant_history(s, tenant, clock())
+        ids = [r["release_id"] for r in o["releases"]]
+        live = (o["live"] or {}).get("release_id")
+        new = new or live or (ids[-1] if ids else None)
+        if old is None and new in ids and ids.index(new) > 0:
+            old = ids[ids.index(new) - 1]
+        for rid in (old, new):
+            if rid is not None and rid not in ids:
+                raise HTTPException(404, f"tenant {tenant} has no release {rid}")
+        o["diff"] = release_diff(s, tenant, old, new) if old and new and old != new else None
+        return o
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return _render("index.html", tenants=fleet_rows(), base=base_path)
+
+    @app.get("/api/fleet")
+    def fleet_json() -> list[dict[str, Any]]:
+        return fleet_rows()
+
+    @app.get("/static/{name}")
+    def static(name: str) -> Response:
+        if name not in STATIC:
+            raise HTTPException(404, "not found")
+        data = resources.files("pipeline.ops").joinpath("static", name).read_bytes()
+        media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/dag/{dag_id}")
     def from_dag(dag_id: str) -> RedirectResponse:
@@ -161,13 +188,21 @@ def create_dashboard(
         return RedirectResponse(f"{base_path}/tenants/{tenant}")
 
     @app.get("/tenants/{tenant}", response_class=HTMLResponse)
-    def tenant_page(tenant: str = TenantId) -> HTMLResponse:
-        o = tenant_overview(store(), config(tenant))
-        return _render("tenant.html", o=o, base=base_path, metrics=METRICS, svg=metrics_svg(o["releases"]))
+    def tenant_page(
+        tenant: str = TenantId,
+        old: str | None = Query(None, pattern=RELEASE_ID),
+        new: str | None = Query(None, pattern=RELEASE_ID),
+    ) -> HTMLResponse:
+        o = detail(tenant, old, new)
+        return _render("tenant.html", o=o, base=base_path, permission=PERMISSION)
 
     @app.get("/api/tenants/{tenant}")
-    def tenant_json(tenant: str = TenantId) -> dict[str, Any]:
-        return tenant_overview(store(), config(tenant))
+    def tenant_json(
+        tenant: str = TenantId,
+        old: str | None = Query(None, pattern=RELEASE_ID),
+        new: str | None = Query(None, pattern=RELEASE_ID),
+    ) -> dict[str, Any]:
+        return detail(tenant, old, new)
 
     @app.get("/tenants/{tenant}/runs/{run_id}/data_docs/{path:path}")
     def data_docs(path: str, tenant: str = TenantId, run_id: str = Path(pattern=r"^\d{8}T\d{6}Z$")) -> Response:
@@ -182,32 +217,31 @@ def create_dashboard(
             raise HTTPException(404, "not found")
         return Response(s.get(key), media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
-    @app.post("/api/tenants/{tenant}/rollback", dependencies=list(rollback_dependencies))
-    def rollback_action(
-        body: RollbackRequest, tenant: str = TenantId, x_recsys_action: str | None = Header(default=None)
+    @app.post("/api/tenants/{tenant}/{action}", dependencies=list(rollback_dependencies))
+    def act(
+        action: str,
+        body: ActionRequest | None = None,
+        tenant: str = TenantId,
+        x_recsys_action: str | None = Header(default=None),
+        by: str = Depends(actor),
     ) -> dict[str, Any]:
-        if x_recsys_action != "rollback":
-            raise HTTPException(403, "missing X-Recsys-Action: rollback header")
+        """rollback (pins the tenant), pin, unpin: the CLI's code, recorded with who acted."""
+        if action not in ACTIONS:
+            raise HTTPException(404, f"unknown action {action!r}; actions: {', '.join(ACTIONS)}")
+        if x_recsys_action != action:
+            raise HTTPException(403, f"missing X-Recsys-Action: {action} header")
         from pipeline.release import format as release
-        from pipeline.release.rollback import RollbackError, rollback
+        from pipeline.release import rollback as moves
 
         config(tenant)
+        body = body or ActionRequest()
         try:
-            return rollback(settings_provider(), tenant, body.release_id, by="airflow-ui")
-        except (RollbackError, release.ReleaseError) as exc:
-            raise HTTPException(409, str(exc)) from None
-
-    @app.post("/api/tenants/{tenant}/unpin", dependencies=list(rollback_dependencies))
-    def unpin_action(tenant: str = TenantId, x_recsys_action: str | None = Header(default=None)) -> dict[str, Any]:
-        """Lift a rollback's (or a manual) pin: the next newer release goes live again."""
-        if x_recsys_action != "unpin":
-            raise HTTPException(403, "missing X-Recsys-Action: unpin header")
-        from pipeline.release.rollback import RollbackError, unpin
-
-        config(tenant)
-        try:
-            return unpin(settings_provider(), tenant, by="airflow-ui")
-        except RollbackError as exc:
+            if action == "rollback":
+                return moves.rollback(settings_provider(), tenant, body.release_id, reason=body.reason, by=by)
+            if action == "pin":
+                return moves.pin(settings_provider(), tenant, reason=body.reason, by=by)
+            return moves.unpin(settings_provider(), tenant, by=by)
+        except (moves.RollbackError, release.ReleaseError) as exc:
             raise HTTPException(409, str(exc)) from None
 
     from pipeline.ops import experiments_view  # the experiments section: its own page, JSON and promote action

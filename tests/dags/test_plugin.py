@@ -112,7 +112,8 @@ def test_dashboard_in_a_real_browser(served):
         page.get_by_role("link", name="acme").click()
         page.wait_for_url("**/recsys/tenants/acme")
         assert page.locator("#live-release").inner_text() == live["release_id"]
-        assert page.locator("#metrics-plot polyline").count() == 2
+        assert page.locator("canvas[data-metric]").count() >= 4  # a Chart.js chart per metric
+        page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length >= 4")
         assert "PUBLISH" in page.locator("#gate").inner_text()
         assert "passed" in page.locator("#validation").inner_text()
         assert page.locator("#releases tr").count() >= 3  # header + at least two releases

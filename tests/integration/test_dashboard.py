@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.context import RunContext
-from pipeline.ops.dashboard import create_dashboard, metrics_svg
+from pipeline.ops.dashboard import create_dashboard
 from pipeline.release import format as release
 from pipeline.stages import run_all
 
@@ -28,16 +28,31 @@ def test_pages_show_live_release_history_gate_and_validation(two_releases):
     client = TestClient(create_dashboard(lambda: ctx.settings))
     index = client.get("/")
     assert index.status_code == 200 and "acme" in index.text and second in index.text
+    [row] = client.get("/api/fleet").json()
+    assert row["tenant"] == "acme" and row["status"] == "published" and row["live"]["release_id"] == second
+    assert row["last_run"]["stages_done"][-1] == "refresh" and row["gate"]["publish"] is True
+    assert client.get("/static/chart.umd.min.js").text.startswith("/*!\n * Chart.js")
+    assert client.get("/static/../dashboard.py").status_code == 404
     page = client.get("/tenants/acme")
     assert page.status_code == 200
     text = page.text
     assert f'<code id="live-release">{second}</code>' in text
     assert first in text and "make live" in text  # history with a rollback action
-    assert '<svg id="metrics-plot"' in text and "<polyline" in text
+    assert 'data-metric="ndcg@10"' in text and 'data-metric="recall@10"' in text  # one chart per metric
+    assert 'id="page-data"' in text and 'id="gate-checks"' in text and 'id="diff-summary"' in text
     assert "PUBLISH" in text and "beats_popularity" in text
     assert 'id="validation"' in text and "passed" in text
     data = client.get("/api/tenants/acme").json()
     assert [r["release_id"] for r in data["releases"]] == [first, second]
+    assert data["releases"][0]["popularity"]["ndcg@10"] is not None and "ndcg@10" in data["metric_names"]
+    assert [r["status"] for r in data["runs"]] == ["published", "published"]
+    last = data["runs"][-1]  # the synthetic source has no events in the second interval: a warning
+    assert last["rows"] > 0 and last["interval_events"] == 0 and last["validation"]["warnings"] >= 1
+    diff = data["diff"]  # live vs the release before it, by default
+    assert (diff["old"], diff["new"]) == (first, second) and diff["available"]
+    assert 0.0 <= diff["mean_overlap"] <= 1.0 and diff["shared_users"] > 0
+    assert client.get(f"/api/tenants/acme?old={second}&new={first}").json()["diff"]["old"] == second
+    assert client.get("/api/tenants/acme?old=20200101T000000Z-00aa").status_code == 404
     docs = data["validation"]["data_docs_path"]
     resp = client.get(f"/tenants/acme/runs/{data['validation']['run_id']}/data_docs/{docs}")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
@@ -62,6 +77,11 @@ def test_rollback_action_needs_the_header_and_moves_the_pointer(two_releases):
     assert unpinned.status_code == 200 and unpinned.json()["was"]["release_id"] == first
     assert "pinned" not in release.read_pointer(ctx.store, "acme")[0]
     assert 'id="unpin"' not in client.get("/tenants/acme").text
+    # pin from the page's action: the same header rule, a reason recorded
+    assert client.post("/api/tenants/acme/pin", json={"reason": "sale"}).status_code == 403
+    pinned = client.post("/api/tenants/acme/pin", json={"reason": "sale"}, headers={"X-Recsys-Action": "pin"})
+    assert pinned.status_code == 200 and release.read_pointer(ctx.store, "acme")[0]["pinned"]["reason"] == "sale"
+    assert client.post("/api/tenants/acme/drop", headers={"X-Recsys-Action": "drop"}).status_code == 404
 
 
 def test_input_is_validated_and_escaped(two_releases):
@@ -71,11 +91,3 @@ def test_input_is_validated_and_escaped(two_releases):
     assert client.get("/tenants/nobody").status_code == 404
     assert client.get("/tenants/acme/runs/20250401T000000Z/data_docs/../../../../etc/passwd").status_code == 404
     assert client.get("/tenants/acme/runs/..%2F..%2Fx/data_docs/index.html").status_code in (404, 422)
-
-
-def test_svg_escapes_nothing_dynamic_and_handles_empty():
-    assert "No metrics" in metrics_svg([])
-    svg = metrics_svg(
-        [{"metrics": {"ndcg@10": 0.2}, "popularity_ndcg": 0.1}, {"metrics": {"ndcg@10": 0.25}, "popularity_ndcg": 0.1}]
-    )
-    assert svg.count("<polyline") == 2
