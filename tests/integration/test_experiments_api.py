@@ -150,7 +150,8 @@ def test_the_truly_better_arm_wins_through_the_api_and_impressions_survive_a_res
     writers = {k.rsplit("/", 1)[-1].split("-0")[0] for k in store.list(paths.impressions_prefix(TENANT) + "/")}
     assert len(writers) == 2  # one writer per server process
     doc = _report(settings, store, "ranker")
-    assert doc["impressions"] == N_USERS  # every response of both lifetimes was logged
+    assert doc["responses"] == N_USERS  # every response of both lifetimes was logged
+    assert sum(a["impressions"] for a in doc["arms"]) == N_USERS * K  # an impression is an item shown
     control, treatment = doc["arms"]
     assert control["users"] + treatment["users"] == N_USERS and not doc["srm"]["mismatch"]
     assert treatment["verdict"] == analysis.WINNER and treatment["ctr_lift_ci"][0] > 0, treatment
