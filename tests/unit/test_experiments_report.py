@@ -46,3 +46,22 @@ def test_interleaving_credits_the_team_of_the_clicked_position_or_item():
     credit = report.credit(_imps(), _outcomes(), IL)
     # u1: r1 position 1 (team b), r1 item z (position 2, team a); u2: r3 position 1 twice (team b)
     assert credit.loc["u1"].tolist() == [1, 1] and credit.loc["u2"].tolist() == [0, 2]
+
+
+def test_a_new_experiment_without_traffic_reports_zeros_not_an_error(tmp_path):
+    from datetime import UTC, datetime
+
+    from pipeline.config import TenantConfig
+    from pipeline.storage import open_store
+
+    arms = [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]
+    cfg = TenantConfig.model_validate(
+        {"tenant": "acme", "source": {"uri": "x.csv"},
+         "experiments": [{"name": "e", "traffic": 0.5, "arms": arms},
+                         {"name": "i", "traffic": 0.5, "interleave": True, "arms": arms}]}
+    )  # fmt: skip
+    store = open_store(str(tmp_path))
+    doc = report.build(store, cfg, "e", datetime(2026, 1, 2, tzinfo=UTC))
+    assert [(a["users"], a["ctr"]) for a in doc["arms"]] == [(0, None), (0, None)]
+    assert doc["arms"][1]["verdict"] == "not yet significant" and not doc["srm"]["mismatch"]
+    assert report.build(store, cfg, "i", datetime(2026, 1, 2, tzinfo=UTC))["interleaving"]["winner"] is None
