@@ -25,7 +25,7 @@ def text(doc: dict[str, Any]) -> str:
     """The report as a table a person reads in a terminal."""
     lines = [
         f"experiment {doc['experiment']} of tenant {doc['tenant']}, up to {doc['interval_end']} "
-        f"({doc['impressions']} impressions; clicks = '{doc['outcome_event']}' events)"
+        f"({doc['responses']} responses; impressions = items shown; clicks = '{doc['outcome_event']}' events)"
     ]
     if "interleaving" in doc:
         il = doc["interleaving"]

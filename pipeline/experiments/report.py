@@ -93,10 +93,13 @@ def per_user(imps: pd.DataFrame, outcomes: pd.DataFrame, exp: ExperimentConfig) 
         clicks=(kind == exp.outcome_event.lower()).astype(int),
         conversions=(kind == exp.conversion_event.lower()).astype(int),
     )
-    shown = imps.groupby(["user_id", "variant"]).size().rename("impressions")
+    # an impression is an item shown: CTR = clicks / items shown; `responses` counts the lists
+    sized = imps.assign(impressions=imps["items"].str.len().fillna(0).astype(int), responses=1)
+    shown = sized.groupby(["user_id", "variant"])[["impressions", "responses"]].sum()
     acted = joined.groupby(["user_id", "variant"])[["clicks", "conversions"]].sum()
     out = pd.concat([shown, acted], axis=1).fillna(0).reset_index()
-    out = out.rename(columns={"variant": "arm"}).astype({"impressions": int, "clicks": int, "conversions": int})
+    kinds = {"impressions": int, "responses": int, "clicks": int, "conversions": int}
+    out = out.rename(columns={"variant": "arm"}).astype(kinds)
     return out, len(joined)
 
 
@@ -134,7 +137,7 @@ def build(store: ObjectStore, cfg: TenantConfig, name: str, end: datetime) -> di
         "window_start": None if start is None else start.isoformat(),
         "outcome_event": exp.outcome_event,
         "conversion_event": exp.conversion_event,
-        "impressions": len(imps),
+        "responses": len(imps),
     }
     if exp.interleave:
         doc["interleaving"] = analysis.interleaving(
@@ -183,7 +186,7 @@ def run(store: ObjectStore, cfg: TenantConfig, end: datetime, tracking_uri: str 
         store.put(report_key(cfg.tenant, exp.name, day), codecs.json_bytes(doc))
         if tracking_uri:
             doc["mlflow"] = log_to_mlflow(tracking_uri, doc, day)
-        out[exp.name] = {k: doc.get(k) for k in ("impressions", "trustworthy", "mlflow")} | {
+        out[exp.name] = {k: doc.get(k) for k in ("responses", "trustworthy", "mlflow")} | {
             "verdicts": {a["arm"]: a.get("verdict") for a in doc.get("arms", []) if "verdict" in a}
         }
     return out
@@ -206,9 +209,9 @@ def log_to_mlflow(tracking_uri: str, doc: dict[str, Any], day: str) -> str:
             if runs
             else mlf.create_run(exp_id, run_name=f"ab-{doc['experiment']}-{day}", tags=tags).info.run_id
         )
-        metrics = {"impressions": float(doc["impressions"])}
+        metrics = {"responses": float(doc["responses"])}
         for a in doc.get("arms", []):
-            for key in ("users", "impressions", "clicks", "ctr", "conversion", "ctr_lift"):
+            for key in ("users", "responses", "impressions", "clicks", "ctr", "conversion", "ctr_lift"):
                 if a.get(key) is not None:
                     metrics[f"{a['arm']}.{key}"] = float(a[key])
         if doc.get("srm", {}).get("p_value") is not None:

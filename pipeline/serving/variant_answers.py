@@ -142,12 +142,12 @@ def recommend_batch(
     policies = [state.variants.policy(tenant, live, u, opts) for u in user_ids]  # a hash per user of the batch
     out: list[Recommendations | None] = [None] * len(user_ids)
     teams: list[list[str] | None] = [None] * len(user_ids)
-    groups: dict[tuple[int, str, str | None], list[int]] = {}
+    groups: dict[tuple[int, str | None, str | None], list[int]] = {}
     for j, p in enumerate(policies):
         if p.interleaved:
             out[j], teams[j] = interleaved(p, tenant, user_ids[j], metrics)
         else:
-            groups.setdefault((id(p.live), p.opts.model_dump_json(), p.variant), []).append(j)
+            groups.setdefault((id(p.live), p.experiment, p.variant), []).append(j)  # same arm: same options
     for members in groups.values():
         p = policies[members[0]]
         results = recommend_many(p.live, tenant, [user_ids[j] for j in members], p.opts, metrics)

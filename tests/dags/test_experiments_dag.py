@@ -55,6 +55,7 @@ def test_the_daily_task_reports_each_experiment_of_a_tenant(dagbag):
         by_arm = {a["arm"]: a for a in got["arms"]}
         assert (by_arm["a"]["users"], by_arm["a"]["clicks"]) == (3, 0)
         b = by_arm["b"]
-        assert (b["users"], b["clicks"], b["ctr"]) == (3, 2, pytest.approx(2 / 3))  # one list each, 2 clicked
+        assert (b["users"], b["responses"], b["impressions"], b["clicks"]) == (3, 3, 6, 2)  # one list of 2 each
+        assert b["ctr"] == pytest.approx(2 / 6)
     finally:
         path.write_text(original)

@@ -150,7 +150,8 @@ def test_the_truly_better_arm_wins_through_the_api_and_impressions_survive_a_res
     writers = {k.rsplit("/", 1)[-1].split("-0")[0] for k in store.list(paths.impressions_prefix(TENANT) + "/")}
     assert len(writers) == 2  # one writer per server process
     doc = _report(settings, store, "ranker")
-    assert doc["impressions"] == N_USERS  # every response of both lifetimes was logged
+    assert doc["responses"] == N_USERS  # every response of both lifetimes was logged
+    assert sum(a["impressions"] for a in doc["arms"]) == N_USERS * K  # an impression is an item shown
     control, treatment = doc["arms"]
     assert control["users"] + treatment["users"] == N_USERS and not doc["srm"]["mismatch"]
     assert treatment["verdict"] == analysis.WINNER and treatment["ctr_lift_ci"][0] > 0, treatment
@@ -214,3 +215,16 @@ def test_a_failing_impression_log_never_fails_a_request(world):
             assert r.status_code == 200 and r.json()["variant"] in ("control", "treatment")
         r = client.post(f"/v1/tenants/{TENANT}/recommendations/batch", json={"user_ids": ["u1", "u2", "nobody"]})
         assert r.status_code == 200 and {x["variant"] for x in r.json()["results"]} <= {"control", "treatment"}
+
+
+@pytest.mark.slow
+def test_interleaving_names_the_better_ranking_through_the_api(world):
+    settings, store, liked, worse, better = world
+    arms = [{"name": "truth", "share": 0.5, "release": better}, {"name": "noisy", "share": 0.5, "release": worse}]
+    _configure(settings, [{"name": "mix", "interleave": True, "arms": arms}])
+    with TestClient(create_app(settings)) as client:
+        client.app.state.variants.refresh(TENANT)
+        assert _simulate(client, liked, range(400), seed=4) == {"interleaved": 400}
+    got = _report(settings, store, "mix")["interleaving"]
+    assert got["winner"] == "truth" and got["preference_ci"][0] > 0, got
+    assert got["users"] == 400 and got["clicks"]["truth"] > got["clicks"]["noisy"]

@@ -79,8 +79,8 @@ def world(tmp_path, mlflow_uri):
         key = f"{impressions.prefix(TENANT)}/dt={when:%Y-%m-%d}/t-{day}.parquet"
         store.put(key, impressions.batch_bytes(rows))
         event_log.append(store, TENANT, pd.DataFrame(clicks), received_at=when)
-        out = report.run(store, cfg, (when + timedelta(days=1)).replace(hour=0), settings.mlflow_tracking_uri)
-        assert out["challenger"]["mlflow"].startswith("run "), out  # per-arm metrics logged to MLflow
+        ran = report.run(store, cfg, (when + timedelta(days=1)).replace(hour=0), settings.mlflow_tracking_uri)
+        assert ran["challenger"]["mlflow"].startswith("run "), ran  # per-arm metrics logged to MLflow
     return settings, store, live.release_id, out["release_id"]
 
 
