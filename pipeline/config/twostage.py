@@ -37,6 +37,9 @@ class TwoStageConfig(_Strict):
         lt=1,
         description="Last share of each user's TRAIN events the ranker learns to find (never the holdout).",
     )
+    max_training_users: int = Field(
+        default=20_000, ge=1, description="Users the ranker learns from at most (a seeded sample): bounds its rows."
+    )
     recent_items: int = Field(default=20, ge=1, description="Newest distinct items co-occurrence looks from.")
     recent_decay: float = Field(default=0.9, gt=0, le=1, description="Weight of the n-th newest item: decay**n.")
     neighbours: int = Field(default=100, ge=1, description="Co-occurring items kept per item.")

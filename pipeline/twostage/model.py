@@ -72,10 +72,18 @@ class TwoStage:
         cands = cg.merge(props, len(self.stats.item))
         return cands, tf.matrix(cands, users, self.stats)
 
-    def recommend(self, users: np.ndarray, k: int) -> np.ndarray:
-        """int64 [len(users), k] item rows, best first by the ranker; -1 where fewer candidates."""
-        cands, X = self.candidates(np.asarray(users, dtype=np.int64))
-        return top_k_per_user(cands.user, cands.item, self.ranker.predict(X), len(users), k)
+    def recommend(self, users: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
+        """int64 [len(users), k] item rows, best first by the ranker; -1 where fewer candidates.
+        Blocks of users: memory stays at one block's candidates and features."""
+        users = np.asarray(users, dtype=np.int64)
+        out = np.full((len(users), k), -1, dtype=np.int64)
+        for start in range(0, len(users), block):
+            part = users[start : start + block]
+            cands, X = self.candidates(part)
+            out[start : start + len(part)] = top_k_per_user(
+                cands.user, cands.item, self.ranker.predict(X), len(part), k
+            )
+        return out
 
 
 def top_k_per_user(user: np.ndarray, item: np.ndarray, score: np.ndarray, n_users: int, k: int) -> np.ndarray:
@@ -98,6 +106,9 @@ def training_set(
     model = make_model(fit)
     stage = TwoStage.build(config, ranker=None, history=fit, model=model)  # type: ignore[arg-type]
     users = np.flatnonzero(np.diff(target.indptr) > 0)
+    if len(users) > config.max_training_users:  # a seeded sample bounds the rows (users x candidates)
+        rng = np.random.default_rng(config.ranker.seed)
+        users = np.sort(rng.choice(users, config.max_training_users, replace=False))
     cands, X = stage.candidates(users)
     keys = users[cands.user] * history.n_items + cands.item
     tc = target.tocoo()
@@ -108,9 +119,10 @@ def training_set(
     sizes = np.bincount(cands.user[keep], minlength=len(users))
     counts = {
         "users": int(len(users)),
+        "users_with_targets": int((np.diff(target.indptr) > 0).sum()),
         "users_with_target_in_candidates": int((positives > 0).sum()),
-        "target_pairs": int(target.nnz),
-        "candidate_recall": round(float(y.sum() / max(target.nnz, 1)), 4),
+        "target_pairs": int(target[users].nnz),
+        "candidate_recall": round(float(y.sum() / max(target[users].nnz, 1)), 4),
         "candidates_per_user": round(float(len(y) / max(len(users), 1)), 1),
     }
     return X[keep], y[keep], sizes[sizes > 0], tf.names(tuple(config.sources)), counts

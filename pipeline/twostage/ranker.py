@@ -66,22 +66,19 @@ class Ranker:
         flagged = np.isnan(Z).any(axis=0)
         stats = {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "flagged": flagged.astype(np.uint8)}
         inputs = cls(stats, feature_names)._inputs(X)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        d, hidden = inputs.shape[1], cfg.hidden
-        w1 = torch.nn.Parameter(torch.randn(d, hidden, generator=gen) * (2.0 / d) ** 0.5)
-        b1 = torch.nn.Parameter(torch.zeros(hidden))
-        w2 = torch.nn.Parameter(torch.randn(hidden, 1, generator=gen) * (1.0 / hidden) ** 0.5)
-        b2 = torch.nn.Parameter(torch.zeros(1))
-        params = [w1, b1, w2, b2]
-        opt = torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         T = torch.as_tensor(inputs)
         n = len(group_sizes)
         group = torch.as_tensor(np.repeat(np.arange(n), group_sizes))
         target = torch.as_tensor(np.asarray(y, dtype=np.float32))
         positives = torch.zeros(n).index_add(0, group, target)
         losses = []
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            first, second = torch.nn.Linear(T.shape[1], cfg.hidden), torch.nn.Linear(cfg.hidden, 1)
+        net = torch.nn.Sequential(first, torch.nn.ReLU(), second)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         for _ in range(cfg.epochs):  # full batch: every user's whole list in each step
-            s = (torch.relu(T @ w1 + b1) @ w2 + b2).squeeze(1)
+            s = net(T).squeeze(1)
             top = torch.zeros(n).scatter_reduce(0, group, s.detach(), "amax", include_self=False)
             lse = torch.log(torch.zeros(n).index_add(0, group, torch.exp(s - top[group]))) + top
             loss = -(torch.zeros(n).index_add(0, group, target * s) - positives * lse).sum() / positives.sum()
@@ -89,10 +86,13 @@ class Ranker:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+        weights = {"w1": first.weight.T, "b1": first.bias, "w2": second.weight.T, "b2": second.bias}
         if not np.isfinite(losses[-1]):
             raise ValueError(f"two_stage: the ranker's loss diverged ({losses[-1]})")
-        weights = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
-        tensors = {**stats, **{k: v.detach().numpy().astype(np.float32) for k, v in weights.items()}}
+        tensors = {
+            **stats,
+            **{k: np.ascontiguousarray(v.detach().numpy(), dtype=np.float32) for k, v in weights.items()},
+        }
         report = {"epochs": cfg.epochs, "final_loss": round(losses[-1], 6), "rows": int(len(y)), "groups": int(n)}
         return cls(tensors, feature_names, report | {"positives": int(np.sum(y))})
 

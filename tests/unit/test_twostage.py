@@ -196,3 +196,14 @@ def test_sources_keep_one_order_whatever_the_file_says():
     a = TwoStageConfig(sources={"segment_popularity": 5, "model": 10, "cooccurrence": 7})
     b = TwoStageConfig.model_validate_json(a.model_dump_json())
     assert list(a.sources) == list(b.sources) == ["model", "cooccurrence", "segment_popularity"]
+
+
+def test_ranker_training_rows_are_bounded_by_a_seeded_user_sample():
+    train, _, _ = planted(n_users=120)
+    make = lambda data: build_by_kind("popularity").fit(data)  # noqa: E731
+    config = TwoStageConfig(sources={"model": 10, "cooccurrence": 10}, validation_fraction=0.25, max_training_users=30)
+    X, y, sizes, names, counts = tsm.training_set(config, train, make)
+    assert counts["users"] == 30 and counts["users_with_targets"] == 120
+    assert len(X) == len(y) == sizes.sum() and len(sizes) <= 30 and len(names) == X.shape[1]
+    again = tsm.training_set(config, train, make)
+    np.testing.assert_array_equal(again[0], X)
