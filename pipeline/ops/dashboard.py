@@ -26,7 +26,8 @@ from pipeline.ops.maintenance import blocking_failures
 # loads plugins in its components, and this module must stay cheap to import there.
 
 TenantId = Path(pattern=TENANT_ID_PATTERN)
-METRICS = ("ndcg@10", "recall@10", "map@10", "coverage")
+METRICS = ("ndcg@10", "recall@10", "map@10", "coverage", "diversity@10", "novelty@10")
+SEGMENT_METRICS = ("users", "ndcg@10", "recall@10", "coverage", "diversity@10", "novelty@10")
 
 
 def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
@@ -37,8 +38,11 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
     t = cfg.tenant
     pointer = release.read_pointer(store, t)
     history = []
+    segments: dict[str, Any] = {}  # the live release's metrics per user segment
     for rid in release.list_releases(store, t):
         m = release.read_manifest(store, t, rid)
+        if pointer and rid == pointer[0].get("release_id"):
+            segments = m.get("segments") or {}
         model = m.get("model", "")
         history.append(
             {
@@ -72,6 +76,7 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
         "tenant": t,
         "live": pointer[0] if pointer else None,
         "releases": history,
+        "segments": segments,
         "gate": gate,
         "validation": validation,
     }
@@ -163,7 +168,14 @@ def create_dashboard(
     @app.get("/tenants/{tenant}", response_class=HTMLResponse)
     def tenant_page(tenant: str = TenantId) -> HTMLResponse:
         o = tenant_overview(store(), config(tenant))
-        return _render("tenant.html", o=o, base=base_path, metrics=METRICS, svg=metrics_svg(o["releases"]))
+        return _render(
+            "tenant.html",
+            o=o,
+            base=base_path,
+            metrics=METRICS,
+            segment_metrics=SEGMENT_METRICS,
+            svg=metrics_svg(o["releases"]),
+        )
 
     @app.get("/api/tenants/{tenant}")
     def tenant_json(tenant: str = TenantId) -> dict[str, Any]:

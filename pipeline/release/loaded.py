@@ -26,7 +26,14 @@ from pipeline.storage import codecs
 
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
 # candidates.npy: each user's top items of a dot-product release (pipeline/release/candidates.py)
-OPTIONAL_FILES = ("item_attributes.parquet", "user_stats.parquet", "item_stats.parquet", "candidates.npy")
+OPTIONAL_FILES = (
+    "item_attributes.parquet",
+    "user_stats.parquet",
+    "item_stats.parquet",
+    "candidates.npy",
+    "segment_popular.npy",  # cold users' segment lists (release/segments.py)
+    "segment_users.parquet",
+)
 
 
 class ReleaseError(RuntimeError):
@@ -58,6 +65,8 @@ class Release:
     user_stats: pd.DataFrame | None = None  # feature_tables.user_features, one row per user_id
     similarity: sp.csr_matrix | None = None  # float32 items x items S of an item-item release
     candidates: np.ndarray | None = None  # int32 [n_users, C]: each user's top items at publish, -1 padded
+    segment_popular: np.ndarray | None = None  # int32 [segments, P]: each user segment's popular items, -1 padded
+    segment_of: pd.Series | None = None  # cold user id -> row of segment_popular (release/segments.py)
 
     @property
     def scoring(self) -> Scoring:
@@ -176,6 +185,7 @@ def decode(
             or (candidates.size and (candidates.min() < -1 or candidates.max() >= n_items))
         ):
             raise ReleaseError(f"release {tenant}/{release_id}: candidates.npy disagrees with the id maps")
+    segment_popular, segment_of = _segments(tenant, release_id, n_items, optional)
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -194,7 +204,27 @@ def decode(
         user_stats=codecs.read_parquet(optional["user_stats.parquet"]) if optional["user_stats.parquet"] else None,
         similarity=similarity,
         candidates=candidates,
+        segment_popular=segment_popular,
+        segment_of=segment_of,
     )
+
+
+def _segments(tenant: str, release_id: str, n_items: int, optional: dict[str, bytes | None]) -> tuple:
+    """(segment lists, cold user -> segment) when the release has them, checked against the id maps."""
+    lists, users = optional["segment_popular.npy"], optional["segment_users.parquet"]
+    if lists is None or users is None:
+        return None, None
+    popular = codecs.read_npy(lists)
+    table = codecs.read_parquet(users)
+    seg = table["segment"].to_numpy()
+    if (
+        popular.ndim != 2
+        or popular.dtype != np.int32
+        or (popular.size and (popular.min() < -1 or popular.max() >= n_items))
+        or (len(seg) and (seg.min() < 0 or seg.max() >= len(popular)))
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: the segment lists disagree with the id maps")
+    return popular, pd.Series(seg, index=pd.Index(table["user_id"].astype(str).to_numpy(), dtype=object))
 
 
 def _similarity(tenant: str, release_id: str, n_items: int, get: Callable[[str], bytes]) -> sp.csr_matrix:

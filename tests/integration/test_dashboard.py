@@ -36,8 +36,10 @@ def test_pages_show_live_release_history_gate_and_validation(two_releases):
     assert '<svg id="metrics-plot"' in text and "<polyline" in text
     assert "PUBLISH" in text and "beats_popularity" in text
     assert 'id="validation"' in text and "passed" in text
+    assert '<table id="segments">' in text and "cold_warm" in text and "diversity@10" in text
     data = client.get("/api/tenants/acme").json()
     assert [r["release_id"] for r in data["releases"]] == [first, second]
+    assert sum(g["users"] for g in data["segments"]["activity"].values()) > 0
     docs = data["validation"]["data_docs_path"]
     resp = client.get(f"/tenants/acme/runs/{data['validation']['run_id']}/data_docs/{docs}")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
