@@ -39,6 +39,7 @@ RELEASE_ID = r"^\d{8}T\d{6}Z-[0-9a-f]+$"  # a fresh Query() per parameter: FastA
 STATIC = ("chart.umd.min.js", "dashboard.js", "dashboard.css")
 ACTIONS = ("rollback", "pin", "unpin")
 PERMISSION = "edit permission on the tenant's DAG (Airflow: DAG PUT; SimpleAuthManager role user or above)"
+SEGMENT_METRICS = ("users", "ndcg@10", "recall@10", "coverage", "diversity@10", "novelty@10")
 
 
 def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
@@ -49,8 +50,11 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
     t = cfg.tenant
     pointer = release.read_pointer(store, t)
     history = []
+    segments: dict[str, Any] = {}  # the live release's metrics per user segment
     for rid in release.list_releases(store, t):
         m = release.read_manifest(store, t, rid)
+        if pointer and rid == pointer[0].get("release_id"):
+            segments = m.get("segments") or {}
         model = m.get("model", "")
         metrics = m.get("metrics", {})
         history.append(
@@ -87,6 +91,7 @@ def tenant_overview(store, cfg: TenantConfig) -> dict[str, Any]:
         "live": pointer[0] if pointer else None,
         "releases": history,
         "metric_names": sorted({k for h in history for k in h["metrics"]}),
+        "segments": segments,
         "gate": gate,
         "validation": validation,
     }
@@ -194,7 +199,7 @@ def create_dashboard(
         new: str | None = Query(None, pattern=RELEASE_ID),
     ) -> HTMLResponse:
         o = detail(tenant, old, new)
-        return _render("tenant.html", o=o, base=base_path, permission=PERMISSION)
+        return _render("tenant.html", o=o, base=base_path, permission=PERMISSION, segment_metrics=SEGMENT_METRICS)
 
     @app.get("/api/tenants/{tenant}")
     def tenant_json(

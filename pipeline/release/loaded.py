@@ -28,6 +28,7 @@ from pipeline.storage import codecs
 # item_attributes: when the tenant has a catalog; user/item stats: releases since feature tables;
 # candidates.npy / neighbors.npy: each user's top items and each item's nearest items of a
 # dot-product release (pipeline/release/candidates.py)
+# segment_popular.npy, segment_users.parquet: cold users' segment lists (release/segments.py)
 # ranker.safetensors, twostage.*: a release whose gate chose two stages (pipeline/twostage/serve.py)
 OPTIONAL_FILES = (
     "item_attributes.parquet",
@@ -38,6 +39,8 @@ OPTIONAL_FILES = (
     "ranker.safetensors",
     "twostage.safetensors",
     "twostage.json",
+    "segment_popular.npy",  # cold users' segment lists (release/segments.py)
+    "segment_users.parquet",
 )
 
 
@@ -73,6 +76,8 @@ class Release:
     neighbors: np.ndarray | None = None  # int32 [n_items, C]: each item's nearest items at publish, -1 padded
     encoder: SequenceEncoder | None = None  # a "sequence" fold-in kind's (SASRec) encoder, from model.safetensors
     two_stage: Any = None  # twostage.serve.ServingTwoStage: the second stage serving applies, when shipped
+    segment_popular: np.ndarray | None = None  # int32 [segments, P]: each user segment's popular items, -1 padded
+    segment_of: pd.Series | None = None  # cold user id -> row of segment_popular (release/segments.py)
 
     @property
     def scoring(self) -> Scoring:
@@ -188,6 +193,7 @@ def decode(
         from pipeline.twostage import serve  # imported only for releases that carry a ranker
 
         two_stage = serve.decode(optional, n_users, n_items, f"release {tenant}/{release_id}")
+    segment_popular, segment_of = _segments(tenant, release_id, n_items, optional)
     return Release(
         tenant=tenant,
         release_id=release_id,
@@ -209,6 +215,8 @@ def decode(
         neighbors=neighbors,
         encoder=_encoder(tenant, release_id, model_meta, item_vectors, get),
         two_stage=two_stage,
+        segment_popular=segment_popular,
+        segment_of=segment_of,
     )
 
 
@@ -245,6 +253,24 @@ def _encoder(
     except (KeyError, TypeError, ValueError) as exc:
         raise ReleaseError(f"release {tenant}/{release_id}: model.safetensors has no usable encoder ({exc})") from exc
     return encoder
+
+
+def _segments(tenant: str, release_id: str, n_items: int, optional: dict[str, bytes | None]) -> tuple:
+    """(segment lists, cold user -> segment) when the release has them, checked against the id maps."""
+    lists, users = optional["segment_popular.npy"], optional["segment_users.parquet"]
+    if lists is None or users is None:
+        return None, None
+    popular = codecs.read_npy(lists)
+    table = codecs.read_parquet(users)
+    seg = table["segment"].to_numpy()
+    if (
+        popular.ndim != 2
+        or popular.dtype != np.int32
+        or (popular.size and (popular.min() < -1 or popular.max() >= n_items))
+        or (len(seg) and (seg.min() < 0 or seg.max() >= len(popular)))
+    ):
+        raise ReleaseError(f"release {tenant}/{release_id}: the segment lists disagree with the id maps")
+    return popular, pd.Series(seg, index=pd.Index(table["user_id"].astype(str).to_numpy(), dtype=object))
 
 
 def _similarity(tenant: str, release_id: str, n_items: int, get: Callable[[str], bytes]) -> sp.csr_matrix:

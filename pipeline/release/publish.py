@@ -13,12 +13,13 @@ import numpy as np
 
 from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
+from pipeline.data.attributes import load_users as attributes_of_users
 from pipeline.experiments import challenger
 from pipeline.features.dataset import Features, read_item_features
 from pipeline.models import DotProduct, ItemItem, Recommender, TrainData, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
-from pipeline.release import alias, candidates
+from pipeline.release import alias, candidates, segments
 from pipeline.release import format as release
 from pipeline.storage import codecs, paths
 from pipeline.twostage import stage as two_stage
@@ -32,6 +33,7 @@ IO = StageIO(
         paths.USER_STATS,
         paths.ITEM_STATS,
         paths.CATALOG,
+        paths.USER_ATTRIBUTES,
         paths.REFITTED.weights,
         paths.REFITTED.meta,
         paths.REFIT_RESULT,
@@ -91,6 +93,13 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
     attributes = _item_attributes(ctx, feats)
     if attributes is not None:
         files["item_attributes.parquet"] = attributes
+    users = attributes_of_users(ctx)
+    if users is not None:  # cold users get their segment's popular items (release/segments.py)
+        ev = feats.events
+        files |= segments.segment_files(
+            feats.users["user_id"], ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), users, feats.n_items,
+            ctx.config.serving.popular_items,
+        )  # fmt: skip
     info: dict[str, Any] = {"users": feats.n_users, "items": feats.n_items, "model": model.kind}
     if isinstance(scores, release.VectorScoring):
         info["dim"] = int(scores.item_vectors.shape[1])
@@ -175,6 +184,7 @@ def publish(ctx: RunContext) -> dict[str, Any]:
         **info,
         "model_config": trained["config"],
         "metrics": evaluation.get("metrics", {}),
+        "segments": evaluation.get("segments", {}),  # every metric per user segment (the dashboard's table)
         "gate": {k: gate.get(k) for k in GATE_FIELDS},
         "index": idx,  # kind, recall, ef_search/nprobe, params
     }

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.models import als_fold
+from pipeline.release import segments
 from pipeline.serving import rerank
 from pipeline.serving.breaker import Unavailable
 from pipeline.serving.live import LiveRelease
@@ -138,17 +139,31 @@ def rerank_rows(live: LiveRelease, rows: np.ndarray, scores: np.ndarray, opts: O
     return pos[: opts.k]
 
 
-def fallback_items(live: LiveRelease, opts: Options, allowed: np.ndarray | None, excluded: np.ndarray):
+def fallback_items(
+    live: LiveRelease, opts: Options, allowed: np.ndarray | None, excluded: np.ndarray, segment: int | None = None
+):
+    """Popular items; for a cold user with a segment (release/segments.py), the segment's first."""
     eligible = None
     if allowed is not None or len(excluded):
         eligible = np.ones(live.n_items, dtype=bool) if allowed is None else allowed.copy()
         eligible[excluded] = False
     pop = live.release.item_popularity
+    if segment is not None and live.release.segment_popular is not None:
+        pop = segments.boosted_popularity(pop, live.release.segment_popular[segment])
     want = opts.k * 5 if opts.reranks else opts.k
     rows = rerank.popular_topk(pop, want, eligible)
     scores = (pop[rows] / max(float(pop.max()), 1.0)).astype(np.float32)
     pos = rerank_rows(live, rows, scores, opts)
     return rows[pos], scores[pos]
+
+
+def cold_segment(live: LiveRelease, user_id: str) -> int | None:
+    """The segment row of a user the release knows only from the tenant's user table, else None."""
+    seg = live.release.segment_of
+    if seg is None:
+        return None
+    got = seg.get(user_id)
+    return None if got is None else int(got)
 
 
 def inline(opts: Options) -> bool:
@@ -246,8 +261,11 @@ def recommend_many(
                 because = live.reasons(rows, personal[j][1])
             reason = None
         else:
-            rows, scores = fallback_items(live, opts, allowed, excluded)
-            if isinstance(users[j], InvalidUserData):
+            segment = cold_segment(live, user_id) if users[j] is None else None
+            rows, scores = fallback_items(live, opts, allowed, excluded, segment)
+            if segment is not None:
+                reason = "cold_user_segment"
+            elif isinstance(users[j], InvalidUserData):
                 log.error("tenant %s: %s; serving the fallback", tenant, users[j])
                 reason = "invalid_user_data"
             elif isinstance(users[j], tuple):  # known, but an item-item release has nothing to score from

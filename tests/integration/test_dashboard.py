@@ -42,6 +42,7 @@ def test_pages_show_live_release_history_gate_and_validation(two_releases):
     assert 'id="page-data"' in text and 'id="gate-checks"' in text and 'id="diff-summary"' in text
     assert "PUBLISH" in text and "beats_popularity" in text
     assert 'id="validation"' in text and "passed" in text
+    assert '<table id="segments">' in text and "cold_warm" in text and "diversity@10" in text
     data = client.get("/api/tenants/acme").json()
     assert [r["release_id"] for r in data["releases"]] == [first, second]
     assert data["releases"][0]["popularity"]["ndcg@10"] is not None and "ndcg@10" in data["metric_names"]
@@ -53,6 +54,7 @@ def test_pages_show_live_release_history_gate_and_validation(two_releases):
     assert 0.0 <= diff["mean_overlap"] <= 1.0 and diff["shared_users"] > 0
     assert client.get(f"/api/tenants/acme?old={second}&new={first}").json()["diff"]["old"] == second
     assert client.get("/api/tenants/acme?old=20200101T000000Z-00aa").status_code == 404
+    assert sum(g["users"] for g in data["segments"]["activity"].values()) > 0
     docs = data["validation"]["data_docs_path"]
     resp = client.get(f"/tenants/acme/runs/{data['validation']['run_id']}/data_docs/{docs}")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
