@@ -18,11 +18,13 @@ from fastapi.testclient import TestClient
 
 from pipeline.config import load_tenant_file
 from pipeline.context import RunContext
+from pipeline.index import build as faiss_index
+from pipeline.index import search as ann
 from pipeline.release import format as release
 from pipeline.samples import synthetic
 from pipeline.serving.app import create_app
 from pipeline.stages import run_all
-from pipeline.storage import open_store
+from pipeline.storage import LocalStore, open_store
 from tests.conftest import isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -96,3 +98,20 @@ def test_a_posted_event_changes_the_next_answer_to_what_follows_it(served):
             assert after != before and item not in after  # the new item is seen now
             moved += follower[item] == after[0]
     assert moved >= 7  # the planted follower of the posted item comes first for most users
+
+
+def test_a_sasrec_release_without_its_encoder_is_refused(tmp_path):
+    """A release that says sasrec but whose weights are bare factor tables could not fold users in."""
+    rng = np.random.default_rng(0)
+    users, items = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    files = release.files_from_vectors(
+        ["u0", "u1", "u2"], [f"i{j}" for j in range(5)], users, items,
+        np.array([0, 1, 2, 3]), np.array([0, 1, 2], dtype=np.int32),
+        index_bytes=ann.serialize(faiss_index.build_index(items)[0]),
+        model_meta={"kind": "sasrec", "config": {**MODEL, "dim": 8}},
+    )  # fmt: skip
+    store = LocalStore(tmp_path)
+    rid = release.release_id_for("r1", files)
+    release.write_release(store, TENANT, rid, files, {"run_id": "r1", "data_interval_end": "2026-01-01"})
+    with pytest.raises(release.ReleaseError, match="model.safetensors has no usable encoder"):
+        release.load_release(store, TENANT, rid)

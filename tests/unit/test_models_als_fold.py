@@ -75,7 +75,8 @@ def test_serving_fold_in_of_a_trained_users_history_is_their_stored_vector(solve
 def test_the_registry_says_which_kinds_fold_in():
     assert registry.fold_in("als") == "vector"  # the closed form above
     assert registry.fold_in("ease") == registry.fold_in("item_knn") == "seen_list"  # they score from it
-    assert {k for k in registry.KINDS if registry.folds_in(k)} == {"als", "ease", "item_knn"}
+    assert registry.fold_in("sasrec") == "sequence"  # its encoder over the new seen list
+    assert {k for k in registry.KINDS if registry.folds_in(k)} == {"als", "ease", "item_knn", "sasrec"}
     assert not registry.folds_in("no-such-kind") and registry.fold_in("no-such-kind") is None
 
 
