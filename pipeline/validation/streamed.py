@@ -56,10 +56,10 @@ def prepare(ctx: Any, s: Session, start: pd.Timestamp, end: pd.Timestamp, read_s
         "WHERE timestamp >= (SELECT t0 FROM bounds) AND timestamp < (SELECT t1 FROM bounds) "
         "AND user_id IS NOT NULL GROUP BY ALL"
     )
-    in_catalog = "NULL::BOOLEAN"
+    derived = ""  # the catalog column exists only with a catalog, as in the in-memory batch
     if catalog is not None:
         s.con.register("catalog_ids", pd.DataFrame({"item_id": catalog["item_id"].astype(str).to_numpy(dtype=object)}))
-        in_catalog = "coalesce(item_id IN (SELECT item_id FROM catalog_ids), false)"
+        derived = f", coalesce(item_id IN (SELECT item_id FROM catalog_ids), false) AS {checks.IN_CATALOG}"
     since = "TRUE"
     if read_since is not None:
         s.sql("CREATE TABLE since AS SELECT ?::TIMESTAMPTZ AS t", [read_since])
@@ -67,7 +67,7 @@ def prepare(ctx: Any, s: Session, start: pd.Timestamp, end: pd.Timestamp, read_s
             "(timestamp IS NULL OR timestamp >= (SELECT t FROM since) "
             "OR (timestamp >= (SELECT t0 FROM bounds) AND timestamp < (SELECT t1 FROM bounds)))"
         )
-    s.sql(f"CREATE VIEW batch AS SELECT *, {in_catalog} AS {checks.IN_CATALOG} FROM src WHERE {since}")
+    s.sql(f"CREATE VIEW batch AS SELECT *{derived} FROM src WHERE {since}")
     return columns
 
 
