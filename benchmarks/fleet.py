@@ -204,6 +204,15 @@ class Deployment:
         _sql(f"{PG}/postgres", f'DROP DATABASE IF EXISTS "{self.name}"', autocommit=True)
         _sql(f"{PG}/postgres", f'CREATE DATABASE "{self.name}"', autocommit=True)
         self.airflow("db", "migrate", timeout=600)
+        if self.env["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
+            # create MLflow's tables once: tenants' first train tasks would race to migrate a new
+            # sqlite DB (alembic fails on one of them); deployments run an MLflow server instead
+            code = "import mlflow, sys; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
+            out = subprocess.run(
+                [sys.executable, "-c", code, self.env["MLFLOW_TRACKING_URI"]], env=self.env, capture_output=True
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"MLflow DB init failed: {out.stderr[-2000:]!r}")
         self.airflow("pools", "set", "training", str(self.training_slots), "model fitting")
 
     def start(self, *components: tuple[str, ...], name: str | None = None, env: dict[str, str] | None = None) -> None:

@@ -30,13 +30,36 @@ log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 
 
+_SQLITE_READY: set[str] = set()
+
+
 def _import_mlflow(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     import mlflow
 
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+        if uri not in _SQLITE_READY:
+            _create_sqlite_tables(mlflow, uri)
+            _SQLITE_READY.add(uri)
     return mlflow
+
+
+def _create_sqlite_tables(mlflow, uri: str) -> None:
+    """MLflow creates and migrates a new sqlite DB in whichever process opens it first. The first
+    tasks of several tenants, started at once, raced there and left it half-migrated (alembic's
+    `_alembic_tmp_*` tables), which failed every later run; so one process at a time opens it,
+    under a lock file beside it (benchmarks/tenants.py, tests/unit/test_tracking_init.py)."""
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            c.search_experiments(max_results=1)  # the tracking store: creates or checks the tables
+            c.search_registered_models(max_results=1)  # the registry store, same DB
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _mlflow(ctx: RunContext):
