@@ -9,11 +9,9 @@ Objective over all (u, i) of the training events (unobserved cells have target 0
               Counted in events, not seconds, so it is unit-free across tenants.
   reg         r = lambda * max(n, 1) ** reg_exponent (ALS-WR: n = the row's pairs)
 After training, users are re-solved once with Y fixed and a sharper recency target (the
-"fold-in"; its terms come from pipeline/models/als_fold.py, which serving uses for new
-events too); those are the vectors served. On MovieLens-100K (per-user temporal 80/20, full
-ranking) this takes NDCG@10 from 0.194 (plain ALS, tuned) to 0.268. Before it, items without
-events get vectors from their catalog attributes (a ridge map fitted on the warm items,
-pipeline/models/attribute_map.py; ML-100K: 0.2681 -> 0.2683, it has few cold items).
+"fold-in", pipeline/models/als_fold.py, which serving shares); those are the vectors served
+(ML-100K NDCG@10: 0.194 plain, 0.268 with it). Items without events first get vectors from
+their catalog attributes (a ridge map fitted on the warm items, models/attribute_map.py).
 
 Each half-step solves A_u x_u = b_u for every row, A_u = YtY + sum_i (c_ui - 1) y_i y_i^T + r_u I,
 b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
@@ -23,12 +21,9 @@ b_u = sum_i c_ui p_ui y_i, with one of two batched solvers:
             O(nnz f^2 + rows f^3). On a GPU, tensor ops for a block of rows at once (a sampled
             dense-dense product at the nonzeros, CSR x dense, one GEMM); on the CPU a compiled
             loop row by row on all cores (als_kernel.py: MKL's sparse paths are slow on AMD).
-            The loss reported for iteration k comes from iteration k+1's first product.
-            Its quality and speed against the exact solve: benchmarks/quality.py, training.py.
-  cholesky  exact: the sum is one sparse x dense product C @ Z with Z_i = upper triangle of
-            y_i y_i^T (far faster than scattering outer products), tiled so memory stays within
-            `block_floats`, then a batched Cholesky solve.
-No Python loop over users or items; the device is chosen once by the caller.
+            Iteration k's loss comes from iteration k+1's first product (benchmarks/ compare).
+  cholesky  exact: one sparse x dense product C @ Z, Z_i = upper triangle of y_i y_i^T, tiled
+            within `block_floats`, then a batched Cholesky solve. No Python loop over rows.
 """
 
 from __future__ import annotations
@@ -41,7 +36,7 @@ import torch
 
 from pipeline.config.models import ALSConfig
 from pipeline.models.als_fold import confidence, fold_in_terms, row_regularization
-from pipeline.models.attribute_map import cold_vectors
+from pipeline.models.attribute_map import fill_cold
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
 from pipeline.models.pairs import recency_target, training_pairs
 
@@ -371,13 +366,7 @@ class ALS:
             self.Y = self._solve(item_side, self.X, self.Y, out=out(self.Y))
             if cfg.solver == "cholesky" or it == cfg.iterations:
                 report(it, None)
-        if cfg.cold_item_regularization and data.item_features is not None:
-            cold, vectors = cold_vectors(
-                data.item_features, self.item_vectors(), item_side.counts.cpu().numpy(), cfg.cold_item_regularization
-            )
-            if len(cold):
-                assert self.Y is not None
-                self.Y[torch.as_tensor(cold, device=dev)] = torch.as_tensor(vectors, device=dev)
+        fill_cold(self.Y, data.item_features, item_side.counts.cpu().numpy(), cfg.cold_item_regularization)
         if fold_target is not None:
             fold_reg = row_regularization(counts, fold.regularization, cfg.reg_exponent)
             self.X = self._solve(

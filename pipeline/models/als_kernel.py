@@ -157,15 +157,25 @@ def cg_rows(csr, F, G, reg, X0, out, steps, cuts, terms):
                 out[u, t] = x[t]
 
 
+# One thread: the same loop compiled without `parallel`, so a single-threaded fit never starts
+# numba's thread pool. Its default layer (GNU OpenMP) aborts a process that forks after using
+# it, and a warm parent that fits once and then forks runs (a LocalExecutor, our crash tests)
+# pins one thread for exactly that reason.
+cg_rows_serial = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False)(cg_rows.py_func)
+
+
 def solve_rows(csr, F, G, reg, X0, out, steps: int) -> float:
     """cg_rows on torch's thread count, in chunks of equal work (8 per thread); returns the
     loss terms summed over the rows (in row order: the same sum on any thread count)."""
     import torch
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    numba.set_num_threads(threads)
     per_row = np.empty(len(X0), np.float64)
-    cg_rows(csr, F, G, reg, X0, out, steps, work_cuts(csr[0], F.shape[1], 8 * threads), per_row)
+    if threads == 1:
+        cg_rows_serial(csr, F, G, reg, X0, out, steps, work_cuts(csr[0], F.shape[1], 8), per_row)
+    else:
+        numba.set_num_threads(threads)
+        cg_rows(csr, F, G, reg, X0, out, steps, work_cuts(csr[0], F.shape[1], 8 * threads), per_row)
     return float(per_row.sum())
 
 

@@ -76,3 +76,15 @@ def cold_vectors(
         return np.zeros(0, np.int64), np.zeros((0, Y.shape[1]), Y.dtype)
     W = fit_map(F[warm], Y[warm].astype(np.float64), lam)
     return cold, (F[cold] @ W).astype(Y.dtype)
+
+
+def fill_cold(Y, features: ItemFeatures | None, counts: np.ndarray, lam: float | None) -> None:
+    """Overwrite the rows of torch factors `Y` whose items have no events (`counts` 0) with their
+    attribute-mapped vectors; nothing without features, with lam 0 or without cold items."""
+    if not lam or features is None:
+        return
+    import torch
+
+    cold, vectors = cold_vectors(features, Y.detach().float().cpu().numpy(), counts, lam)
+    if len(cold):
+        Y[torch.as_tensor(cold, device=Y.device)] = torch.as_tensor(vectors, dtype=Y.dtype, device=Y.device)
