@@ -13,6 +13,7 @@ over users or items. Numpy and scipy only, so serving imports it without torch.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,7 +82,7 @@ def top_n(dense: np.ndarray, n: int, floor: float) -> Proposals:
     return Proposals(items, scores)
 
 
-class _DenseSource:
+class _DenseSource(ABC):
     """A source whose per-user scores over all items come as a dense block; seen items are masked."""
 
     name = ""
@@ -90,8 +91,9 @@ class _DenseSource:
     def __init__(self, seen: sp.csr_matrix) -> None:
         self.seen = seen  # binary users x items
 
+    @abstractmethod
     def scores(self, users: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """float32 [len(users), n_items]: this source's score of every item for each user."""
 
     def propose(self, users: np.ndarray, n: int) -> Proposals:
         n_items = self.seen.shape[1]
