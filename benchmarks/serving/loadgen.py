@@ -155,6 +155,13 @@ async def _generate(spec: dict) -> dict:
         "schedule_finished_late_s": round(sent_at - (start + (n - 1) * interval), 4),
         "drain_s": round(end - sent_at, 3),
         "last_response_after_window_s": round(max(0.0, window_end - (start + total_s)), 3),
+        # when the slow and refused requests were sent (seconds into the window): clustered
+        # times point at a stall (a pause of the server, a poll, a flush), spread ones at queueing
+        "slow": [
+            [round(r[0] - start - warmup, 4), round(r[3], 1), r[2], r[1]]
+            for r in measured
+            if r[2] != 200 or r[3] > spec.get("slow_ms", 20.0)
+        ][:2000],
     }
 
 

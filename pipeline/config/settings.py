@@ -104,8 +104,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Requests inside one worker at once (default 4 per CPU); beyond it plus the queue: 503. 0: off.",
     )
-    admission_queue: int = Field(default=_default_concurrency(), ge=0, description="Requests waiting for admission.")
-    admission_wait_ms: float = Field(default=20.0, ge=0, description="Longest wait in that queue before a 503.")
+    admission_queue: int = Field(
+        default=8 * _default_concurrency(),
+        ge=0,
+        description="Requests waiting for admission at most (default 32 per CPU).",
+    )
+    admission_wait_ms: float = Field(
+        default=100.0,
+        ge=0,
+        description="Longest wait in that queue before a 503, in a burst (the queue emptied lately).",
+    )
+    admission_overload_wait_ms: float = Field(
+        default=5.0, ge=0, description="Longest wait once the queue has not emptied for a whole interval (overload)."
+    )
+    admission_interval_ms: float = Field(
+        default=100.0, gt=0, description="How long a queue must stay non-empty to count as overload (controlled delay)."
+    )
     retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of a 503 from admission control.")
     tenant_work_limit: str = Field(
         default="200000/second",

@@ -43,6 +43,7 @@ from pipeline.serving.deps import EntityId, Live, TenantId, as_utc, receive_time
 from pipeline.serving.limits import BodyLimit
 from pipeline.serving.loader import Loaders, serving_tenants
 from pipeline.serving.middleware import TenantPathGuard
+from pipeline.serving.rate_limit import RateLimiter
 from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.schemas import (
     BatchRecommendations,
@@ -139,18 +140,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("no API keys configured (RECSYS_API_KEYS_FILE) and auth is on: every request will get 401")
         app.state.rate_limiter = None
         if settings.rate_limit or app.state.access.rate_limits:
-            app.state.rate_limiter = auth.RateLimiter(
+            app.state.rate_limiter = RateLimiter(
                 settings.rate_limit,
                 app.state.access.rate_limits,
-                settings.redis_url or "memory://",
+                aclient,
                 f"{settings.redis_prefix}:ratelimit",
-                breaker=redis_breaker if settings.redis_url else None,
+                breaker=redis_breaker if aclient is not None else None,
             )
+            app.state.rate_limiter.start()
         app.state.metrics = metrics
         app.state.work_quota = WorkQuota(settings.tenant_work_limit, admission) if settings.tenant_work_limit else None
         app.state.variants, app.state.impressions = va.open_experiments(settings, store, metrics.registry)
         app.state.loaders.start()
         yield
+        if app.state.rate_limiter is not None:
+            await app.state.rate_limiter.close()
         await app.state.loaders.close()
         await va.close_experiments(app.state.variants, app.state.impressions)  # flushes buffered impressions
         if client is not None:
@@ -174,6 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         capacity=settings.max_concurrency,
         queue=settings.admission_queue,
         queue_wait_s=settings.admission_wait_ms / 1e3,
+        overload_wait_s=settings.admission_overload_wait_ms / 1e3,
+        interval_s=settings.admission_interval_ms / 1e3,
         retry_after_s=settings.retry_after_seconds,
         metrics=admission,
         quota_of=lambda: getattr(app.state, "work_quota", None),

@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
-
-from pipeline.serving.breaker import Breaker, is_outage
-
-log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
@@ -67,55 +60,3 @@ def admin_allowed(token: str | None, authorization: str | None) -> bool:
 def key_allowed(hashes: dict[str, frozenset[str]], tenant: str, key: str) -> bool:
     digest = hash_key(key)
     return any(hmac.compare_digest(digest, h) for h in hashes.get(tenant, ()))
-
-
-class RateLimiter:
-    """Per-tenant request limits through the `limits` library's asyncio API (Redis-backed when
-    configured, so all workers share one budget; in-process otherwise).
-
-    Async (`limits.aio`, redis.asyncio underneath): the check runs in an async dependency, on
-    the event loop, so a synchronous Redis call there would stall every request in flight.
-    """
-
-    def __init__(
-        self, default: str, overrides: dict[str, str], storage_uri: str, key_prefix: str, breaker: Breaker | None = None
-    ) -> None:
-        import limits
-        from limits.aio.strategies import SlidingWindowCounterRateLimiter
-        from limits.storage import storage_from_string
-
-        self._parse = limits.parse_many
-        self.default = self._parse(default) if default else []
-        self.overrides = {t: self._parse(v) if v else [] for t, v in overrides.items()}
-        self.breaker = breaker
-        options: dict[str, Any] = {}
-        if storage_uri.startswith("redis"):
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # redis.asyncio retries 3 times with backoff by default: a dead Redis would hold each request
-            options = {
-                "key_prefix": key_prefix,
-                "implementation": "redispy",
-                "socket_timeout": 0.05,
-                "socket_connect_timeout": 0.05,
-                "retry": Retry(NoBackoff(), 0),
-            }
-        self.limiter = SlidingWindowCounterRateLimiter(storage_from_string(f"async+{storage_uri}", **options))
-
-    async def check(self, tenant: str) -> float | None:
-        """None when allowed; else seconds until the tenant may retry. Fails open: if the
-        limiter's store is unreachable (or Redis's breaker is open) the request is served."""
-        items = self.overrides.get(tenant, self.default)
-        if not items or (self.breaker is not None and self.breaker.is_open):
-            return None
-        try:
-            for item in items:
-                if not await self.limiter.hit(item, "tenant", tenant):
-                    stats = await self.limiter.get_window_stats(item, "tenant", tenant)
-                    return max(stats.reset_time - time.time(), 0.0)
-        except Exception as exc:  # redis down or slow: availability over strict limits
-            if self.breaker is not None and is_outage(exc):
-                self.breaker.failure()
-            log.warning("rate limiter unavailable for tenant %s (%s); request allowed", tenant, exc)
-        return None

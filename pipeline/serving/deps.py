@@ -5,9 +5,9 @@ dependencies or settings instead of patching modules. The tenant id is validated
 path pattern before any of these run, so no storage call ever sees an invalid id.
 
 The dependencies are async: a sync dependency costs a threadpool hop per request (CPU of
-the order of the search itself). They do no blocking I/O on the event loop: the rate
-limiter awaits its Redis (limits.aio, short timeouts, fails open, skipped while Redis's
-breaker is open); pointer polls and loads run in per-tenant background tasks.
+the order of the search itself). They do no I/O: the rate limiter counts in memory and
+shares the counts through Redis in the background (rate_limit.py); pointer polls and loads
+run in per-tenant background tasks.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ async def authorize(
         if not auth.key_allowed(state.access.key_hashes, tenant, x_api_key):
             raise HTTPException(403, f"this key is not valid for tenant {tenant!r}")
     if state.rate_limiter is not None:
-        retry = await state.rate_limiter.check(tenant)
+        retry = state.rate_limiter.check(tenant)  # in memory; flushed to Redis in the background
         if retry is not None:
             state.metrics.rate_limited.labels(tenant).inc()
             raise HTTPException(

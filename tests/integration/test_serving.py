@@ -3,7 +3,6 @@ events with fold-in, rate limits, CORS, tenant-id fuzzing and cross-tenant isola
 
 from __future__ import annotations
 
-import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -381,14 +380,3 @@ def test_cross_tenant_access_never_leaks(served, tmp_path):
             assert r.status_code in (403, 404), (owner, target, kind, r.status_code)
             assert rel.release_id not in r.text and "items" not in r.json()
     assert not store.list("tenants/beta/events") and store.list("tenants/acme/events") == logged_before
-
-
-def test_rate_limiter_fails_open_when_its_redis_is_down(caplog):
-    from pipeline.serving.auth import RateLimiter
-
-    async def twice() -> list[float | None]:
-        limiter = RateLimiter("1/minute", {}, "redis://127.0.0.1:1/0", "test:ratelimit")
-        return [await limiter.check("acme"), await limiter.check("acme")]
-
-    assert asyncio.run(twice()) == [None, None]
-    assert "rate limiter unavailable" in caplog.text
