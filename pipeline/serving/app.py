@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -39,7 +39,7 @@ from pipeline.serving.answers import (
     similar_items,
 )
 from pipeline.serving.breaker import Breaker, outage_types
-from pipeline.serving.deps import EntityId, Live, TenantId, as_utc, receive_time
+from pipeline.serving.deps import EntityId, Live, QueryOptions, TenantId, as_utc, options_parameters, receive_time
 from pipeline.serving.limits import BodyLimit
 from pipeline.serving.loader import Loaders, serving_tenants
 from pipeline.serving.middleware import TenantPathGuard
@@ -52,7 +52,6 @@ from pipeline.serving.schemas import (
     EventsAccepted,
     EventsRequest,
     Health,
-    Options,
     Ranked,
     RankRequest,
     Readiness,
@@ -209,9 +208,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response_model=Recommendations,
         responses=ERRORS,
         summary="Top-k items for a user",
+        openapi_extra={"parameters": options_parameters()},
     )
     async def recommend(
-        request: Request, tenant: TenantId, live: Live, user_id: EntityId, opts: Annotated[Options, Query()]
+        request: Request, tenant: TenantId, live: Live, user_id: EntityId, opts: QueryOptions
     ) -> Response:
         """Personal top-k (seen items excluded), or popular items with `fallback: true` for an unknown user.
 
@@ -229,9 +229,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response_model=SimilarItems,
         responses=ERRORS,
         summary="Items similar to an item",
+        openapi_extra={"parameters": options_parameters()},
     )
     async def similar(
-        request: Request, tenant: TenantId, live: Live, item_id: EntityId, opts: Annotated[Options, Query()]
+        request: Request, tenant: TenantId, live: Live, item_id: EntityId, opts: QueryOptions
     ) -> Response:
         started = time.perf_counter()
         charge(request, tenant, work_units(1, opts.k, opts.reranks))

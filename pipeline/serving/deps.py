@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, get_origin
 
 from fastapi import Depends, HTTPException, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
+from pydantic import ValidationError
 
 from pipeline.config import TENANT_ID_PATTERN
 from pipeline.serving import auth
 from pipeline.serving.live import LiveRelease
+from pipeline.serving.schemas import Options
 
 MAX_K = 100
 TenantId = Annotated[
@@ -94,3 +97,43 @@ def receive_time() -> datetime:
 def as_utc(stamp: datetime | None) -> datetime | None:
     """A naive client timestamp is UTC (as the API documents)."""
     return stamp if stamp is None or stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+LIST_OPTIONS = frozenset(name for name, f in Options.model_fields.items() if get_origin(f.annotation) is list)
+
+
+def options_parameters() -> list[dict[str, Any]]:
+    """`Options` as OpenAPI query parameters (what FastAPI writes for a query model), for the
+    routes that parse it with `query_options` (their `openapi_extra`)."""
+    schema = Options.model_json_schema()
+    return [
+        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
+        for name, prop in schema["properties"].items()
+    ]
+
+
+async def query_options(request: Request) -> Options:
+    """The query string as `Options`: one pydantic validation of the whole model.
+
+    Same rules and errors as `Annotated[Options, Query()]` (422, `loc` under "query", unknown
+    parameters refused, repeated parameters as lists, a repeated scalar's last value), at a
+    fraction of the cost: FastAPI validates a query model field by field in Python, about a
+    third of the hot route's CPU on the serving benchmark (cProfile).
+    """
+    params = request.query_params
+    if not params:
+        return Options()
+    data: dict[str, Any] = {}
+    for name, value in params.multi_items():
+        if name in LIST_OPTIONS:
+            data.setdefault(name, []).append(value)
+        else:
+            data[name] = value
+    try:
+        return Options.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+QueryOptions = Annotated[Options, Depends(query_options)]
