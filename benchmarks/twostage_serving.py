@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.quality import _cpu_model  # noqa: E402
+from benchmarks.quality import _cpu  # noqa: E402
 from pipeline.config import Settings, TenantConfig, load_tenant_file  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.release import verify  # noqa: E402
@@ -63,6 +63,33 @@ def _chain(ctx: RunContext) -> tuple[str, dict, bool]:
     return out["release_id"], judged, forced
 
 
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """The demo tenant's two-stage release, published under `ctx.settings.artifact_root`."""
+
+    ctx: RunContext
+    release_id: str
+    judged: dict  # the gate's two-stage record, as it decided
+    forced: bool  # True: the gate declined two stages (or publishing) and the release was built anyway
+    chain_seconds: float
+    evaluation: dict  # the run's evaluate output (metrics.json)
+
+
+def build(home: Path) -> Built:
+    """ML-100K's demo tenant with `two_stage: {enabled: true}` through the chain to a published
+    release, all state under `home`; also used by the HTTP benchmark (`benchmarks.serving --two-stage`)."""
+    settings = Settings(home=home, data_root=ROOT, mlflow_tracking_uri=f"sqlite:///{home}/m.db")
+    demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
+    base = load_tenant_file(ROOT / "include" / "tenants" / "demo.yaml")
+    cfg = TenantConfig.model_validate({**base.model_dump(), "two_stage": {"enabled": True}})
+    ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    started = time.perf_counter()
+    release_id, judged, forced = _chain(ctx)
+    chain_seconds = time.perf_counter() - started
+    evaluation = codecs.read_json(ctx.store.get(ctx.key(paths.METRICS)))
+    return Built(ctx, release_id, judged, forced, chain_seconds, evaluation)
+
+
 def _time(live: LiveRelease, user_id: str, metrics: answers.Metrics) -> float:
     t = time.perf_counter()
     answers.recommend_many(live, "demo", [user_id], Options(k=10), metrics)
@@ -82,15 +109,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "twostage_serving.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp), data_root=ROOT, mlflow_tracking_uri=f"sqlite:///{tmp}/m.db")
-        demo.prepare(ROOT / "data" / "demo", ROOT / "var" / "cache")
-        base = load_tenant_file(ROOT / "include" / "tenants" / "demo.yaml")
-        cfg = TenantConfig.model_validate({**base.model_dump(), "two_stage": {"enabled": True}})
-        ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
-        started = time.perf_counter()
-        release_id, judged, forced = _chain(ctx)
-        chain_seconds = time.perf_counter() - started
-        evaluation = codecs.read_json(ctx.store.get(ctx.key(paths.METRICS)))
+        built = build(Path(tmp))
+        ctx, release_id, judged, forced = built.ctx, built.release_id, built.judged, built.forced
+        chain_seconds, evaluation = built.chain_seconds, built.evaluation
         servable = verify.load_servable(ctx.store, "demo", release_id)
     two = LiveRelease(servable.release, servable.index, EmbeddedStore())
     one = LiveRelease(dataclasses.replace(servable.release, two_stage=None), servable.index, EmbeddedStore())
@@ -113,7 +134,7 @@ def main() -> None:
         "gate_two_stage": judged,
         "forced": forced,
         "chain_seconds": round(chain_seconds, 1),
-        "machine": {"cpu_model": _cpu_model(), "cpus": os.cpu_count(), "threads": 1, "load": os.getloadavg()},
+        "machine": {"cpu_model": _cpu()["cpu_model"], "cpus": os.cpu_count(), "threads": 1, "load": os.getloadavg()},
     }
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

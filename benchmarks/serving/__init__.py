@@ -37,6 +37,10 @@ result also records the generator's CPU use and its send lag (actual minus sched
 The generator runs at nice -5 where allowed: it stands in for a client on another machine, and its
 own scheduling delay should not be billed to the server.
 
+`--two-stage` (`twostage.py`) serves a real release instead: the demo tenant (ML-100K) with
+`two_stage` on through the chain, and the same release without its ranker, each by its own
+server at the same fixed rates; the difference is the ranker's HTTP cost.
+
 The generator, Redis and the server share the machine's cores; the JSON says how many, and how
 much CPU other processes took during each window (`other_processes_cpu_cores`, plus
 `other_niced_cpu_cores`); windows where they took more than a quarter of a core are flagged

@@ -25,7 +25,16 @@ from benchmarks.serving.server import settle, start_server
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=pkg.__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+    parser.add_argument(
+        "--out", default=None, help="default benchmarks/results/serving.json (serving_twostage.json with --two-stage)"
+    )
+    parser.add_argument(
+        "--two-stage",
+        action="store_true",
+        help="serve a real two-stage release (ML-100K demo tenant through the chain, benchmarks/twostage_serving.py) "
+        "and the same release without its ranker, at the same fixed rates: the ranker's HTTP cost "
+        "(--items/--dim/--users/--index-kind/--no-candidates do not apply; no search, no overload)",
+    )
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (short windows, fewer users)")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="req/s (default 200 500 1000)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per rate (default 20)")
@@ -86,13 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rate_limit == "default":
         args.rate_limit = None
+    if args.out is None:
+        name = "serving_twostage.json" if args.two_stage else "serving.json"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
     return args
 
 
-def server_env(args: argparse.Namespace, tmp: Path, artifact_root: str, prefix: str, api_key: str) -> dict:
+def server_env(
+    args: argparse.Namespace, tmp: Path, artifact_root: str, prefix: str, api_key: str, tenant: str = TENANT
+) -> dict:
     """The server's environment: Redis on, real API-key auth (the key's sha256 in a keys file)."""
     keys_file = tmp / "api_keys.yaml"
-    keys_file.write_text(f"{TENANT}: [{hashlib.sha256(api_key.encode()).hexdigest()}]\n")
+    keys_file.write_text(f"{tenant}: [{hashlib.sha256(api_key.encode()).hexdigest()}]\n")
     env = {
         **os.environ,
         "RECSYS_HOME": str(tmp / "home"),
@@ -110,6 +124,11 @@ def server_env(args: argparse.Namespace, tmp: Path, artifact_root: str, prefix: 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.two_stage:
+        from benchmarks.serving.twostage import run_two_stage
+
+        run_two_stage(args)
+        return
     q = args.quick
     rates = args.rates or ([200.0, 500.0] if q else [200.0, 500.0, 1000.0])
     duration = args.duration or (6.0 if q else 20.0)

@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
 from benchmarks.serving import ROOT
 
@@ -39,20 +40,33 @@ def _percentiles(lat_ms: list[float]) -> dict:
 
 
 def make_targets(spec: dict, n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """(kind, path) of n requests in the benchmark's mix."""
+    """(kind, path) of n requests in the benchmark's mix. Ids are `u{n}` < spec["users"] and
+    `i{n}` < spec["items"] (the synthetic release), or drawn from spec["user_ids"] and
+    spec["item_ids"] when given (a real release's ids; same draws from `rng`)."""
     t = spec["tenant"]
     k = spec.get("k", 10)
+    user_ids, item_ids = spec.get("user_ids"), spec.get("item_ids")
+
+    def draw(ids: list[str] | None, n: int, letter: str) -> str:
+        return quote(ids[rng.randrange(len(ids))], safe="") if ids else f"{letter}{rng.randrange(n)}"
+
+    def user() -> str:
+        return draw(user_ids, spec.get("users", 0), "u")
+
+    def item() -> str:
+        return draw(item_ids, spec.get("items", 0), "i")
+
     out = []
     for i in range(n):
         x = rng.random()
         if x < spec["similar_frac"]:
-            out.append(("similar", f"/v1/tenants/{t}/items/i{rng.randrange(spec['items'])}/similar?k={k}"))
+            out.append(("similar", f"/v1/tenants/{t}/items/{item()}/similar?k={k}"))
         elif x < spec["similar_frac"] + spec["unknown_frac"]:
             out.append(
                 ("unknown_user", f"/v1/tenants/{t}/users/nobody-{i}-{rng.randrange(1 << 30)}/recommendations?k={k}")
             )
         else:
-            out.append(("user", f"/v1/tenants/{t}/users/u{rng.randrange(spec['users'])}/recommendations?k={k}"))
+            out.append(("user", f"/v1/tenants/{t}/users/{user()}/recommendations?k={k}"))
     return out
 
 

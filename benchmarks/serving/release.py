@@ -117,23 +117,54 @@ def publish_synthetic(
     return out.release_id, stats
 
 
-def load_into_redis(artifact_root: str, release_id: str, redis_url: str, prefix: str) -> dict:
+def load_into_redis(artifact_root: str, release_id: str, redis_url: str, prefix: str, tenant: str = TENANT) -> dict:
+    """The release's users, seen lists and online features into Redis under `prefix`, with the
+    refresh stage's own writer and pointer flip."""
     from pipeline.release import format as release
     from pipeline.release import refresh
     from pipeline.storage import open_store
     from pipeline.storage.redis import redis_client
 
-    rel = release.load_release(open_store(artifact_root), TENANT, release_id)
+    rel = release.load_release(open_store(artifact_root), tenant, release_id)
     r = redis_client(redis_url)
     try:
         started = time.perf_counter()
         written = refresh.write_release(r, prefix, rel)
-        flipped, _ = refresh.flip(r, prefix, TENANT, release_id, grace_seconds=3600)
+        flipped, _ = refresh.flip(r, prefix, tenant, release_id, grace_seconds=3600)
         if not flipped:
             raise RuntimeError("Redis pointer did not flip")
         return {"payload_bytes": written, "seconds": round(time.perf_counter() - started, 1)}
     finally:
         r.close()
+
+
+def publish_without_ranker(src_root: str, dst_root: str, tenant: str, release_id: str) -> str:
+    """Publish `release_id` again under `dst_root` without its second stage (ranker.safetensors,
+    twostage.*): the same release as serving sees it when the gate chose one stage; its id."""
+    from pipeline.release import format as release
+    from pipeline.release.loaded import OPTIONAL_FILES
+    from pipeline.storage import open_store
+
+    second_stage = [n for n in OPTIONAL_FILES if n == "ranker.safetensors" or n.startswith("twostage.")]
+    src = open_store(src_root)
+    manifest = release.read_manifest(src, tenant, release_id)
+    if "ranker.safetensors" not in manifest["files"]:
+        raise RuntimeError(f"release {tenant}/{release_id} has no ranker.safetensors: not a two-stage release")
+    files = {
+        name: release.read_file(src, tenant, release_id, name, manifest)
+        for name in manifest["files"]
+        if name not in second_stage
+    }
+    kept = {k: v for k, v in manifest.items() if k not in ("format", "release_id", "tenant", "files")}
+    pointer = release.read_pointer(src, tenant)
+    extra = {k: v for k, v in (pointer[0] if pointer else {}).items() if k in ("model", "run_id")}
+    out = release.publish_release(
+        open_store(dst_root), tenant, files, {**kept, "two_stage": False, "without_ranker_of": release_id},
+        pointer_extra=extra,
+    )  # fmt: skip
+    if not out.flip.moved:
+        raise RuntimeError(f"could not point {tenant} at {out.release_id}: {out.flip.reason}")
+    return out.release_id
 
 
 def delete_redis_keys(redis_url: str, prefix: str) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from benchmarks.serving import ROOT, TENANT
 
@@ -110,14 +111,23 @@ class Server:
 
 
 def start_server(
-    env: dict, workers: int, log_path: Path, access_log: bool, api_key: str, nice: int = 0, attempts: int = 3
+    env: dict,
+    workers: int,
+    log_path: Path,
+    access_log: bool,
+    api_key: str,
+    nice: int = 0,
+    attempts: int = 3,
+    tenant: str = TENANT,
+    probe_user: str = "u0",
 ) -> Server:
-    """Start uvicorn and check one authorized request; retry (a half-saved edit can break an import)."""
+    """Start uvicorn and check one authorized request for `probe_user`, a user the release knows;
+    retry (a half-saved edit can break an import)."""
     for attempt in range(1, attempts + 1):
         server = Server(env, workers, log_path, access_log, nice)
         try:
             server.wait_ready(timeout=90)
-            check_auth(server, api_key)
+            check_auth(server, api_key, tenant, probe_user)
             return server
         except RuntimeError as exc:
             server.stop()
@@ -128,8 +138,8 @@ def start_server(
     raise AssertionError("unreachable")
 
 
-def check_auth(server: Server, api_key: str) -> None:
-    url = f"{server.base}/v1/tenants/{TENANT}/users/u0/recommendations?k=10"
+def check_auth(server: Server, api_key: str, tenant: str = TENANT, user: str = "u0") -> None:
+    url = f"{server.base}/v1/tenants/{tenant}/users/{quote(user, safe='')}/recommendations?k=10"
     status, _ = http_get(url, timeout=30)
     if status != 401:
         raise RuntimeError(f"expected 401 without a key, got {status}")
