@@ -81,6 +81,13 @@ def _runs(server: Standalone, token: str) -> list[dict]:
     return _api(server, token, f"dags/{DAG}/dagRuns?limit=50")["dag_runs"]
 
 
+def _running(ti: dict) -> bool:
+    """Whether the task instance runs; an error if it already ended (it cannot be watched then)."""
+    if ti["state"] in ("success", "failed", "upstream_failed", "skipped"):
+        raise AssertionError(f"{ti['task_id']} of {ti['dag_run_id']} ended ({ti['state']}) before it was seen running")
+    return ti["state"] == "running"
+
+
 def _iterations(lines: list[str]) -> list[int]:
     return sorted(int(m.group(1)) for line in lines if (m := PROGRESS.search(line)))
 
@@ -163,7 +170,7 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
             lambda: next(iter(_api(server, token, f"dags/{DAG}/dagRuns?state=running")["dag_runs"]), None),
         )["dag_run_id"]
         first_ti = f"dags/{DAG}/dagRuns/{quote(first, safe='')}/taskInstances/train"
-        server.wait_for("train to run", lambda: _api(server, token, first_ti)["state"] == "running", RUN_WAIT, 1)
+        server.wait_for("train to run", lambda: _running(_api(server, token, first_ti)), RUN_WAIT, 1)
         page.goto(f"{server.url}/dags/{DAG}/runs/{quote(first, safe='')}/tasks/train")
         progress = page.get_by_text(PROGRESS)
         expect(progress.first).to_be_visible()
