@@ -32,9 +32,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 TENANT, DAG = "shop", "recsys_shop"
 BACKFILL_DAY = "2025/03/30"  # one nightly tick (02:00) between From and To: one backfill run
 RUN_WAIT = 1200.0  # seconds for one DAG run on a loaded 2-core box
-# the watched run's train: 200 ALS iterations of 128 factors, a progress line each (fit.py), for
-# a train stage that runs for seconds after its first progress line even on a fast machine
-LIVE_MODEL = {"factors": 128, "iterations": 200}
+# the watched run's train: 200 ALS iterations of 512 factors (~50 ms of CPU each), a progress
+# line each (fit.py): ~10 s of progress lines even on a fast idle machine, where the UI refreshes
+# a running task's log every 3 s (auto_refresh_interval); 128 factors gave 3.5 s, too close
+LIVE_MODEL = {"factors": 512, "iterations": 200}
 PROGRESS = re.compile(r"train als iteration (\d+)/200 ")
 MORE_PROGRESS = """last => Math.max(...[...document.body.innerText.matchAll(/train als iteration (\\d+)\\/200 /g)]
   .map((m) => Number(m[1]))) > last"""
@@ -177,8 +178,8 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
         shown = _iterations(progress.all_inner_texts())
         state = _api(server, token, first_ti)["state"]
         assert state == "running", f"progress lines {shown} appeared only after train ended ({state})"
-        page.wait_for_function(MORE_PROGRESS, arg=max(shown))  # the UI's next refresh brings newer lines
         shot("log-live")
+        page.wait_for_function(MORE_PROGRESS, arg=max(shown))  # the UI's next refresh brings newer lines
         _write_tenant(server.home.parent, FAST["model"])  # before that run ends: the next runs are fast
 
         # 4. watch the triggered run reach success (the grid on the run's page)
