@@ -1,6 +1,8 @@
 """The dashboard's experiments section: per experiment its arms, the latest report (per arm
-users, impressions, clicks, CTR and conversion with CIs, lift, verdict, the SRM check), a plot
-per metric over the daily reports, the promotions made, and a promote button per arm.
+users, impressions, clicks, CTR and conversion with CIs, lift, verdict, the SRM check), a chart
+per metric over the daily reports (Chart.js, drawn by static/dashboard.js from the page's JSON,
+with each arm's 95% interval as a band; a table of the same values for pages without JS), the
+promotions made, and a promote button per arm.
 
 Mounted by `dashboard.create_dashboard` (`add_routes`), kept apart so the dashboard's own page
 can change without touching it: `/tenants/{t}/experiments` (HTML, the `experiments.html`
@@ -22,7 +24,6 @@ from pydantic import BaseModel
 from pipeline.config import TENANT_ID_PATTERN, Settings, TenantConfig
 
 TenantId = Path(pattern=TENANT_ID_PATTERN)
-COLOURS = ("#1f6feb", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#0a7e8c")
 PLOTTED = (("ctr", "CTR"), ("conversion", "Conversion"))
 
 
@@ -65,45 +66,6 @@ def series(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def series_svg(name: str, label: str, arms: dict[str, list[list[Any]]], width: int = 560, height: int = 200) -> str:
-    """One metric over days, a line per arm with its 95% interval as a band (inline SVG, no JS)."""
-    values = [v for pts in arms.values() for p in pts for v in p[1:] if v is not None]
-    days = sorted({p[0] for pts in arms.values() for p in pts})
-    if not values or not days:
-        return f"<p>No {label} reports yet.</p>"
-    top = max(values) * 1.1 or 1.0
-    pad, n = 40, max(len(days) - 1, 1)
-    x = {d: pad + i * (width - 2 * pad) / n for i, d in enumerate(days)}
-
-    def y(v: float) -> float:
-        return height - pad - v / top * (height - 2 * pad)
-
-    parts = [
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
-        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{100 * top:.1f}%</text>',
-        f'<text x="{pad}" y="{height - 8}" font-size="10">{days[0]}</text>',
-        f'<text x="{width - pad}" y="{height - 8}" text-anchor="end" font-size="10">{days[-1]}</text>',
-    ]
-    for i, (arm, pts) in enumerate(sorted(arms.items())):
-        c = COLOURS[i % len(COLOURS)]
-        band = [p for p in pts if p[2] is not None and p[3] is not None]
-        if len(band) > 1:
-            poly = [f"{x[p[0]]:.1f},{y(p[3]):.1f}" for p in band] + [f"{x[p[0]]:.1f},{y(p[2]):.1f}" for p in band[::-1]]
-            parts.append(f'<polygon points="{" ".join(poly)}" fill="{c}" fill-opacity="0.12" stroke="none"/>')
-        line = [(x[p[0]], y(p[1])) for p in pts if p[1] is not None]
-        if line:
-            coords = " ".join(f"{a:.1f},{b:.1f}" for a, b in line)
-            parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{coords}"/>')
-            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in line]
-            parts.append(
-                f'<text x="{line[-1][0] - 4:.1f}" y="{line[-1][1] - 6:.1f}" fill="{c}" text-anchor="end">{arm}</text>'
-            )
-    return (
-        f'<svg class="experiment-plot" id="plot-{name}" role="img" aria-label="{label} per arm over days" '
-        f'width="{width}" height="{height}" font-family="sans-serif" font-size="12">{"".join(parts)}</svg>'
-    )
-
-
 class PromoteRequest(BaseModel):
     arm: str
     force: bool = False
@@ -128,11 +90,7 @@ def add_routes(
     @app.get("/tenants/{tenant}/experiments", response_class=HTMLResponse)
     def experiments_page(tenant: str = TenantId) -> HTMLResponse:
         o = experiments_overview(store(), config(tenant))
-        plots = {
-            e["name"]: [series_svg(f"{e['name']}-{m}", label, e["series"][m]) for m, label in PLOTTED]
-            for e in o["experiments"]
-        }
-        return render("experiments.html", o=o, plots=plots, base=base_path)
+        return render("experiments.html", o=o, plotted=PLOTTED, base=base_path)
 
     @app.post("/api/tenants/{tenant}/experiments/{experiment}/promote", dependencies=list(action_dependencies))
     def promote_action(

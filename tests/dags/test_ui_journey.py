@@ -1,15 +1,20 @@
 """The Airflow UI as its users live it, in Chromium against a real `airflow standalone` (SQLite):
-sign in, unpause and trigger a tenant's DAG, watch it succeed, read a task's log, open the tenant
-dashboard from Airflow's navigation, run a backfill from Airflow's backfill dialog and see it
-complete. A screenshot per step goes to var/test-artifacts/journey/.
+sign in, unpause and trigger a tenant's DAG, read the train task's log while it trains (its
+progress lines appear as they are written), watch the run succeed, open the tenant dashboard
+from Airflow's navigation, run a backfill from Airflow's backfill dialog and see it complete.
+A screenshot per step goes to var/test-artifacts/journey/.
 
 The tenant is tiny (tests/integration/fast_tenant.py): the test is about the UI, not the model.
+Only the first run trains long enough to be watched (LIVE_MODEL: more iterations, each a log
+line); the file is switched back to the fast model before that run ends, so the runs after it
+(the triggered one, the backfill) snapshot the fast one at their extract.
 Waits poll the API or the page (no fixed sleeps), with generous limits for a busy CI box.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,6 +32,26 @@ CHROMIUM = Path("/usr/bin/chromium")
 TENANT, DAG = "shop", "recsys_shop"
 BACKFILL_DAY = "2025/03/30"  # one nightly tick (02:00) between From and To: one backfill run
 RUN_WAIT = 1200.0  # seconds for one DAG run on a loaded 2-core box
+# the watched run's train: 200 ALS iterations of 512 factors (~50 ms of CPU each), a progress
+# line each (fit.py): ~10 s of progress lines even on a fast idle machine, where the UI refreshes
+# a running task's log every 3 s (auto_refresh_interval); 128 factors gave 3.5 s, too close
+LIVE_MODEL = {"factors": 512, "iterations": 200}
+PROGRESS = re.compile(r"train als iteration (\d+)/200 ")
+MORE_PROGRESS = """last => Math.max(...[...document.body.innerText.matchAll(/train als iteration (\\d+)\\/200 /g)]
+  .map((m) => Number(m[1]))) > last"""
+
+
+def _write_tenant(base: Path, model: dict) -> None:
+    src = base / "sources" / "shop.csv"
+    doc = {
+        "tenant": TENANT,
+        "source": {"uri": str(src), "columns": {"rating": "rating"}},
+        "validation": {"min_rows": 50},
+    }
+    path = base / "tenants" / f"{TENANT}.yaml"
+    tmp = path.with_suffix(".tmp")  # the scheduler and tasks read it meanwhile: never half-written
+    tmp.write_text(yaml.safe_dump({**doc, **FAST, "model": model}))
+    tmp.replace(path)
 
 
 def _tenant(base: Path) -> dict[str, str]:
@@ -36,12 +61,7 @@ def _tenant(base: Path) -> dict[str, str]:
     src = base / "sources" / "shop.csv"
     src.parent.mkdir()
     synthetic.interactions(n_users=150, n_items=80, mean_events=15, seed=11).to_csv(src, index=False)
-    doc = {
-        "tenant": TENANT,
-        "source": {"uri": str(src), "columns": {"rating": "rating"}},
-        "validation": {"min_rows": 50},
-    }
-    (base / "tenants" / f"{TENANT}.yaml").write_text(yaml.safe_dump({**doc, **FAST}))
+    _write_tenant(base, LIVE_MODEL)
     return {
         "RECSYS_TENANTS_DIR": str(base / "tenants"),
         "RECSYS_HOME": str(base / "home"),
@@ -60,6 +80,17 @@ def _api(server: Standalone, token: str, path: str) -> dict:
 
 def _runs(server: Standalone, token: str) -> list[dict]:
     return _api(server, token, f"dags/{DAG}/dagRuns?limit=50")["dag_runs"]
+
+
+def _running(ti: dict) -> bool:
+    """Whether the task instance runs; an error if it already ended (it cannot be watched then)."""
+    if ti["state"] in ("success", "failed", "upstream_failed", "skipped"):
+        raise AssertionError(f"{ti['task_id']} of {ti['dag_run_id']} ended ({ti['state']}) before it was seen running")
+    return ti["state"] == "running"
+
+
+def _iterations(lines: list[str]) -> list[int]:
+    return sorted(int(m.group(1)) for line in lines if (m := PROGRESS.search(line)))
 
 
 def _pick_datetime(page, index: int, day: str, time: str) -> None:
@@ -132,7 +163,26 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
         run_id = manual["dag_run_id"]
         run_path = f"{server.url}/dags/{DAG}/runs/{quote(run_id, safe='')}"
 
-        # 3. watch it reach success (the grid on the run's page)
+        # 3. the log of a stage still running: the first run (the unpause's nightly interval; one
+        # active run at a time) trains LIVE_MODEL; its train log shows progress lines while the
+        # API still says `running`, and more of them on the UI's next refresh
+        first = server.wait_for(
+            "the first run to start",
+            lambda: next(iter(_api(server, token, f"dags/{DAG}/dagRuns?state=running")["dag_runs"]), None),
+        )["dag_run_id"]
+        first_ti = f"dags/{DAG}/dagRuns/{quote(first, safe='')}/taskInstances/train"
+        server.wait_for("train to run", lambda: _running(_api(server, token, first_ti)), RUN_WAIT, 1)
+        page.goto(f"{server.url}/dags/{DAG}/runs/{quote(first, safe='')}/tasks/train")
+        progress = page.get_by_text(PROGRESS)
+        expect(progress.first).to_be_visible()
+        shown = _iterations(progress.all_inner_texts())
+        state = _api(server, token, first_ti)["state"]
+        assert state == "running", f"progress lines {shown} appeared only after train ended ({state})"
+        shot("log-live")
+        page.wait_for_function(MORE_PROGRESS, arg=max(shown))  # the UI's next refresh brings newer lines
+        _write_tenant(server.home.parent, FAST["model"])  # before that run ends: the next runs are fast
+
+        # 4. watch the triggered run reach success (the grid on the run's page)
         page.goto(run_path)
         shot("run-in-progress")
         state = server.wait_for(
@@ -150,12 +200,12 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
         expect(page.get_by_text("success", exact=False).first).to_be_visible()
         shot("run-success")
 
-        # 4. a task's log: the pipeline's own lines, tagged with tenant and stage
+        # 5. a task's log: the pipeline's own lines, tagged with tenant and stage
         page.goto(f"{run_path}/tasks/train")
         expect(page.get_by_text(f"tenant={TENANT}", exact=False).first).to_be_visible()
         shot("task-log")
 
-        # 5. the dashboard from Airflow's navigation: Browse > Recsys tenants (inside the UI's frame)
+        # 6. the dashboard from Airflow's navigation: Browse > Recsys tenants (inside the UI's frame)
         page.get_by_role("button", name="Browse").click()
         page.get_by_role("menuitem", name="Recsys tenants").click()
         frame = page.frame_locator("iframe").first
@@ -167,7 +217,7 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
         expect(frame.locator("canvas[data-metric]").first).to_be_visible()
         shot("dashboard-tenant")
 
-        # 6. a backfill from Airflow's dialog: From/To around one nightly tick, then watch it complete
+        # 7. a backfill from Airflow's dialog: From/To around one nightly tick, then watch it complete
         page.goto(f"{server.url}/dags/{DAG}")
         page.get_by_role("button", name="Trigger Dag").click()
         dialog = page.get_by_role("dialog")

@@ -11,6 +11,7 @@ from pipeline.context import RunContext
 from pipeline.ops.dashboard import create_dashboard
 from pipeline.release import format as release
 from pipeline.stages import run_all
+from tests.integration.browser import ARTIFACTS, chromium, served
 
 pytestmark = pytest.mark.integration
 
@@ -97,58 +98,33 @@ def test_input_is_validated_and_escaped(two_releases):
 
 def test_fleet_and_tenant_pages_in_a_real_browser(two_releases):
     """Charts drawn, fleet sorted and filtered, release diff compared, pin and rollback confirmed."""
-    import os
-    import socket
-    import threading
-    import time
-    from pathlib import Path
-
-    import uvicorn
-
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide /usr/bin/chromium (Debian package chromium); .ci/run installs it")
-        pytest.skip("no /usr/bin/chromium here (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
+    browser_path = chromium()
     ctx, first, second = two_releases
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_dashboard(lambda: ctx.settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    shots = Path(__file__).resolve().parents[2] / "var" / "test-artifacts"
+    shots = ARTIFACTS
     shots.mkdir(parents=True, exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1300, "height": 1600})
-            page.goto(f"{url}/")
-            expect(page.locator("#fleet tbody tr")).to_have_count(1)
-            page.locator("#filter").fill("nobody")
-            expect(page.locator("#fleet tbody tr:visible")).to_have_count(0)
-            page.locator("#filter").fill("")
-            page.locator("#fleet th", has_text="tenant").click()
-            expect(page.locator("#fleet th[aria-sort=ascending]")).to_have_count(1)
-            page.screenshot(path=str(shots / "dashboard-fleet.png"), full_page=True)
-            page.get_by_role("link", name="acme", exact=True).click()
-            page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length >= 5")
-            expect(page.locator("#diff-overlap")).to_contain_text("%")
-            page.screenshot(path=str(shots / "dashboard-tenant-charts.png"), full_page=True)
-            dialogs: list[str] = []
-            page.on("dialog", lambda d: (dialogs.append(d.type), d.accept("browser test")))
-            page.locator("#pin").click()
-            expect(page.locator("#pinned")).to_contain_text("browser test")  # the page reloaded, pinned
-            assert dialogs == ["confirm", "prompt"]
-            page.locator("#releases button[data-action=rollback]").first.click()
-            expect(page.locator("#live-release")).to_have_text(first)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with served(create_dashboard(lambda: ctx.settings)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(browser_path), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1600})
+        page.goto(f"{url}/")
+        expect(page.locator("#fleet tbody tr")).to_have_count(1)
+        page.locator("#filter").fill("nobody")
+        expect(page.locator("#fleet tbody tr:visible")).to_have_count(0)
+        page.locator("#filter").fill("")
+        page.locator("#fleet th", has_text="tenant").click()
+        expect(page.locator("#fleet th[aria-sort=ascending]")).to_have_count(1)
+        page.screenshot(path=str(shots / "dashboard-fleet.png"), full_page=True)
+        page.get_by_role("link", name="acme", exact=True).click()
+        page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length >= 5")
+        expect(page.locator("#diff-overlap")).to_contain_text("%")
+        page.screenshot(path=str(shots / "dashboard-tenant-charts.png"), full_page=True)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.type), d.accept("browser test")))
+        page.locator("#pin").click()
+        expect(page.locator("#pinned")).to_contain_text("browser test")  # the page reloaded, pinned
+        assert dialogs == ["confirm", "prompt"]
+        page.locator("#releases button[data-action=rollback]").first.click()
+        expect(page.locator("#live-release")).to_have_text(first)
+        browser.close()
     assert release.read_pointer(ctx.store, "acme")[0]["release_id"] == first

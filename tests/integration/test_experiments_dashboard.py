@@ -1,7 +1,7 @@
 """Challenger mode end to end without a training run: a challenger release is published beside
 the live one, the implicit `challenger` experiment's impressions and clicks are logged, two
-daily reports are made, the dashboard section shows them (table, SRM, a plot per metric), and
-its promote action makes the winner live, recorded like a rollback."""
+daily reports are made, the dashboard section shows them (table, SRM, a Chart.js chart per metric,
+checked in Chromium), and its promote action makes the winner live, recorded like a rollback."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pipeline.release import format as rel
 from pipeline.serving import impressions
 from pipeline.storage import open_store, paths
 from tests.conftest import isolated_settings
+from tests.integration.browser import ARTIFACTS, chromium, served
 
 pytestmark = pytest.mark.integration
 TENANT = "champ"
@@ -97,7 +98,10 @@ def test_dashboard_section_shows_reports_and_promotes_the_winner(world):
     assert arms["challenger"]["verdict"] == "winner" and not latest["srm"]["mismatch"]
     page = client.get(f"/tenants/{TENANT}/experiments").text
     assert 'id="experiment-challenger"' in page and "Split ok" in page
-    assert page.count('class="experiment-plot"') == 2 and "<polygon" in page  # CTR and conversion, CI bands
+    # a canvas per metric for Chart.js, and the same numbers as a table for pages without JS
+    assert page.count('<canvas data-experiment="challenger"') == 2 and page.count('class="series-table"') == 2
+    ctr = exp["series"]["ctr"]["challenger"][0]
+    assert f"[{100 * ctr[2]:.2f}, {100 * ctr[3]:.2f}]" in page and "svg" not in page
     assert 'data-arm="challenger"' in page and "Promote" in page
 
     url = f"/api/tenants/{TENANT}/experiments/challenger/promote"
@@ -126,3 +130,60 @@ def test_promotion_refuses_a_not_yet_significant_arm_unless_forced(world, tmp_pa
     out = promote(settings, TENANT, "challenger", "challenger", force=True, by="test")
     assert out["moved"] and out["forced"] and rel.read_pointer(store, TENANT)[0]["release_id"] == challenger
     assert cfg.challenger.share == 0.4
+
+
+# per chart: the x labels, each arm's line and band as Chart.js holds them, and how many points it laid out
+CHARTS_JS = """() => Array.from(document.querySelectorAll("canvas[data-experiment]")).map((canvas) => {
+  const chart = Chart.getChart(canvas);
+  const sets = chart.data.datasets;
+  const arms = {};
+  sets.forEach((d, i) => {
+    if (!d.band) arms[d.label] = {values: d.data, drawn: chart.getDatasetMeta(i).data.length};
+  });
+  sets.filter((d) => d.band).forEach((d) => {
+    const [arm, , side] = d.label.split(" ");
+    arms[arm][side] = d.data;
+    if (side === "high") arms[arm].fill = d.fill;
+  });
+  return {metric: canvas.dataset.metric, labels: chart.data.labels, arms, width: canvas.width,
+          table_open: canvas.closest(".experiment-chart").querySelector("details").open};
+})"""
+
+
+def test_experiment_charts_render_in_a_real_browser(world):
+    """The charts are Chart.js instances holding every arm's line and 95% band, read from the
+    page in Chromium; with JS off the page shows the same values as tables instead."""
+    from playwright.sync_api import expect, sync_playwright
+
+    browser_path = chromium()
+    settings, *_ = world
+    app = create_dashboard(lambda: settings)
+    [exp] = TestClient(app).get(f"/api/tenants/{TENANT}/experiments").json()["experiments"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with served(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(browser_path), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1400})
+        page.goto(f"{url}/tenants/{TENANT}/experiments")
+        page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length === 2")
+        charts = page.evaluate(CHARTS_JS)
+        page.screenshot(path=str(ARTIFACTS / "experiments-charts.png"), full_page=True)
+
+        no_js = browser.new_context(java_script_enabled=False).new_page()
+        no_js.goto(f"{url}/tenants/{TENANT}/experiments")
+        expect(no_js.locator("details.series-table table").first).to_be_visible()
+        expect(no_js.locator("canvas[data-experiment]").first).to_be_hidden()
+        rows = no_js.locator("details.series-table").first.locator("tbody tr").all_inner_texts()
+        browser.close()
+
+    assert [c["metric"] for c in charts] == ["ctr", "conversion"]
+    for c in charts:
+        want = exp["series"][c["metric"]]
+        assert set(c["arms"]) == set(want) == {"control", "challenger"}
+        assert c["labels"] == ["2026-04-01", "2026-04-02"] and c["width"] > 100 and not c["table_open"]
+        for arm, points in want.items():
+            got = c["arms"][arm]
+            assert got["values"] == [pt[1] for pt in points] and got["drawn"] == 2
+            assert got["low"] == [pt[2] for pt in points] and got["high"] == [pt[3] for pt in points]
+            bands = zip(got["low"], got["values"], got["high"], strict=True)
+            assert got["fill"] == "-1" and all(lo <= v <= hi for lo, v, hi in bands), got
+    assert len(rows) == 4 and sum("challenger" in r for r in rows) == 2  # two days of CTR for both arms

@@ -1,5 +1,5 @@
 // The recsys dashboard's behaviour: sortable/filterable fleet table, Chart.js charts from the
-// page's JSON, and the confirmed actions (rollback / pin / unpin). No inline handlers: the
+// page's JSON (tenant trends, experiment arms), and the confirmed actions (rollback / pin / unpin). No inline handlers: the
 // pages carry data attributes and one JSON block, this file does the rest.
 "use strict";
 
@@ -118,6 +118,59 @@
     }
   }
 
+  // ---- experiments page: per metric a line per arm over days, its 95% interval as a band ----
+  const ARM_COLOURS = ["#1f6feb", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#0a7e8c"];
+  const pct = (v, digits) => (v === null || v === undefined ? "—" : (100 * v).toFixed(digits) + "%");
+
+  function setupExperiments() {
+    const node = document.getElementById("experiment-series");
+    if (!node || typeof Chart === "undefined") return; // the tables below the charts stay open
+    const all = JSON.parse(node.textContent);
+    document.querySelectorAll("canvas[data-experiment]").forEach((canvas) => {
+      // series: {arm: [[day, value, low, high], ...]}, oldest first (experiments_view.series)
+      const series = all[Number(canvas.dataset.index)][canvas.dataset.metric];
+      const arms = Object.keys(series).sort();
+      const days = [...new Set(arms.flatMap((a) => series[a].map((p) => p[0])))].sort();
+      const column = (arm, i) => {
+        const byDay = new Map(series[arm].map((p) => [p[0], p[i]]));
+        return days.map((d) => (byDay.has(d) ? byDay.get(d) : null));
+      };
+      const datasets = arms.flatMap((arm, n) => {
+        const c = ARM_COLOURS[n % ARM_COLOURS.length];
+        const band = { pointRadius: 0, borderWidth: 0, spanGaps: true, band: true };
+        return [
+          { ...band, label: arm + " 95% low", data: column(arm, 2), fill: false },
+          { ...band, label: arm + " 95% high", data: column(arm, 3), fill: "-1", backgroundColor: c + "26" },
+          { label: arm, data: column(arm, 1), borderColor: c, backgroundColor: c, spanGaps: true },
+        ];
+      });
+      canvas.parentElement.hidden = false;
+      const made = chart(canvas, {
+        type: "line",
+        data: { labels: days, datasets },
+        options: {
+          interaction: { mode: "index", intersect: false },
+          scales: { y: { beginAtZero: true, ticks: { callback: (v) => pct(v, 1) } } },
+          plugins: {
+            legend: { labels: { filter: (item, d) => !d.datasets[item.datasetIndex].band } },
+            tooltip: {
+              filter: (item) => !item.dataset.band,
+              callbacks: {
+                label: (item) => {
+                  const arm = item.dataset.label;
+                  const lo = column(arm, 2)[item.dataIndex], hi = column(arm, 3)[item.dataIndex];
+                  return arm + ": " + pct(item.raw, 2) + (lo === null ? "" : " [" + pct(lo, 2) + ", " + pct(hi, 2) + "]");
+                },
+              },
+            },
+          },
+        },
+      });
+      const table = canvas.closest(".experiment-chart").querySelector("details.series-table");
+      if (made && table) table.open = false; // the numbers stay one click away
+    });
+  }
+
   // ---- actions: confirm, optional reason, JSON POST with the action header, reload ----
   async function act(button) {
     const data = JSON.parse(document.getElementById("page-data").textContent);
@@ -150,6 +203,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     setupFleet();
     setupTenant();
+    setupExperiments();
     setupActions();
   });
 })();
