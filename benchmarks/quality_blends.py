@@ -55,7 +55,7 @@ from pipeline.twostage.model import carve
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
-WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 CUTS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DAY = 86_400.0
 
