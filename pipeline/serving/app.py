@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -46,9 +46,10 @@ from pipeline.serving.middleware import TenantPathGuard
 from pipeline.serving.rate_limit import RateLimiter
 from pipeline.serving.releases import ReleaseCache
 from pipeline.serving.schemas import (
+    ERRORS,
+    POST_ERRORS,
     BatchRecommendations,
     BatchRequest,
-    Error,
     EventsAccepted,
     EventsRequest,
     Health,
@@ -63,25 +64,9 @@ from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Error, "description": "Missing API key."},
-    403: {"model": Error, "description": "The key is not one of this tenant's."},
-    404: {"model": Error, "description": "Unknown tenant (nothing published) or unknown item."},
-    429: {"model": Error, "description": "The tenant's rate limit or work quota is exceeded; see Retry-After."},
-    503: {
-        "model": Error,
-        "description": "No release loaded yet (store or Redis unavailable), or the server is at capacity "
-        "(load shedding); see Retry-After.",
-    },
-}
 AdminHeader = Annotated[str | None, Header(include_in_schema=False)]
 
 
-POST_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": Error, "description": "The body is not valid JSON."},
-    413: {"model": Error, "description": "The body is over RECSYS_MAX_BODY_BYTES (refused unread)."},
-    **ERRORS,
-}
 EVENT_UNITS = 50  # work units of one posted event: a fold-in solve costs about a 50-candidate scoring
 
 

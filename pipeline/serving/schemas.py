@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -233,3 +233,22 @@ class Readiness(BaseModel):
     tenants: dict[str, str] | None = Field(
         default=None, description="tenant -> live release id; only with the admin token (RECSYS_ADMIN_TOKEN)."
     )
+
+
+# the error answers of the routes, for the OpenAPI document
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Error, "description": "Missing API key."},
+    403: {"model": Error, "description": "The key is not one of this tenant's."},
+    404: {"model": Error, "description": "Unknown tenant (nothing published) or unknown item."},
+    429: {"model": Error, "description": "The tenant's rate limit or work quota is exceeded; see Retry-After."},
+    503: {
+        "model": Error,
+        "description": "No release loaded yet (store or Redis unavailable), or the server is at capacity "
+        "(load shedding); see Retry-After.",
+    },
+}
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "The body is not valid JSON."},
+    413: {"model": Error, "description": "The body is over RECSYS_MAX_BODY_BYTES (refused unread)."},
+    **ERRORS,
+}
