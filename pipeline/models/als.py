@@ -123,11 +123,11 @@ class ALS:
 
     def _side_of(self, rows, cols, weight, ctarget, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
         """_side from weight = c - 1 and ctarget = c p in float32 (unchanged: it permutes copies)."""
-        cfg, dev = self.config, self.device
+        cfg = self.config
         # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface); the
         # compact types are taken before the permutation, so its copies are half as large
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
-        cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64)
+        cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64, copy=False)
         counts = np.bincount(rows, minlength=n_rows)
         if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):  # the user side comes sorted
             # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
@@ -136,6 +136,36 @@ class ALS:
             cols, weight, ctarget = cols[order], weight[order], ctarget[order]
             rows = rows[order] if cfg.solver == "cholesky" else None  # only the tiles need rows
             del key, order
+        return self._assemble(rows, cols, weight, ctarget, counts, n_rows, n_cols, reg_lambda, index)
+
+    def _transposed(self, side: _Side, reg_lambda: float) -> _Side:
+        """The other side of `side` (items from users) by one counting pass
+        (als_kernel.transpose_rows): the arrays _side_of builds from the pairs, without its
+        sort's permutation and sorted copies (at 8.5M pairs ~270 MB of peak RSS)."""
+        from pipeline.models.als_kernel import transpose_rows  # numba: compiled or cached on first use
+
+        n_rows, n_cols, nnz = side.n_cols, side.n_rows, len(side.col)
+        col = side.col.cpu().numpy()
+        counts = np.bincount(col, minlength=n_rows)
+        indptr = np.concatenate(([0], np.cumsum(counts)))
+        index = torch.int32 if max(nnz, n_cols) < 2**31 else torch.int64
+        cols = np.empty(nnz, np.int32 if index == torch.int32 else np.int64)
+        weight, ctarget = np.empty(nnz, np.float32), np.empty(nnz, np.float32)
+        transpose_rows(
+            side.crow.cpu().numpy(),
+            col,
+            side.weight.cpu().numpy(),
+            side.target.cpu().numpy(),
+            indptr,
+            cols,
+            weight,
+            ctarget,
+        )
+        rows = np.repeat(np.arange(n_rows), counts) if self.config.solver == "cholesky" else None
+        return self._assemble(rows, cols, weight, ctarget, counts, n_rows, n_cols, reg_lambda, index)
+
+    def _assemble(self, rows, cols, weight, ctarget, counts, n_rows: int, n_cols: int, reg_lambda: float, index):
+        cfg, dev = self.config, self.device
         crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
         reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
         indptr = np.concatenate(([0], np.cumsum(counts)))
@@ -313,7 +343,8 @@ class ALS:
         assert X is not None and Y is not None, "fit first"
         if terms is None:
             terms = torch.zeros((), dtype=torch.float64, device=X.device)
-            self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms)
+            # zero steps write X0 back unchanged: X itself is the output (no n_users x f buffer)
+            self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms, out=X)
         all_sq = torch.sum((X.T @ X if gram is None else gram) * (Y.T @ Y))  # sum over every (u, i) of (x_u.y_i)^2
         item_reg = torch.dot(item_side.reg, torch.einsum("ij,ij->i", Y, Y))
         return float((constant + all_sq.double() + terms + item_reg.double()) / max(len(user_side.col), 1))
@@ -321,22 +352,32 @@ class ALS:
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
         # float64 arrays are dropped as soon as their float32 forms exist (10M pairs: 80 MB each)
-        pairs = training_pairs(data)
-        conf = confidence(pairs.events, cfg.alpha, pairs.weight)
-        target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-        ct = conf * target
-        constant = float(np.dot(ct, target))  # sum c p^2
-        weight, ctarget = (conf - 1.0).astype(np.float32), ct.astype(np.float32)
-        del ct
+        # peak RSS: each float64 array is dropped as soon as its use is done (8.5M pairs: 68 MB
+        # each), the pairs' indices are int32, and the item side is a transposition of the user
+        # side's arrays (no sort): the fit's peak stays near its steady state (benchmarks/README.md)
+        small = max(data.n_users, data.n_items) < 2**31
+        pairs = training_pairs(data, index_dtype=np.int32 if small else np.int64)
+        user, item, events, newer, pair_weight = pairs.user, pairs.item, pairs.events, pairs.newer, pairs.weight
+        del pairs
+        conf = confidence(events, cfg.alpha, pair_weight)
+        del events, pair_weight
         fold, fold_target = fold_in_terms(cfg), None
         if cfg.fold_in_half_life:  # Pairs' order is the user side's
-            target = recency_target(pairs.newer, fold.half_life, fold.floor)
-            fold_target = torch.as_tensor((conf * target).astype(np.float32), device=dev)
-        user, item = pairs.user, pairs.item
-        del pairs, conf, target
+            target = recency_target(newer, fold.half_life, fold.floor)
+            target *= conf  # c p, in place
+            fold_target = torch.as_tensor(target.astype(np.float32), device=dev)
+        target = recency_target(newer, cfg.recency_half_life, cfg.recency_floor)
+        del newer
+        ct = conf * target
+        constant = float(np.dot(ct, target))  # sum c p^2
+        del target
+        ctarget = ct.astype(np.float32)
+        del ct
+        weight = (conf - 1.0).astype(np.float32)
+        del conf
         user_side = self._side_of(user, item, weight, ctarget, data.n_users, data.n_items, cfg.regularization)
-        item_side = self._side_of(item, user, weight, ctarget, data.n_items, data.n_users, cfg.regularization)
         del user, item, weight, ctarget
+        item_side = self._transposed(user_side, cfg.regularization)
         counts = user_side.counts.cpu().numpy()
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / np.sqrt(cfg.factors)
@@ -378,7 +419,7 @@ class ALS:
                 steps=cfg.fold_in_cg_steps,
                 out=out(self.X),
             )
-            if not torch.isfinite(self.X).all():
+            if not bool(torch.isfinite(self.X.sum())):  # as _solve_cg: isfinite(X) would cost 1.7 X (213 MB)
                 raise TrainingDiverged("ALS fold-in produced non-finite user vectors")
         return self
 

@@ -186,3 +186,21 @@ def work_cuts(indptr: np.ndarray, f: int, chunks: int) -> np.ndarray:
     cost = indptr.astype(np.float64) + np.arange(n + 1) * (f / 2.0)
     marks = np.searchsorted(cost, np.linspace(0.0, cost[-1], chunks + 1))
     return np.unique(np.r_[0, marks, n]).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def transpose_rows(indptr, cols, weight, target, t_indptr, t_cols, t_weight, t_target):
+    """The other side of a CSR (rows -> columns) into preallocated arrays, one counting pass:
+    within a column, rows stay in ascending order (what a stable sort by column gives), with
+    no permutation array and no sorted copies (ALS's item side at 8.5M pairs: ~270 MB less peak).
+    t_indptr must hold the column offsets (cumulative counts); it is left unchanged."""
+    n = indptr.shape[0] - 1
+    fill = t_indptr[:-1].copy()
+    for u in range(n):
+        for k in range(indptr[u], indptr[u + 1]):
+            c = cols[k]
+            at = fill[c]
+            t_cols[at] = u
+            t_weight[at] = weight[k]
+            t_target[at] = target[k]
+            fill[c] = at + 1
