@@ -379,7 +379,7 @@ def extract(ctx: RunContext) -> dict[str, Any]:
             late_q = "SELECT 1 FROM cls WHERE before AND from_source AND NOT gone"
         late = int(s.one(f"SELECT count(*) FROM ({late_q})")[0])
         s.sql(
-            f"CREATE TABLE win AS SELECT CAST(filed AS DATE) AS day, {cols} FROM cls "
+            f"CREATE VIEW win AS SELECT CAST(filed AS DATE) AS day, {cols} FROM cls "
             "WHERE NOT (nat OR after OR before OR gone)"
         )
         written, rows_written = _write_partitions(ctx, s, window.end_day)
