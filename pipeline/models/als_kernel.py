@@ -16,6 +16,8 @@ cached on disk after the first call), as for BPR (pipeline/models/bpr_kernel.py)
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 
@@ -161,7 +163,20 @@ def cg_rows(csr, F, G, reg, X0, out, steps, cuts, terms):
 # numba's thread pool. Its default layer (GNU OpenMP) aborts a process that forks after using
 # it, and a warm parent that fits once and then forks runs (a LocalExecutor, our crash tests)
 # pins one thread for exactly that reason.
-cg_rows_serial = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False)(cg_rows.py_func)
+# It needs its own name: numba's on-disk cache is keyed by the function's qualified name and
+# line, not by `parallel`, so compiled from cg_rows.py_func itself the two shared one cache
+# entry and whichever process compiled first decided for both (a serial fit then loaded the
+# parallel code and started the pool).
+def _renamed(fn, name: str):
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    out = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = name
+    return out
+
+
+cg_rows_serial = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False)(
+    _renamed(cg_rows.py_func, "cg_rows_serial")
+)
 
 
 def solve_rows(csr, F, G, reg, X0, out, steps: int) -> float:

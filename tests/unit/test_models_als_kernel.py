@@ -115,3 +115,38 @@ def test_item_side_is_the_transposition_a_stable_sort_gives():
             assert (r0, r1) == (s0, s1) and len(parts) == len(wparts)
             for (c0, c1, m), (d0, d1, w) in zip(parts, wparts, strict=True):
                 assert (c0, c1) == (d0, d1) and m.to_dense().tolist() == w.to_dense().tolist()
+
+
+_FIT = """
+import sys
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
+from numba.np.ufunc import parallel
+from pipeline.config.models import model_config
+from pipeline.models import TrainData, build
+rng = np.random.default_rng(0)
+n = 400
+data = TrainData(30, 20, rng.integers(0, 30, n), rng.integers(0, 20, n), rng.integers(0, 99, n), np.full(n, np.nan))
+build(model_config({"kind": "als", "factors": 4, "iterations": 1}), torch.device("cpu")).fit(data)
+print("POOL", parallel._is_initialized)
+"""
+
+
+@pytest.mark.slow
+def test_a_one_thread_fit_never_loads_the_parallel_kernel_from_the_cache(tmp_path):
+    """numba's disk cache is keyed by name, not by `parallel`: after a 2-thread fit has cached
+    the parallel kernel, a 1-thread fit in a fresh process must still run the serial one (the
+    parallel one starts GNU OpenMP's pool, and a process that forks after that is aborted)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+
+    def fit(threads: int) -> str:
+        run = subprocess.run([sys.executable, "-c", _FIT, str(threads)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    assert "POOL True" in fit(2)
+    assert "POOL False" in fit(1)
