@@ -7,7 +7,7 @@ Synthetic events with a realistic long tail (Zipf-like item popularity, log-norm
 activity, users leaning to a taste cluster) are written once as daily Parquet files
 (Hive-style `dt=YYYY-MM-DD/`), then the real stages run in a FRESH subprocess, so its peak
 RSS (the process's VmHWM across stages, pipeline/ops/cost.py) is the stages' own, not the
-generator's. `--engine duckdb` runs validate and features out of core (data.engine).
+generator's. `--engine duckdb` runs extract, validate and features out of core (data.engine).
 Targets from the issue: under 90 s and under 4 GB peak RSS on the 2-core box.
 """
 

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class DataEngineConfig(BaseModel):
-    """`engine: duckdb` runs features (and the exact checks of validate) out of core: DuckDB
-    streams the run's Parquet and spills sorts, joins and window functions to disk past
+    """`engine: duckdb` runs extract, features (and the exact checks of validate) out of core:
+    DuckDB streams the source and the run's Parquet and spills sorts, joins and window functions to disk past
     `memory_limit_gb`, so a 100M-event tenant fits a box whose RAM holds a fraction of it.
     `pandas` (the default) holds every table in memory: fastest for small tenants."""
 

@@ -143,7 +143,11 @@ def _unknown_types(ctx: RunContext, event_type: pd.Series) -> dict[str, int]:
 
 
 def _check_unknown(ctx: RunContext, event_type: pd.Series) -> dict[str, int]:
-    unknown = _unknown_types(ctx, event_type)
+    return raise_unknown(ctx, _unknown_types(ctx, event_type))
+
+
+def raise_unknown(ctx: RunContext, unknown: dict[str, int]) -> dict[str, int]:
+    """Fail on unknown event types when the tenant says so (source.unknown_event_types=error)."""
     if unknown and ctx.config.source.unknown_event_types == "error":
         raise ctx.error(
             STAGE,
@@ -225,8 +229,16 @@ def _write_partitions(ctx: RunContext, win: pd.DataFrame, day: np.ndarray, end_d
     return written, cut
 
 
+def engine_of(ctx: RunContext) -> str:
+    """`data.engine` (tests run the same cases on both engines by patching this)."""
+    return ctx.config.data.engine
+
+
 def extract(ctx: RunContext) -> dict[str, Any]:
-    log = ctx.logger(STAGE)
+    if engine_of(ctx) == "duckdb":
+        from pipeline.data import extract_streamed
+
+        return extract_streamed.extract(ctx)
     src = ctx.config.source
     start = history.interval_start(ctx.config.schedule, ctx.interval_end, ctx.interval_start)
     existing = history.partitions(ctx.store, ctx.tenant)
@@ -283,56 +295,78 @@ def extract(ctx: RunContext) -> dict[str, Any]:
     out, weights = _weigh(ctx, out)  # already in order: older days, the window, then NaT rows
     key = ctx.write(paths.INTERACTIONS, codecs.parquet_bytes(out))
 
-    catalog = attributes.extract_catalog(ctx, _reader(ctx)) if ctx.config.catalog else None
-    users = attributes.extract_users(ctx, _reader(ctx), erased) if ctx.config.users else None
     valid_ts = out["timestamp"].dropna()
-    dropped_after = int(after.sum())
-    result = {
-        "uri": ctx.store.uri(key),
-        "key": key,
-        **info,
-        "event_log_rows": len(logged),
-        "event_log_late_rows": late_api,
-        "dropped_erased_users": dropped_erased,
-        "catalog_items": None if catalog is None else len(catalog),
-        "user_attributes": None if users is None else len(users),
+    counts = {
         "rows": len(out),
         "users": int(out["user_id"].nunique()),
         "items": int(out["item_id"].nunique()),
-        "dropped_after_interval_end": dropped_after,
-        "late_dropped": late,
-        "unparseable_timestamps": int(nat.sum()),
         "min_timestamp": valid_ts.min().isoformat() if len(valid_ts) else None,
         "max_timestamp": valid_ts.max().isoformat() if len(valid_ts) else None,
-        "interval_start": start.isoformat(),
-        "window_start": None if window.start is None else window.start.isoformat(),
-        "bootstrap": window.bootstrap,
-        "caught_up": window.caught_up,
+    }
+    run = {
+        **info,
+        "engine": "pandas",
+        "event_log_rows": len(logged),
+        "event_log_late_rows": late_api,
+        "dropped_erased_users": dropped_erased,
+        "dropped_after_interval_end": int(after.sum()),
+        "late_dropped": late,
+        "unparseable_timestamps": int(nat.sum()),
         "history_partitions_written": len(written),
         "history_partitions_deleted": len(deleted),
         "history_rows_written": rows_written,
         "history_partitions_read": len(old_keys),
+    }
+    return finish(ctx, key, start, window, erased, counts, run, weights)
+
+
+def finish(
+    ctx: RunContext,
+    key: str,
+    start,
+    window: history.Window,
+    erased: frozenset[str],
+    counts: dict[str, Any],
+    run: dict[str, Any],
+    weights: dict[str, Any],
+) -> dict[str, Any]:
+    """Catalog and user attributes, the result and its log line (both engines)."""
+    log = ctx.logger(STAGE)
+    catalog = attributes.extract_catalog(ctx, _reader(ctx)) if ctx.config.catalog else None
+    users = attributes.extract_users(ctx, _reader(ctx), erased) if ctx.config.users else None
+    result = {
+        "uri": ctx.store.uri(key),
+        "key": key,
+        **run,
+        "catalog_items": None if catalog is None else len(catalog),
+        "user_attributes": None if users is None else len(users),
+        **counts,
+        "interval_start": start.isoformat(),
+        "window_start": None if window.start is None else window.start.isoformat(),
+        "bootstrap": window.bootstrap,
+        "caught_up": window.caught_up,
         **weights,
     }
     log.info(
-        "extract: %s read %s (%s: %d files) + %d API events; history: %d partitions rewritten (%d rows), "
+        "extract (%s): %s read %s (%s: %d files) + %d API events; history: %d partitions rewritten (%d rows), "
         "%d deleted, %d older read; %d rows (%d users, %d items); dropped: %d at/after %s, %d late before the "
         "window, %d unknown-type, %d below rating threshold%s",
+        run["engine"],
         "bootstrap," if window.bootstrap else "window",
         "everything" if window.start is None else f"from {window.start.date().isoformat()}",
-        info["source_kind"],
-        info["files"],
-        len(logged),
-        len(written),
-        rows_written,
-        len(deleted),
-        len(old_keys),
+        run["source_kind"],
+        run["files"],
+        run["event_log_rows"],
+        run["history_partitions_written"],
+        run["history_rows_written"],
+        run["history_partitions_deleted"],
+        run["history_partitions_read"],
         result["rows"],
         result["users"],
         result["items"],
-        dropped_after,
-        end.isoformat(),
-        late,
+        run["dropped_after_interval_end"],
+        pd.Timestamp(ctx.interval_end).isoformat(),
+        run["late_dropped"],
         sum(weights["dropped_unknown_event_types"].values()),
         weights["dropped_below_rating_threshold"],
         "" if catalog is None else f"; catalog {len(catalog)} items",

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from pipeline.config.models import ALSConfig
-from pipeline.models.als_fold import confidence, fold_in_terms, row_regularization
+from pipeline.models.als_fold import fold_in_terms, row_regularization
+from pipeline.models.als_pairs import als_pairs
 from pipeline.models.attribute_map import fill_cold
 from pipeline.models.base import ProgressCallback, TrainData, TrainingDiverged
-from pipeline.models.pairs import recency_target, training_pairs
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,33 @@ class ALS:
 
     def _side_of(self, rows, cols, weight, ctarget, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
         """_side from weight = c - 1 and ctarget = c p in float32 (unchanged: it permutes copies)."""
-        cfg, dev = self.config, self.device
-        # int32 indices: CSR x dense runs faster than with int64 (MKL's 32-bit interface); the
-        # compact types are taken before the permutation, so its copies are half as large
+        # int32 indices: faster CSR x dense (MKL's 32-bit interface), half-size permuted copies
         index = torch.int32 if max(len(rows), n_cols) < 2**31 else torch.int64
-        cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64)
+        cols = np.asarray(cols).astype(np.int32 if index == torch.int32 else np.int64, copy=False)
         counts = np.bincount(rows, minlength=n_rows)
         if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):  # the user side comes sorted
             # a stable sort keeps cols ascending within a row (torch's on int32 beats numpy's)
             key = torch.as_tensor(rows, dtype=torch.int32 if n_rows < 2**31 else torch.int64)
             order = torch.sort(key, stable=True).indices.numpy()
             cols, weight, ctarget = cols[order], weight[order], ctarget[order]
-            rows = rows[order] if cfg.solver == "cholesky" else None  # only the tiles need rows
+            rows = rows[order] if self.config.solver == "cholesky" else None  # only the tiles need rows
             del key, order
-        crow = torch.as_tensor(np.concatenate(([0], np.cumsum(counts))), dtype=index, device=dev)
+        return self._assemble(rows, cols, weight, ctarget, counts, n_rows, n_cols, reg_lambda)
+
+    def _transposed(self, side: _Side, reg_lambda: float) -> _Side:
+        """The other side of `side` (items from users): als_kernel.transpose, no sort copies."""
+        from pipeline.models.als_kernel import transpose  # numba: compiled or cached on first use
+
+        crow, col, w, t = (x.cpu().numpy() for x in (side.crow, side.col, side.weight, side.target))
+        small = max(len(side.col), side.n_rows) < 2**31
+        counts, cols, weight, ctarget = transpose(crow, col, w, t, side.n_cols, np.int32 if small else np.int64)
+        rows = np.repeat(np.arange(side.n_cols), counts) if self.config.solver == "cholesky" else None
+        return self._assemble(rows, cols, weight, ctarget, counts, side.n_cols, side.n_rows, reg_lambda)
+
+    def _assemble(self, rows, cols, weight, ctarget, counts, n_rows: int, n_cols: int, reg_lambda: float) -> _Side:
+        cfg, dev, indptr = self.config, self.device, np.concatenate(([0], np.cumsum(counts)))
+        crow = torch.as_tensor(indptr, dtype=torch.int32 if cols.dtype == np.int32 else torch.int64, device=dev)
         reg = row_regularization(counts, reg_lambda, cfg.reg_exponent)
-        indptr = np.concatenate(([0], np.cumsum(counts)))
         cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(0, len(cols), self.block_nnz)), n_rows])
         blocks = [
             _Block(int(r0), int(r1), int(indptr[r0]), int(indptr[r1]), crow[r0 : r1 + 1] - crow[r0])
@@ -313,31 +324,19 @@ class ALS:
         assert X is not None and Y is not None, "fit first"
         if terms is None:
             terms = torch.zeros((), dtype=torch.float64, device=X.device)
-            self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms)
+            self._solve_cg(user_side, Y, X, user_side.target, user_side.reg, 0, terms, out=X)  # 0 steps: X unchanged
         all_sq = torch.sum((X.T @ X if gram is None else gram) * (Y.T @ Y))  # sum over every (u, i) of (x_u.y_i)^2
         item_reg = torch.dot(item_side.reg, torch.einsum("ij,ij->i", Y, Y))
         return float((constant + all_sq.double() + terms + item_reg.double()) / max(len(user_side.col), 1))
 
     def fit(self, data: TrainData, callback: ProgressCallback | None = None) -> ALS:
         cfg, dev = self.config, self.device
-        # float64 arrays are dropped as soon as their float32 forms exist (10M pairs: 80 MB each)
-        pairs = training_pairs(data)
-        conf = confidence(pairs.events, cfg.alpha, pairs.weight)
-        target = recency_target(pairs.newer, cfg.recency_half_life, cfg.recency_floor)
-        ct = conf * target
-        constant = float(np.dot(ct, target))  # sum c p^2
-        weight, ctarget = (conf - 1.0).astype(np.float32), ct.astype(np.float32)
-        del ct
-        fold, fold_target = fold_in_terms(cfg), None
-        if cfg.fold_in_half_life:  # Pairs' order is the user side's
-            target = recency_target(pairs.newer, fold.half_life, fold.floor)
-            fold_target = torch.as_tensor((conf * target).astype(np.float32), device=dev)
-        user, item = pairs.user, pairs.item
-        del pairs, conf, target
-        user_side = self._side_of(user, item, weight, ctarget, data.n_users, data.n_items, cfg.regularization)
-        item_side = self._side_of(item, user, weight, ctarget, data.n_items, data.n_users, cfg.regularization)
-        del user, item, weight, ctarget
-        counts = user_side.counts.cpu().numpy()
+        p = als_pairs(data, cfg)  # lean on memory; the item side is then a transposition (no sort)
+        constant, fold = p.constant, fold_in_terms(cfg)
+        fold_target = None if p.fold_target is None else torch.as_tensor(p.fold_target, device=dev)
+        user_side = self._side_of(p.user, p.item, p.weight, p.ctarget, data.n_users, data.n_items, cfg.regularization)
+        del p
+        item_side = self._transposed(user_side, cfg.regularization)
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std / np.sqrt(cfg.factors)
         self.X = torch.randn(data.n_users, cfg.factors, generator=gen).mul_(std).to(dev)
@@ -368,7 +367,7 @@ class ALS:
                 report(it, None)
         fill_cold(self.Y, data.item_features, item_side.counts.cpu().numpy(), cfg.cold_item_regularization)
         if fold_target is not None:
-            fold_reg = row_regularization(counts, fold.regularization, cfg.reg_exponent)
+            fold_reg = row_regularization(user_side.counts.cpu().numpy(), fold.regularization, cfg.reg_exponent)
             self.X = self._solve(
                 user_side,
                 self.Y,
@@ -378,7 +377,7 @@ class ALS:
                 steps=cfg.fold_in_cg_steps,
                 out=out(self.X),
             )
-            if not torch.isfinite(self.X).all():
+            if not bool(torch.isfinite(self.X.sum())):  # as _solve_cg: isfinite(X) would cost 1.7 X (213 MB)
                 raise TrainingDiverged("ALS fold-in produced non-finite user vectors")
         return self
 

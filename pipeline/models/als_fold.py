@@ -38,10 +38,13 @@ def fold_in_terms(config: ALSConfig) -> FoldInTerms:
 
 def confidence(events: np.ndarray, alpha: float, weight: np.ndarray | None = None) -> np.ndarray:
     """c = 1 + alpha * w * log2(1 + events of the pair); w = the pair's event weight (1 when None)."""
-    c = np.log2(1.0 + np.asarray(events, dtype=np.float64))
+    c = np.add(1.0, np.asarray(events, dtype=np.float64))  # one array, updated in place (68 MB at 8.5M pairs)
+    np.log2(c, out=c)
     if weight is not None:
-        c = c * np.asarray(weight, dtype=np.float64)
-    return 1.0 + alpha * c
+        c *= np.asarray(weight, dtype=np.float64)
+    c *= alpha
+    c += 1.0
+    return c
 
 
 def row_regularization(pairs: np.ndarray, lam: float, exponent: float) -> np.ndarray:

@@ -16,13 +16,19 @@ up to 16k), every factor column at once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
 
 from pipeline.models.base import ItemFeatures
 
+if TYPE_CHECKING:  # loaded where used: ALS imports this module, and a fit without attributes needs no scipy
+    import scipy.sparse as sp
+
 
 def feature_matrix(features: ItemFeatures) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
     """[items, d] float64: category one-hot, tags, title tokens; only columns some item uses."""
     n = len(features.category)
     has = features.category >= 0
@@ -35,6 +41,8 @@ def feature_matrix(features: ItemFeatures) -> sp.csr_matrix:
 
 def fit_map(F: sp.csr_matrix, Y: np.ndarray, lam: float, steps: int = 100, tol: float = 1e-6) -> np.ndarray:
     """W [d, f] minimising |F W - Y|^2 + lam |W|^2 (conjugate gradient, one column per factor)."""
+    import scipy.sparse as sp
+
     Ft = sp.csr_matrix(F.T)
     b = Ft @ Y
     W = np.zeros_like(b)

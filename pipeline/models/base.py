@@ -13,11 +13,13 @@ the methods an object happens to have.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
+
+if TYPE_CHECKING:  # annotations only: a fit process need not load pandas or scipy (~90 MB RSS)
+    import pandas as pd
+    import scipy.sparse as sp
 
 # Called after each epoch/iteration with (iteration, {"loss": ..., ...}); may raise to stop.
 ProgressCallback = Callable[[int, dict[str, float]], None]

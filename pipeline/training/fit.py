@@ -35,6 +35,7 @@ def fit(
     log = ctx.logger(stage)
     feats = Features.read(ctx)
     data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items, read_item_features(ctx))
+    del feats  # the events table is not read again: not held through the fit (peak RSS)
     cfg = chosen_config(ctx)
     device = resolve_device()
     model = build(cfg, device)

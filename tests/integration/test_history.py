@@ -19,6 +19,14 @@ from pipeline.samples import synthetic
 from pipeline.storage import paths
 from tests.conftest import isolated_settings
 
+
+@pytest.fixture(autouse=True, params=["pandas", "duckdb"])
+def engine(request, monkeypatch):
+    """Every case on both engines: the out-of-core extract (data.engine: duckdb) keeps the same rules."""
+    monkeypatch.setattr(extract, "engine_of", lambda ctx: request.param)
+    return request.param
+
+
 DAY0 = datetime(2025, 5, 1, tzinfo=UTC)
 DAYS = 10
 RUN_HOUR = 2  # the default schedule "0 2 * * *": intervals end at 02:00, not at midnight

@@ -15,6 +15,14 @@ from pipeline.context import RunContext, StageError
 from pipeline.data import attributes, extract, history
 from pipeline.storage import paths
 
+
+@pytest.fixture(autouse=True, params=["pandas", "duckdb"])
+def engine(request, monkeypatch):
+    """Every case on both engines: the out-of-core extract (data.engine: duckdb) keeps the same rules."""
+    monkeypatch.setattr(extract, "engine_of", lambda ctx: request.param)
+    return request.param
+
+
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DAY0 = datetime(2025, 3, 1, tzinfo=UTC)
 

@@ -9,6 +9,13 @@ from pipeline.storage import paths
 from tests.conftest import write_tenant
 
 
+@pytest.fixture(autouse=True, params=["pandas", "duckdb"])
+def engine(request, monkeypatch):
+    """Every case on both engines: the out-of-core extract (data.engine: duckdb) keeps the same rules."""
+    monkeypatch.setattr(extract, "engine_of", lambda ctx: request.param)
+    return request.param
+
+
 def _ctx(settings, cfg, end=datetime(2025, 1, 10, tzinfo=UTC)):
     return RunContext(config=cfg, interval_end=end, settings=settings)
 

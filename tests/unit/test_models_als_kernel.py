@@ -88,3 +88,65 @@ def test_training_pairs_match_a_plain_reference():
     newer = [sum(latest[o] >= latest[k] for o in keys if o[0] == k[0]) - 1 for k in keys]
     assert pairs.newer.tolist() == newer
     assert pairs.user.dtype == np.int64 and pairs.events.dtype == np.float64 and pairs.newer.dtype == np.float64
+    compact = training_pairs(TrainData(users, items, u, i, t, np.ones(n)), index_dtype=np.int32)
+    assert compact.user.dtype == np.int32 and compact.item.dtype == np.int32
+    assert compact.user.tolist() == pairs.user.tolist() and compact.newer.tolist() == newer
+    assert compact.weight.tolist() == [1.0] * len(keys)  # no event weights: a read-only broadcast 1
+    assert not compact.weight.flags.writeable
+
+
+def test_item_side_is_the_transposition_a_stable_sort_gives():
+    """Users 0..2 x items 0..3; within an item, rows stay in user order."""
+    user = np.array([0, 0, 1, 1, 1, 2])
+    item = np.array([1, 3, 0, 1, 3, 1])
+    conf, target = np.arange(2.0, 8.0), np.full(6, 0.5)
+    for solver in ("cg", "cholesky"):
+        model = ALS(ALSConfig(factors=2, solver=solver))
+        users = model._side(user, item, conf, target, 3, 4, 0.1)
+        got = model._transposed(users, 0.1)
+        want = model._side(item, user, conf, target, 4, 3, 0.1)  # the sort-based build
+        assert got.crow.tolist() == want.crow.tolist() == [0, 1, 4, 4, 6]
+        assert got.col.tolist() == want.col.tolist() == [1, 0, 1, 2, 0, 1]
+        assert got.weight.tolist() == want.weight.tolist() == [3.0, 1.0, 4.0, 6.0, 2.0, 5.0]
+        assert got.target.tolist() == want.target.tolist()
+        assert got.col.dtype == want.col.dtype and got.crow.dtype == want.crow.dtype
+        assert got.reg.tolist() == want.reg.tolist() and got.counts.tolist() == want.counts.tolist()
+        for (r0, r1, parts), (s0, s1, wparts) in zip(got.tiles, want.tiles, strict=True):
+            assert (r0, r1) == (s0, s1) and len(parts) == len(wparts)
+            for (c0, c1, m), (d0, d1, w) in zip(parts, wparts, strict=True):
+                assert (c0, c1) == (d0, d1) and m.to_dense().tolist() == w.to_dense().tolist()
+
+
+_FIT = """
+import sys
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
+from numba.np.ufunc import parallel
+from pipeline.config.models import model_config
+from pipeline.models import TrainData, build
+rng = np.random.default_rng(0)
+n = 400
+data = TrainData(30, 20, rng.integers(0, 30, n), rng.integers(0, 20, n), rng.integers(0, 99, n), np.full(n, np.nan))
+build(model_config({"kind": "als", "factors": 4, "iterations": 1}), torch.device("cpu")).fit(data)
+print("POOL", parallel._is_initialized)
+"""
+
+
+@pytest.mark.slow
+def test_a_one_thread_fit_never_loads_the_parallel_kernel_from_the_cache(tmp_path):
+    """numba's disk cache is keyed by name, not by `parallel`: after a 2-thread fit has cached
+    the parallel kernel, a 1-thread fit in a fresh process must still run the serial one (the
+    parallel one starts GNU OpenMP's pool, and a process that forks after that is aborted)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+
+    def fit(threads: int) -> str:
+        run = subprocess.run([sys.executable, "-c", _FIT, str(threads)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    assert "POOL True" in fit(2)
+    assert "POOL False" in fit(1)
