@@ -55,7 +55,7 @@ airflow-db: $(STAMP)
 
 airflow: demo-data
 	@# include/scripts/airflow_standalone.sh: DB, pools, tenant files checked, URL and password file
-	@# printed, then `airflow standalone` with the venv on the PATH (tests/dags/test_standalone.py runs it)
+	@# printed, then `airflow standalone` with the venv on the PATH (tests/dags/test_ui_journey.py runs it)
 	VENV=$(VENV) AIRFLOW_PORT=$(AIRFLOW_PORT) include/scripts/airflow_standalone.sh
 
 run: demo-data airflow-db

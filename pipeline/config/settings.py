@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     admission_overload_wait_ms: float = Field(
         default=5.0, ge=0, description="Longest wait once the queue has not emptied for a whole interval (overload)."
     )
+    admission_max_loop_lag_ms: float = Field(
+        default=25.0,
+        ge=0,
+        description="Event-loop lag that, on every tick for admission_loop_lag_interval_ms, sheds new requests "
+        "(the CPU is saturated). 0: off.",
+    )
+    admission_loop_lag_interval_ms: float = Field(
+        default=250.0, gt=0, description="How long the loop must stay late to count as saturated."
+    )
     admission_interval_ms: float = Field(
         default=100.0, gt=0, description="How long a queue must stay non-empty to count as overload (controlled delay)."
     )

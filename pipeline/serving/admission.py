@@ -13,7 +13,10 @@ Two independent gates, both per worker process:
   `interval_s`, a burst may wait up to `queue_wait_s` (a GC pause, a scheduler hiccup or a
   release swap is absorbed, not turned into errors); once it has stayed non-empty for a whole
   interval the load is sustained, and waits are cut to `overload_wait_s`, so the excess is shed
-  within milliseconds while admitted requests keep their p99. A fixed 20 ms wait did both
+  within milliseconds while admitted requests keep their p99. When the CPU itself is saturated
+  the queue forms before this middleware, in the event loop: `loop_lag.LoopLag` watches it and,
+  by the same rule, sheds every new request while the loop has been late for a whole interval.
+  A fixed 20 ms wait did both
   badly: it shed requests during 30-80 ms stalls at 1,000 req/s (errors at half the box's
   capacity) and still let every admitted request of an overload wait the full 20 ms.
   Hand-rolled because nothing maintained fits: uvicorn's `--limit-concurrency` counts open
@@ -44,6 +47,7 @@ from fastapi import HTTPException, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pipeline.serving.limits import send_error
+from pipeline.serving.loop_lag import LoopLag
 
 GUARDED_PREFIX = "/v1/"  # health, readiness and metrics are never shed
 TENANT_PREFIX = "/v1/tenants/"
@@ -82,6 +86,7 @@ class Admission:
         overload_wait_s: float = 0.005,
         interval_s: float = 0.1,
         clock=time.monotonic,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         """`quota_of()`: the app's WorkQuota or None (lifespan makes it after the stack is built).
         `queue_wait_s`: the longest wait in a burst; `overload_wait_s`: the wait once the queue has
@@ -100,6 +105,7 @@ class Admission:
         self.waiting = 0
         self.last_empty = -float("inf")  # when the queue was last seen empty (clock())
         self._sem: asyncio.Semaphore | None = None  # made on the server's loop, at the first request
+        self.loop_lag = loop_lag  # the loop's own queue (loop_lag.py); None: not watched
 
     def wait_limit(self, now: float) -> float:
         """How long a request arriving `now` to a full house may wait (controlled delay)."""
@@ -117,6 +123,11 @@ class Admission:
             retry = quota.exhausted(tenant)
             if retry is not None:
                 await quota.refuse(send, tenant, retry)
+                return
+        if self.loop_lag is not None:
+            self.loop_lag.ensure_started()
+            if self.loop_lag.overloaded:
+                await self._shed(send, "loop_lag")
                 return
         if self.capacity <= 0:
             await self.app(scope, receive, send)

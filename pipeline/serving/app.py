@@ -42,6 +42,7 @@ from pipeline.serving.breaker import Breaker, outage_types
 from pipeline.serving.deps import EntityId, Live, QueryOptions, TenantId, as_utc, options_parameters, receive_time
 from pipeline.serving.limits import BodyLimit
 from pipeline.serving.loader import Loaders, serving_tenants
+from pipeline.serving.loop_lag import LoopLag
 from pipeline.serving.middleware import TenantPathGuard
 from pipeline.serving.rate_limit import RateLimiter
 from pipeline.serving.releases import ReleaseCache
@@ -164,6 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queue_wait_s=settings.admission_wait_ms / 1e3,
         overload_wait_s=settings.admission_overload_wait_ms / 1e3,
         interval_s=settings.admission_interval_ms / 1e3,
+        loop_lag=LoopLag(settings.admission_max_loop_lag_ms / 1e3, settings.admission_loop_lag_interval_ms / 1e3)
+        if settings.admission_max_loop_lag_ms > 0 and settings.max_concurrency > 0
+        else None,
         retry_after_s=settings.retry_after_seconds,
         metrics=admission,
         quota_of=lambda: getattr(app.state, "work_quota", None),

@@ -62,6 +62,8 @@ def _tenant(base: Path) -> dict[str, str]:
     src.parent.mkdir()
     synthetic.interactions(n_users=150, n_items=80, mean_events=15, seed=11).to_csv(src, index=False)
     _write_tenant(base, LIVE_MODEL)
+    # a broken file beside it: `make airflow` says so and makes it a DAG that fails with the reason
+    (base / "tenants" / "broken.yaml").write_text("tenant: broken\nsource:\n  uri: x.csv\nmodel: {factors: -3}\n")
     return {
         "RECSYS_TENANTS_DIR": str(base / "tenants"),
         "RECSYS_HOME": str(base / "home"),
@@ -119,8 +121,23 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
 
     expect.set_options(timeout=120_000)  # the UI loads its bundle and translations first on a busy box
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # 0. what `make airflow` (this same script) promises a newcomer, before any browser
+    text = server.output()
+    assert f"Airflow on {server.url}" in text and "simple_auth_manager_passwords.json.generated" in text
+    assert f">>> tenant {TENANT}: config valid" in text and "broken.yaml does not validate" in text
+    assert httpx.get(f"{server.url}/api/v2/dags", timeout=30).status_code == 401  # login needed
     token = server.token()
-    server.wait_for("the tenant's DAG", lambda: any(d["dag_id"] == DAG for d in _api(server, token, "dags")["dags"]))
+    ids = server.wait_for(
+        "the tenant DAGs",
+        lambda: (
+            {d["dag_id"] for d in _api(server, token, "dags")["dags"]} >= {DAG, "recsys_broken"}
+            and {d["dag_id"] for d in _api(server, token, "dags")["dags"]}
+        ),
+    )
+    assert "recsys_maintenance" in ids
+    assert _api(server, token, "pools/training")["slots"] == 1
+    views = {v["name"]: v for p in _api(server, token, "plugins")["plugins"] for v in p["external_views"]}
+    assert views["Recsys tenants"]["category"] == "browse"
     shots: list[str] = []
 
     with sync_playwright() as p:

@@ -20,7 +20,7 @@ from benchmarks.tenants import PROFILES
 from pipeline.stages import STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-TENANTS = int(os.environ.get("RECSYS_DENSITY_TENANTS", "5"))
+TENANTS = int(os.environ.get("RECSYS_DENSITY_TENANTS", "3"))  # RECSYS_DENSITY_TENANTS=20 for the full one
 # mean seconds per task that are not the stage itself, leaving out waits for a pool or executor
 # slot (capacity, not overhead: benchmarks/fleet.py summarise). The target is 2 s on an
 # idle 2-core box; this run adds its own scheduler, API server and 4 parallel tasks to the box.

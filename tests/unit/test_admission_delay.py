@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from pipeline.serving.admission import Admission, AdmissionMetrics
+from pipeline.serving.loop_lag import LoopLag
 
 SCOPE = {"type": "http", "method": "GET", "path": "/v1/tenants/acme/users/u1/recommendations"}
 
@@ -130,5 +131,51 @@ def test_a_full_queue_is_shed_at_once_whatever_the_delay():
         await until(lambda: len(app.gates) == 2)
         app.gates[1].set()
         assert [(await t)[0] for t in (a, b)] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+def test_loop_lag_sheds_only_when_late_for_a_whole_interval():
+    lag = LoopLag(target_s=0.01, interval_s=0.1)
+    lag.observe(0.12, now=10.0)  # one 120 ms stall (a GC pause): absorbed, not shed
+    assert not lag.overloaded
+    lag.observe(0.002, now=10.01)  # back on time
+    assert not lag.overloaded and lag.late_since is None
+    for i in range(5):  # late by 30 ms on every tick for 50 ms: not yet
+        lag.observe(0.03, now=20.0 + 0.01 * i)
+    assert not lag.overloaded
+    for i in range(5, 11):  # late on every tick since 20.00: at 20.10 a whole interval
+        lag.observe(0.03, now=20.0 + 0.01 * i)
+    assert lag.overloaded and lag.late_since == 20.0
+    lag.observe(0.004, now=20.11)
+    assert not lag.overloaded and lag.late_since is None
+
+
+def test_a_saturated_loop_gets_503s_at_once_and_serves_again_when_it_catches_up():
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        lag = LoopLag(target_s=0.01, interval_s=0.05, tick_s=0.005)
+
+        async def instant(scope, receive, send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        adm = Admission(
+            instant, capacity=4, queue=4, queue_wait_s=1.0, retry_after_s=1, metrics=AdmissionMetrics(registry),
+            loop_lag=lag,
+        )  # fmt: skip
+        assert (await request(adm))[0] == 200  # starts the monitor on this loop
+        for _ in range(40):  # the loop is busy: 30 ms of work between yields, for over a second
+            time.sleep(0.03)
+            await asyncio.sleep(0)
+            if lag.overloaded:
+                break
+        assert lag.overloaded
+        status, took = await request(adm)
+        assert status == 503 and took < 0.01
+        assert registry.get_sample_value("recsys_shed_total", {"reason": "loop_lag"}) == 1.0
+        await until(lambda: not lag.overloaded)  # idle again: the next tick is on time
+        assert (await request(adm))[0] == 200
+        await lag.close()
 
     asyncio.run(scenario())
