@@ -144,12 +144,13 @@ def create_dashboard(
 
     def fleet_rows() -> list[dict[str, Any]]:
         from pipeline.ops import fleet
-        from pipeline.ops.maintenance import valid_configs
+        from pipeline.ops.maintenance import load_configs
 
         s, now = store(), clock()
-        configs = valid_configs(settings_provider())
+        configs, broken = load_configs(settings_provider())
         states = airflow_runs([f"recsys_{c.tenant}" for c in configs]) if airflow_runs else {}
-        return fleet.fleet([fleet.fleet_row(s, c, now, states.get(f"recsys_{c.tenant}")) for c in configs])
+        rows = [fleet.fleet_row(s, c, now, states.get(f"recsys_{c.tenant}")) for c in configs]
+        return fleet.fleet(rows + [fleet.broken_row(name, why) for name, why in broken.items()])
 
     def detail(tenant: str, old: str | None, new: str | None) -> dict[str, Any]:
         from pipeline.ops import fleet

@@ -158,6 +158,14 @@ def fleet_row(
     }
 
 
+def broken_row(tenant: str, error: str) -> dict[str, Any]:
+    """A tenant file that does not validate: failed (its DAG fails with the same reason), with why."""
+    empty = ("last_run", "airflow", "newest_event", "freshness_hours", "live", "live_age_hours", "gate", "validation")
+    row: dict[str, Any] = dict.fromkeys((*empty, "cost"))
+    return {**row, "tenant": tenant, "dag_id": f"recsys_{tenant}", "health": "failed", "rank": RANK["failed"],
+            "status": "config invalid", "error": error}  # fmt: skip
+
+
 def fleet(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Failures first, then stale tenants, warnings, running, healthy; by name within each."""
     return sorted(rows, key=lambda r: (r["rank"], r["tenant"]))

@@ -211,12 +211,18 @@ def quality_summary(store: ObjectStore, configs: list[TenantConfig], day: str) -
 
 
 def valid_configs(settings: Settings) -> list[TenantConfig]:
+    return load_configs(settings)[0]
+
+
+def load_configs(settings: Settings) -> tuple[list[TenantConfig], dict[str, str]]:
+    """The tenant files that validate, and {file stem: why not} for those that do not."""
     from pipeline.config import TenantConfigError, load_tenant_file, tenant_files
 
-    out = []
+    out, broken = [], {}
     for path in tenant_files(settings.tenants_dir):
         try:
             out.append(load_tenant_file(path, expect_name_match=True))
         except TenantConfigError as exc:
             log.warning("skipping %s", exc)
-    return out
+            broken[path.stem] = str(exc)
+    return out, broken

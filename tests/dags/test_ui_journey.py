@@ -228,6 +228,7 @@ def test_trigger_watch_logs_dashboard_and_backfill_in_the_ui(server):
         frame = page.frame_locator("iframe").first
         expect(frame.locator("#fleet")).to_be_visible()
         expect(frame.get_by_role("link", name=TENANT, exact=True)).to_be_visible()
+        expect(frame.get_by_text("config invalid")).to_be_visible()  # broken.yaml: failed, first
         shot("dashboard-fleet")
         frame.get_by_role("link", name=TENANT, exact=True).click()
         expect(frame.locator("#live-release")).to_be_visible()

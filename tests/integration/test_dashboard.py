@@ -31,6 +31,14 @@ def test_pages_show_live_release_history_gate_and_validation(two_releases):
     assert index.status_code == 200 and "acme" in index.text and second in index.text
     [row] = client.get("/api/fleet").json()
     assert row["tenant"] == "acme" and row["status"] == "published" and row["live"]["release_id"] == second
+    # a tenant file that does not validate is a failed tenant, first in the fleet, with the reason
+    (ctx.settings.tenants_dir / "zzz.yaml").write_text("tenant: zzz\nsource:\n  uri: x.csv\nmodel: {factors: -3}\n")
+    broken, healthy = client.get("/api/fleet").json()
+    assert (broken["tenant"], broken["health"], broken["status"]) == ("zzz", "failed", "config invalid")
+    assert "factors" in broken["error"] and "zzz.yaml" in broken["error"] and healthy["tenant"] == "acme"
+    index = client.get("/")
+    assert "config invalid" in index.text and 'href="/tenants/zzz"' not in index.text
+    (ctx.settings.tenants_dir / "zzz.yaml").unlink()
     assert row["last_run"]["stages_done"][-1] == "refresh" and row["gate"]["publish"] is True
     assert client.get("/static/chart.umd.min.js").text.startswith("/*!\n * Chart.js")
     assert client.get("/static/../dashboard.py").status_code == 404
