@@ -24,11 +24,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 AIRFLOW_PORT ?= 8080
 
-.PHONY: run test lint demo-data airflow-db airflow serve clean help
+.PHONY: run test test-all lint demo-data airflow-db airflow serve clean help
 
 help:
 	@echo "make run   - install, run the demo tenant's DAG through Airflow, print a summary, serve the API"
-	@echo "make test  - install test deps and run the whole suite (what CI runs)"
+	@echo "make test  - install test deps and run the suite (tests marked slow only with CI=true; make test-all: everything)"
 	@echo "make lint  - ruff check, ruff format --check, mypy on pipeline/ (make test runs it first)"
 	@echo "make airflow - Airflow standalone (UI on :$(AIRFLOW_PORT)) with the tenant DAGs and the recsys dashboard plugin"
 
@@ -77,7 +77,17 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check pipeline dags plugins tests benchmarks
 	$(VENV)/bin/mypy
 
+# Tests marked `slow` (real Airflow deployments, Chromium, crash loops: about 9 of CI's 16
+# minutes) run when CI is set (CI=true, as .ci/run) and in `make test-all`; `make test` leaves
+# them out elsewhere, so the suite stays under 15 minutes on a 2-core box. PYTEST_ARGS comes last
+# (a later -m wins).
+SLOW := $(if $(filter true 1 yes,$(CI)),,-m "not slow")
+
 test: $(DEV_STAMP) lint
+	@$(if $(SLOW),echo "make test: tests marked slow left out (CI=true or make test-all runs them)")
+	$(PY) -m pytest tests --durations=25 $(SLOW) $(PYTEST_ARGS)
+
+test-all: $(DEV_STAMP) lint
 	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS)
 
 clean:
