@@ -115,6 +115,9 @@ def server_env(
         "RECSYS_REDIS_PREFIX": prefix,
         "RECSYS_API_KEYS_FILE": str(keys_file),
         "RECSYS_AUTH_DISABLED": "0",
+        # as deployed: each worker loads the tenant at startup (readyz 503 until then), not on
+        # the first request that happens to reach it, which could fall inside a measured window
+        "RECSYS_SERVING_TENANTS": tenant,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     if args.rate_limit is not None:

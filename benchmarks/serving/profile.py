@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--raw", help="also keep py-spy's collapsed stacks here (for your own grouping)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving_profile.json"))
     args = parser.parse_args(argv)
     spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         _, err = spy.communicate(timeout=60)
         if not raw.exists():
             raise SystemExit(f"py-spy wrote nothing (needs ptrace rights): {err.decode(errors='replace')[-500:]}")
+        if args.raw:
+            shutil.copy(raw, args.raw)
         result = {
             "benchmark": "serving_profile",
             "machine": machine(),
