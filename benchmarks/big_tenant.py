@@ -120,13 +120,11 @@ def _ours(ctx) -> dict:
     starting the MLflow run, which on a first run creates its database)."""
     import torch
 
-    from pipeline.features.dataset import Features
-    from pipeline.models import TrainData, build
+    from pipeline.features.dataset import train_data
+    from pipeline.models import build
     from pipeline.training.fit import chosen_config
 
-    feats = Features.read(ctx.scoped("train", _TRAIN_IO))
-    data = TrainData.from_events(feats.split(False), feats.n_users, feats.n_items)
-    del feats
+    data = train_data(ctx.scoped("train", _TRAIN_IO), False)  # as the train stage reads it
     model = build(chosen_config(ctx.scoped("train", _TRAIN_IO)), torch.device("cpu"))
     started = time.perf_counter()
     model.fit(data)
@@ -138,15 +136,13 @@ def _implicit(ctx, args: argparse.Namespace) -> dict:
     import implicit
     import scipy.sparse as sp
 
-    from pipeline.features.dataset import Features
+    from pipeline.features.dataset import train_data
 
-    feats = Features.read(ctx.scoped("train", _TRAIN_IO))
-    ev = feats.split(False)
+    data = train_data(ctx.scoped("train", _TRAIN_IO), False)
     m = sp.csr_matrix(
-        (np.ones(len(ev), np.float32), (ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy())),
-        shape=(feats.n_users, feats.n_items),
+        (np.ones(len(data.user_idx), np.float32), (data.user_idx, data.item_idx)), shape=(data.n_users, data.n_items)
     )
-    del ev, feats
+    del data
     m.sum_duplicates()
     m.data = (1.0 + np.log2(1.0 + m.data)).astype(np.float32)  # our ALS's confidence (alpha 1)
     model = implicit.cpu.als.AlternatingLeastSquares(

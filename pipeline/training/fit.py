@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.config.models import ModelBase, model_config
 from pipeline.context import RunContext
-from pipeline.features.dataset import Features, read_item_features
-from pipeline.models import TrainData, TrainingDiverged, build, resolve_device
+from pipeline.features.dataset import read_item_features, train_data
+from pipeline.models import TrainingDiverged, build, resolve_device
 from pipeline.models.io import model_meta, write_model
 from pipeline.ops import tracking
 from pipeline.storage import paths
@@ -33,9 +33,7 @@ def fit(
     """Fit the chosen model on the train split (holdout=False) or on every event (None); with
     `two_stage` on, also the ranker, learned from the same events only (pipeline/twostage/stage.py)."""
     log = ctx.logger(stage)
-    feats = Features.read(ctx)
-    data = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items, read_item_features(ctx))
-    del feats  # the events table is not read again: not held through the fit (peak RSS)
+    data = train_data(ctx, holdout, read_item_features(ctx))  # streamed: no events table in pandas (peak RSS)
     cfg = chosen_config(ctx)
     device = resolve_device()
     model = build(cfg, device)

@@ -98,3 +98,49 @@ def test_no_catalog_means_no_item_features(ctx):
     _extracted(ctx)
     features.features(ctx)
     assert dataset.read_item_features(ctx) is None
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_streamed_train_data_equals_the_pandas_split(settings, small_df, weighted):
+    """`dataset.train_data` (row group by row group into preallocated arrays) gives exactly the
+    arrays of `TrainData.from_events(Features.read(ctx).split(h))` for every split, across many
+    row groups, sub-second timestamps (floored to the second) and with or without weights."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.models.base import TrainData
+
+    cfg = write_tenant(settings, "acme", small_df)
+    ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
+    _extracted(ctx)
+    features.features(ctx)
+    table = pq.read_table(pa.BufferReader(ctx.read(paths.EVENTS)))
+    micros = table.column("timestamp").cast(pa.int64()).to_numpy() + np.arange(table.num_rows) * 7919 % 1_000_000
+    table = table.set_column(
+        table.schema.get_field_index("timestamp"),
+        "timestamp",
+        pa.array(micros, pa.int64()).cast(table.schema.field("timestamp").type),
+    )
+    rng = np.random.default_rng(0)
+    weights = rng.choice([1.0, 2.5, 8.0], table.num_rows)
+    if "weight" in table.column_names:
+        table = table.drop_columns(["weight"])
+    if weighted:
+        table = table.append_column("weight", pa.array(weights))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=97)  # many row groups: the split straddles batches
+    ctx.write(paths.EVENTS, sink.getvalue().to_pybytes())
+    assert pq.ParquetFile(pa.BufferReader(ctx.read(paths.EVENTS))).metadata.num_row_groups > 10
+
+    feats = dataset.Features.read(ctx)
+    for holdout in (False, True, None):
+        want = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items)
+        got = dataset.train_data(ctx, holdout)
+        assert (got.n_users, got.n_items) == (want.n_users, want.n_items)
+        assert 0 < len(got.user_idx) == len(want.user_idx)
+        for name in ("user_idx", "item_idx", "timestamp", "rating"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (holdout, name)
+        assert (got.weight is None) == (want.weight is None) == (not weighted)
+        if weighted:
+            assert np.array_equal(got.weight, want.weight)
