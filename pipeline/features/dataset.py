@@ -136,17 +136,14 @@ def train_data(ctx: RunContext, holdout: bool | None, item_features: ItemFeature
     weighted = "weight" in names
     columns = ["user_idx", "item_idx", "timestamp", "rating", *(["weight"] if weighted else [])]
 
-    def kept(batch: pa.RecordBatch) -> np.ndarray | None:
-        if holdout is None:
-            return None
+    def kept(batch: pa.RecordBatch) -> np.ndarray:
+        """The batch's rows of the split (holdout True or False)."""
         flags = batch.column("holdout").to_numpy(zero_copy_only=False)
         return flags if holdout else ~flags
 
-    n = (
-        events.metadata.num_rows
-        if holdout is None
-        else sum(int(np.count_nonzero(kept(b))) for b in events.iter_batches(columns=["holdout"]))
-    )
+    n = events.metadata.num_rows
+    if holdout is not None:
+        n = sum(int(np.count_nonzero(kept(b))) for b in events.iter_batches(columns=["holdout"]))
     out = {
         "user_idx": np.empty(n, np.int64),
         "item_idx": np.empty(n, np.int64),
@@ -156,7 +153,7 @@ def train_data(ctx: RunContext, holdout: bool | None, item_features: ItemFeature
     }
     pos = 0
     for batch in events.iter_batches(columns=columns + ([] if holdout is None else ["holdout"])):
-        mask = kept(batch)
+        mask = None if holdout is None else kept(batch)
         m = batch.num_rows if mask is None else int(np.count_nonzero(mask))
         for name in columns:
             values = batch.column(name).to_numpy(zero_copy_only=False)
