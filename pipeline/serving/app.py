@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.redis_url:
             from pipeline.serving.user_store import ResilientRedisStore
-            from pipeline.storage.redis import serving_async_redis_client, serving_redis_client
+            from pipeline.storage.redis import aclose_bounded, serving_async_redis_client, serving_redis_client
 
             client = serving_redis_client(settings.redis_url, settings.redis_timeout_ms)
             aclient = serving_async_redis_client(settings.redis_url, settings.redis_timeout_ms)
@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if client is not None:
             client.close()
         if aclient is not None:
-            await aclient.aclose()
+            await aclose_bounded(aclient)  # imported above whenever aclient is set
 
     app = FastAPI(
         title="recsys-pipeline serving",

@@ -36,6 +36,7 @@ class Loaders:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Event] = {}
         self._ended: dict[str, float] = {}
+        self._closing = False
 
     def start(self) -> None:
         """Preload the configured tenants (called in lifespan: /readyz waits for them)."""
@@ -67,7 +68,7 @@ class Loaders:
         loop = asyncio.get_running_loop()
         first = self._first[tenant]
         try:
-            while True:
+            while not self._closing:  # the flag, not only the cancel, ends it (see close)
                 try:
                     await loop.run_in_executor(self.pool, self.cache.poll, tenant)
                 except Exception:  # poll logs what it can; this only keeps the loop alive
@@ -91,9 +92,12 @@ class Loaders:
         return ("partial" if time.monotonic() - self.started >= timeout_s else "loading"), loaded
 
     async def close(self) -> None:
+        """Stop every poll loop; bounded, so a cancellation lost in a race cannot hang shutdown."""
+        self._closing = True
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=2.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -104,6 +104,7 @@ class RateLimiter:
         self.counters: dict[str, list[Counter]] = {}
         self.dirty: set[str] = set()  # tenants with hits since the last flush
         self._task: asyncio.Task | None = None
+        self._closing = False
         self._warned = False
 
     def _counters(self, tenant: str) -> list[Counter]:
@@ -177,7 +178,7 @@ class RateLimiter:
             c.shared[x] = int(value or 0)
 
     async def run(self) -> None:
-        while True:
+        while not self._closing:  # the flag, not only the cancel, ends it (see close)
             await asyncio.sleep(self.sync_s)
             await self.sync()
 
@@ -187,10 +188,13 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Stop the flusher after a last flush (a restart does not forget this worker's hits)."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # bounded: a cancellation lost inside a Redis call's own timeout (Python 3.11's
+            # asyncio can drop one that lands as the timeout fires) must not hang shutdown;
+            # the flag ends the loop at its next pass
+            await asyncio.wait({self._task}, timeout=1.0 + 2 * self.sync_s)
             self._task = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.sync(), 1.0)

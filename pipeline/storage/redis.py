@@ -53,6 +53,19 @@ def serving_async_redis_client(url: str, timeout_ms: int) -> Any:
     return redis.asyncio.Redis.from_url(url, **_fail_fast(timeout_ms, Retry))
 
 
+async def aclose_bounded(client: Any, seconds: float = 2.0) -> bool:
+    """Close a redis.asyncio client at shutdown, giving up after `seconds` (a connection stuck
+    on a dead or paused server must not hang the process's exit); True if it closed."""
+    import asyncio
+
+    task = asyncio.ensure_future(client.aclose())
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        return False
+    return task.exception() is None
+
+
 def _fail_fast(timeout_ms: int, retry: Any) -> dict[str, Any]:
     """Binary-safe, `timeout_ms` to connect and to read, never retried (sync or async Retry)."""
     from redis.backoff import NoBackoff

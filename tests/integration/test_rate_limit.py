@@ -130,3 +130,33 @@ def test_redis_down_means_per_worker_counting_never_a_refusal_for_want_of_redis(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_close_is_bounded_when_a_flush_swallows_its_cancellation():
+    """Python 3.11's asyncio can drop a cancellation that lands as an inner timeout fires (a
+    Redis call's own); the flusher then kept looping and `close` (the app's shutdown) awaited
+    it forever. Now its loop also stops on a flag and `close` waits a bounded time."""
+
+    async def scenario() -> float:
+        limiter = RateLimiter("100/second", {}, object(), "unused", sync_s=0.001)
+        swallowed = 0
+        flushing = asyncio.Event()
+
+        async def sync() -> None:  # a flush that eats the cancellation, as the race does
+            nonlocal swallowed
+            flushing.set()
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                swallowed += 1
+
+        limiter.sync = sync  # type: ignore[method-assign]
+        limiter.start()
+        await flushing.wait()  # the cancellation lands inside a flush
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(limiter.close(), 5.0)  # before: never returned
+        assert swallowed >= 1
+        return loop.time() - t0
+
+    assert asyncio.run(scenario()) < 1.0
