@@ -201,6 +201,16 @@ class EvaluationConfig(_Strict):
     ease_max_items: int = Field(
         default=20_000, ge=0, description="EASE baseline only up to this many items (dense n^2 matrix, n^3 solve)."
     )
+    knn_max_items: int = Field(
+        default=100_000,
+        ge=0,
+        description="Item-kNN baseline only up to this many items (a dense block x n_items per ~80 items).",
+    )
+    max_users: int = Field(
+        default=100_000,
+        ge=1,
+        description="Rank at most this many holdout users (the same ones every run: those of lowest user-id hash).",
+    )
 
 
 class GateConfig(_Strict):

@@ -7,7 +7,8 @@ Definitions (per user, L = the user's list without padding, |L| = n):
                  (which users had it: behavioural similarity). An item with an all-zero row
                  is unlike every other. Lists with n < 2 have no pairs: NaN, left out of means.
                  sum_{i != j} cos = |sum_i u_i|^2 - sum_i |u_i|^2 with u_i = v_i / |v_i|, so
-                 it is one sparse product for all users, no loop over pairs.
+                 it is one sparse product for all users, no loop over pairs (past
+                 EXACT_WORK nonzeros, on the rows hashed to SKETCH_DIMS dimensions).
   novelty@K    = mean over L of -log2((users_i + 1) / (n_users + 1)), users_i the item's
                  distinct train users: the self-information of recommending it (popular
                  items carry little), add-one smoothed so unseen items are finite.
@@ -30,6 +31,8 @@ from pipeline.evaluation import metrics
 ACTIVITY_EDGES = (5, 20, 50, 200)  # train events: <5, 5-19, 20-49, 50-199, 200+
 COLD_USER_EVENTS = 5  # fewer train events than this: a cold user
 MAX_VALUES = 12  # values shown per text attribute; the rest are "other"
+EXACT_WORK = 50_000_000  # nonzeros the exact diversity product may touch (its memory, ~12 bytes each)
+SKETCH_DIMS = 2048  # past that: hashed dimensions (per-pair cosine error <= sqrt(2 / 2048) = 0.03)
 
 
 def _list_matrix(topk: np.ndarray, n_items: int) -> sp.csr_matrix:
@@ -43,19 +46,53 @@ def _list_matrix(topk: np.ndarray, n_items: int) -> sp.csr_matrix:
     return m
 
 
-def intra_list_diversity(topk: np.ndarray, item_matrix: sp.spmatrix) -> np.ndarray:
-    """float64 [lists]: diversity of each list (see the module docstring); NaN for n < 2."""
+def intra_list_diversity(topk: np.ndarray, item_matrix: sp.spmatrix, exact_work: int = EXACT_WORK) -> np.ndarray:
+    """float64 [lists]: diversity of each list (see the module docstring); NaN for n < 2.
+
+    Exact (one sparse product) while the product touches at most `exact_work` nonzeros; past
+    that (behavioural rows of popular items have a nonzero per user: at 2M users the exact
+    product would not fit in memory) the unit rows are first hashed to SKETCH_DIMS signed
+    buckets (`sketch`, listed items only): each cosine is then an unbiased estimate, about
+    +-0.03 per pair; the collisions of heavy columns are shared by all lists, so means can be
+    off by a few thousandths.
+    """
     v = sp.csr_matrix(item_matrix, dtype=np.float64)
     norm = np.sqrt(np.asarray(v.multiply(v).sum(axis=1)).ravel())
     unit = sp.diags(np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)) @ v
-    lists = _list_matrix(topk, v.shape[0])
-    total = lists @ unit  # [lists, features]: sum of the list's unit vectors
-    sum_sq = np.asarray(total.multiply(total).sum(axis=1)).ravel()
+    del v
+    lists = _list_matrix(topk, unit.shape[0])
+    if float((lists @ np.diff(unit.indptr).astype(np.float64)).sum()) > exact_work:
+        listed = np.flatnonzero(np.diff(lists.tocsc().indptr))  # only the items some list holds
+        total = lists[:, listed] @ sketch(unit[listed], SKETCH_DIMS)  # dense [lists, SKETCH_DIMS]
+        sum_sq = np.einsum("ij,ij->i", total, total, dtype=np.float64)
+    else:
+        total = lists @ unit  # [lists, features]: sum of the list's unit vectors
+        sum_sq = np.asarray(total.multiply(total).sum(axis=1)).ravel()
     self_sq = lists @ (norm > 0).astype(np.float64)  # |u_i|^2 is 1, or 0 for an all-zero row
     n = np.diff(lists.indptr).astype(np.float64)
     pairs = n * (n - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pairs > 0, 1.0 - (sum_sq - self_sq) / pairs, np.nan)
+
+
+def sketch(rows: sp.csr_matrix, dims: int, seed: int = 0, block: int = 4096) -> np.ndarray:
+    """float32 [rows, dims]: each column hashed to one of `dims` buckets with a random sign
+    (the hashing trick, Weinberger et al. 2009): inner products of rows are preserved in
+    expectation, with variance at most 2/dims for unit rows. Built `block` rows at a time."""
+    rng = np.random.default_rng(seed)
+    bucket = rng.integers(0, dims, rows.shape[1])
+    sign = rng.choice(np.array([-1.0, 1.0]), rows.shape[1])
+    out = np.empty((rows.shape[0], dims), dtype=np.float32)
+    for r0 in range(0, rows.shape[0], block):
+        r1 = min(r0 + block, rows.shape[0])
+        lo, hi = rows.indptr[r0], rows.indptr[r1]
+        cols = rows.indices[lo:hi]
+        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(rows.indptr[r0 : r1 + 1]))
+        flat = np.bincount(
+            local * dims + bucket[cols], weights=rows.data[lo:hi] * sign[cols], minlength=(r1 - r0) * dims
+        )
+        out[r0:r1] = flat.reshape(r1 - r0, dims)
+    return out
 
 
 def novelty(topk: np.ndarray, item_users: np.ndarray, n_users: int) -> np.ndarray:

@@ -7,7 +7,7 @@ them here, from the declared artifacts, never by importing the features stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,8 +43,23 @@ def temporal_holdout(user_idx: np.ndarray, timestamp: np.ndarray, item_idx: np.n
     return mask
 
 
+class _Indexed:
+    """The users and items tables' sizes, for the two event views below."""
+
+    users: pd.DataFrame
+    items: pd.DataFrame
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+
 @dataclass(frozen=True)
-class Features:
+class Features(_Indexed):
     """Indexed interactions of one run. `events` has user_idx, item_idx, timestamp, rating, holdout."""
 
     users: pd.DataFrame  # user_id, user_idx, n_events, n_train, n_holdout
@@ -59,14 +74,6 @@ class Features:
             events=ctx.read_parquet(paths.EVENTS),
         )
 
-    @property
-    def n_users(self) -> int:
-        return len(self.users)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
-
     def split(self, holdout: bool | None) -> pd.DataFrame:
         if holdout is None:
             return self.events
@@ -75,19 +82,11 @@ class Features:
     def matrix(self, holdout: bool | None = False) -> sp.csr_matrix:
         """Binary user x item matrix of the train split (False), holdout (True) or all (None)."""
         ev = self.split(holdout)
-        m = sp.csr_matrix(
-            (np.ones(len(ev), dtype=np.float32), (ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy())),
-            shape=(self.n_users, self.n_items),
-        )
-        m.sum_duplicates()
-        m.data[:] = 1.0
-        return m
+        return binary_matrix(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), (self.n_users, self.n_items))
 
     def relevant(self) -> sp.csr_matrix:
         """Holdout items to find per user: held-out pairs the user did not already have in train."""
-        rel = self.matrix(True) - self.matrix(False).multiply(self.matrix(True))
-        rel.eliminate_zeros()
-        return sp.csr_matrix(rel)
+        return relevant_of(self.matrix(True), self.matrix(False))
 
 
 def _csr(column: pa.ChunkedArray, n_cols: int | None = None) -> sp.csr_matrix:
@@ -119,57 +118,111 @@ def rows_of(ctx: RunContext, artifact: paths.Artifact) -> int:
     return pq.ParquetFile(pa.BufferReader(ctx.read(artifact))).metadata.num_rows
 
 
-def train_data(ctx: RunContext, holdout: bool | None, item_features: ItemFeatures | None = None) -> TrainData:
-    """One split of the run's events (train: False, holdout: True, all: None) as `TrainData`,
-    the same arrays as `TrainData.from_events(Features.read(ctx).split(holdout), ...)`.
-
-    Streamed: events.parquet is decoded one row group at a time into arrays allocated once
-    for the split's length (counted first from the `holdout` column alone), so neither the
-    whole table in pandas nor the split's copy of it is ever held. At 100M events (80.8M in
-    the train split) the train stage peaked at 14.9 GB reading through pandas; the arrays
-    themselves are 40 bytes per event.
-    """
-    from pipeline.models.base import TrainData  # lazily: the models package imports torch
-
+def _stream(ctx: RunContext, dtypes: dict[str, Any], holdout: bool | None) -> dict[str, np.ndarray]:
+    """Columns of one split of events.parquet (train: False, holdout: True, all: None) as numpy
+    arrays of the given dtypes, decoded one row group at a time into arrays allocated once for
+    the split's length (counted first from the `holdout` column alone): neither the whole
+    table in pandas nor the split's copy of it is ever held. `timestamp` as datetime64[us]."""
     events = pq.ParquetFile(pa.BufferReader(ctx.read(paths.EVENTS)))
-    names = events.schema_arrow.names
-    weighted = "weight" in names
-    columns = ["user_idx", "item_idx", "timestamp", "rating", *(["weight"] if weighted else [])]
 
     def kept(batch: pa.RecordBatch) -> np.ndarray:
-        """The batch's rows of the split (holdout True or False)."""
         flags = batch.column("holdout").to_numpy(zero_copy_only=False)
         return flags if holdout else ~flags
 
     n = events.metadata.num_rows
     if holdout is not None:
         n = sum(int(np.count_nonzero(kept(b))) for b in events.iter_batches(columns=["holdout"]))
-    out = {
-        "user_idx": np.empty(n, np.int64),
-        "item_idx": np.empty(n, np.int64),
-        "timestamp": np.empty(n, np.int64),
-        "rating": np.empty(n, np.float64),
-        **({"weight": np.empty(n, np.float64)} if weighted else {}),
-    }
+    out = {name: np.empty(n, dtype) for name, dtype in dtypes.items()}
+    read = list(dtypes) + (["holdout"] if holdout is not None and "holdout" not in dtypes else [])
     pos = 0
-    for batch in events.iter_batches(columns=columns + ([] if holdout is None else ["holdout"])):
+    for batch in events.iter_batches(columns=read):
         mask = None if holdout is None else kept(batch)
         m = batch.num_rows if mask is None else int(np.count_nonzero(mask))
-        for name in columns:
+        for name in dtypes:
             values = batch.column(name).to_numpy(zero_copy_only=False)
-            if name == "timestamp":  # UTC instants -> epoch seconds, as from_events (floor to the second)
-                values = values.astype("datetime64[s]").astype(np.int64)
+            if name == "timestamp":  # UTC instants, whatever unit the file has
+                values = values.astype("datetime64[us]")
             out[name][pos : pos + m] = values if mask is None else values[mask]
         pos += m
     if pos != n:
         raise ValueError(f"tenant {ctx.tenant}: {paths.EVENTS} changed while read ({pos} rows, expected {n})")
+    return out
+
+
+def train_data(ctx: RunContext, holdout: bool | None, item_features: ItemFeatures | None = None) -> TrainData:
+    """One split of the run's events (train: False, holdout: True, all: None) as `TrainData`,
+    the same arrays as `TrainData.from_events(Features.read(ctx).split(holdout), ...)`, streamed
+    (`_stream`). At 100M events (80.8M in the train split) the train stage peaked at 14.9 GB
+    reading through pandas; the arrays themselves are 40 bytes per event.
+    """
+    from pipeline.models.base import TrainData  # lazily: the models package imports torch
+
+    weighted = "weight" in pq.ParquetFile(pa.BufferReader(ctx.read(paths.EVENTS))).schema_arrow.names
+    dtypes: dict[str, Any] = {
+        "user_idx": np.int64,
+        "item_idx": np.int64,
+        "timestamp": "datetime64[s]",  # floor to the second, as from_events
+        "rating": np.float64,
+        **({"weight": np.float64} if weighted else {}),
+    }
+    out = _stream(ctx, dtypes, holdout)
     return TrainData(
         n_users=rows_of(ctx, paths.USERS),
         n_items=rows_of(ctx, paths.ITEMS),
         user_idx=out["user_idx"],
         item_idx=out["item_idx"],
-        timestamp=out["timestamp"],
+        timestamp=out["timestamp"].view(np.int64),
         rating=out["rating"],
         item_features=item_features,
         weight=out.get("weight"),
     )
+
+
+@dataclass(frozen=True)
+class Interactions(_Indexed):
+    """The run's users and items, and the four event columns evaluate, the gate and publish use
+    (17 bytes per event: int32 indices, datetime64[us], the holdout flag), streamed from
+    events.parquet (`_stream`). What `Features` is for small tenants, without the events table
+    in pandas: at 100M events that table alone is several GB and its groupbys more.
+    """
+
+    users: pd.DataFrame
+    items: pd.DataFrame
+    user_idx: np.ndarray
+    item_idx: np.ndarray
+    timestamp: np.ndarray
+    holdout: np.ndarray
+
+    @classmethod
+    def read(cls, ctx: RunContext) -> Interactions:
+        cols = _stream(
+            ctx, {"user_idx": np.int32, "item_idx": np.int32, "timestamp": "datetime64[us]", "holdout": bool}, None
+        )
+        return cls(ctx.read_parquet(paths.USERS), ctx.read_parquet(paths.ITEMS), **cols)
+
+    def matrix(self, holdout: bool | None = False, where: np.ndarray | None = None) -> sp.csr_matrix:
+        """`Features.matrix`; `where` (a boolean mask over events) narrows it further."""
+        keep = where if holdout is None else (self.holdout if holdout else ~self.holdout)
+        if holdout is not None and where is not None:
+            keep = keep & where
+        u, i = (self.user_idx, self.item_idx) if keep is None else (self.user_idx[keep], self.item_idx[keep])
+        return binary_matrix(u, i, (self.n_users, self.n_items))
+
+    def relevant(self) -> sp.csr_matrix:
+        """`Features.relevant`."""
+        return relevant_of(self.matrix(True), self.matrix(False))
+
+
+def binary_matrix(user_idx: np.ndarray, item_idx: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Binary CSR of (user, item) pairs, duplicates counted once, int32 indices."""
+    m = sp.csr_matrix((np.ones(len(user_idx), dtype=np.float32), (user_idx, item_idx)), shape=shape)
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def relevant_of(held: sp.csr_matrix, train: sp.csr_matrix) -> sp.csr_matrix:
+    """Held-out pairs the user did not already have in train (what a full ranking can find)."""
+    rel = held - train.multiply(held)
+    rel.eliminate_zeros()
+    return sp.csr_matrix(rel)

@@ -17,13 +17,13 @@ import scipy.sparse as sp
 
 from pipeline.config.tenant import GateConfig
 from pipeline.evaluation import metrics, ranking, scoring
-from pipeline.features.dataset import Features
+from pipeline.features.dataset import Interactions, relevant_of
 from pipeline.gate.policy import GroupRecall
 from pipeline.models.itemitem import score_users
 from pipeline.release import format as release
 
 
-def item_groups(feats: Features, policy: GateConfig) -> dict[str, np.ndarray]:
+def item_groups(feats: Interactions, policy: GateConfig) -> dict[str, np.ndarray]:
     """Boolean item masks (this run's index space) of the cold and long-tail groups."""
     users_per_item = np.asarray(feats.matrix(False).sum(axis=0)).ravel()
     return {
@@ -45,7 +45,7 @@ def _ranked(top: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> _Rank
     return _Ranked(rows, top, hits, metrics.per_user_metrics(hits, np.diff(relevant.indptr)[rows]))
 
 
-def _champion_vectors(champ: release.Release, feats: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _champion_vectors(champ: release.Release, feats: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Champion vectors in the challenger's index space, plus one popularity dimension.
 
     Known users get [x_u, 0]; unknown users [0, 1], i.e. the champion's popularity list.
@@ -66,7 +66,7 @@ def _champion_vectors(champ: release.Release, feats: Features) -> tuple[np.ndarr
     return U, V, allowed
 
 
-def _champion_top(champ: release.Release, feats: Features, rows: np.ndarray, k: int, exclude: sp.csr_matrix):
+def _champion_top(champ: release.Release, feats: Interactions, rows: np.ndarray, k: int, exclude: sp.csr_matrix):
     """The champion's top-k for these user rows of the challenger's index space."""
     if champ.scoring == "dot":
         U, V, allowed = _champion_vectors(champ, feats)
@@ -108,27 +108,27 @@ class FreshComparison:
 
 
 def compare_on_fresh_holdout(
-    feats: Features,
+    feats: Interactions,
     challenger,
     champ: release.Release,
     k: int,
     metric: str,
     groups: dict[str, np.ndarray],
+    max_users: int = 100_000,
 ) -> FreshComparison:
+    """Both models ranked on the relevant held-out events at or after the champion's cutoff
+    (at most `max_users` users, the same ones evaluate keeps: `scoring.sample_users`)."""
     cutoff = pd.Timestamp(champ.manifest["data_interval_end"])
-    ev = feats.events
-    fresh_ev = ev[ev["holdout"] & (ev["timestamp"] >= cutoff)]
-    fresh = sp.csr_matrix(
-        (np.ones(len(fresh_ev), np.float32), (fresh_ev["user_idx"], fresh_ev["item_idx"])),
-        shape=(feats.n_users, feats.n_items),
-    )
-    fresh = feats.relevant().multiply(fresh > 0).tocsr()
+    cutoff = cutoff.tz_convert("UTC").tz_localize(None) if cutoff.tzinfo else cutoff  # feats.timestamp is UTC
+    after = feats.timestamp >= cutoff.to_datetime64()
+    seen, held = feats.matrix(None), feats.matrix(True)
+    fresh = relevant_of(held, feats.matrix(False)).multiply(feats.matrix(True, where=after)).tocsr()
     fresh.eliminate_zeros()
+    fresh = scoring.sample_users(fresh, feats.users["user_id"], max_users)
     if fresh.nnz == 0:
         empty = np.zeros(0)
         return FreshComparison(empty.astype(np.int32), empty, empty, float("nan"), float("nan"), {})
-    seen = feats.matrix(None)
-    exclude = (seen - seen.multiply(fresh > 0)).tocsr()
+    exclude = (seen - seen.multiply(fresh)).tocsr()
     exclude.eliminate_zeros()
     rows = np.flatnonzero(np.diff(fresh.indptr) > 0)
     ch = _ranked(scoring.topk(challenger, rows, k, exclude=exclude[rows]), rows, fresh)

@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.context import RunContext, StageIO
-from pipeline.features.dataset import Features
+from pipeline.features.dataset import Interactions
 from pipeline.gate.champion import FreshComparison, compare_on_fresh_holdout, item_groups
 from pipeline.gate.policy import ChallengerEvidence, ChampionEvidence, Decision, decide, format_table
 from pipeline.models.io import read_model
@@ -89,7 +89,7 @@ IO = StageIO(
 
 def _gather_champion(
     ctx: RunContext,
-    feats: Features,
+    feats: Interactions,
     ev: dict[str, Any],
     challenger: ChallengerEvidence,
     groups: dict[str, np.ndarray],
@@ -104,7 +104,9 @@ def _gather_champion(
         return None, f"live release {live['release_id']} covers newer data; no champion comparison (backfill)", None
     champ_id = live["release_id"]
     champ = release.load_release(ctx.store, ctx.tenant, champ_id)
-    cmp = compare_on_fresh_holdout(feats, read_model(ctx, paths.TRAINED), champ, k, policy.metric, groups)
+    cmp = compare_on_fresh_holdout(
+        feats, read_model(ctx, paths.TRAINED), champ, k, policy.metric, groups, ctx.config.evaluation.max_users
+    )
     if cmp.users >= policy.min_users:
         evidence = ChampionEvidence(
             champ_id,
@@ -155,7 +157,7 @@ def gate(ctx: RunContext) -> dict[str, Any]:
         float(pop_metrics["coverage"]),
         int(ev["users"]),
     )
-    feats = Features.read(ctx)
+    feats = Interactions.read(ctx)  # streamed columns, never the events table in pandas
     groups = item_groups(feats, policy)
     champion, note, cmp = _gather_champion(ctx, feats, ev, challenger, groups)
     decision = decide(challenger, champion, policy, note)

@@ -15,8 +15,8 @@ from pipeline.context import RunContext, StageIO
 from pipeline.data import attributes
 from pipeline.data.attributes import load_users as attributes_of_users
 from pipeline.experiments import challenger
-from pipeline.features.dataset import Features, read_item_features
-from pipeline.models import DotProduct, ItemItem, Recommender, TrainData, registry
+from pipeline.features.dataset import Interactions, read_item_features, train_data
+from pipeline.models import DotProduct, ItemItem, Recommender, registry
 from pipeline.models.io import from_bytes
 from pipeline.ops import tracking
 from pipeline.release import alias, candidates, segments
@@ -50,17 +50,26 @@ IO = StageIO(
 GATE_FIELDS = ("publish", "reason", "checks", "metric", "basis", "champion_release_id", "ci", "two_stage")
 
 
-def _seen_csr(feats: Features) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's distinct items, most recent first (serving's fold-in weighs by recency)."""
-    ev = feats.events
-    last = ev.groupby(["user_idx", "item_idx"], sort=False)["timestamp"].max().reset_index()
-    last = last.sort_values(["user_idx", "timestamp", "item_idx"], ascending=[True, False, True], kind="stable")
-    counts = np.bincount(last["user_idx"].to_numpy(), minlength=feats.n_users)
+def _seen_csr(feats: Interactions) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's distinct items, most recent first (serving's fold-in weighs by recency).
+
+    One lexsort over the events (user, then latest first, ties by item index), keeping each
+    (user, item)'s first, i.e. latest, event: vectorised, no groupby over the events table.
+    """
+    u, i = feats.user_idx, feats.item_idx
+    order = np.lexsort((i, -feats.timestamp.view(np.int64), u))
+    pair = u[order].astype(np.int64) * max(feats.n_items, 1) + i[order]
+    del order
+    first = np.unique(pair, return_index=True)[1]  # each pair's first place: its latest event
+    first.sort()  # back to (user, latest first, item) order
+    pair = pair[first]
+    del first
+    counts = np.bincount(pair // max(feats.n_items, 1), minlength=feats.n_users)
     indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return indptr, last["item_idx"].to_numpy().astype(np.int32)
+    return indptr, (pair % max(feats.n_items, 1)).astype(np.int32)
 
 
-def _item_attributes(ctx: RunContext, feats: Features) -> bytes | None:
+def _item_attributes(ctx: RunContext, feats: Interactions) -> bytes | None:
     """Category and tags per release item (row = item index), when the tenant has a catalog."""
     catalog = attributes.load_catalog(ctx)
     if catalog is None:
@@ -72,7 +81,7 @@ def _item_attributes(ctx: RunContext, feats: Features) -> bytes | None:
 
 
 def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
-    feats = Features.read(ctx)
+    feats = Interactions.read(ctx)  # streamed columns, never the events table in pandas
     model_json = ctx.read(paths.REFITTED.meta)
     model = from_bytes(codecs.read_json(model_json), ctx.read(paths.REFITTED.weights))
     indptr, indices = _seen_csr(feats)
@@ -95,9 +104,8 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         files["item_attributes.parquet"] = attributes
     users = attributes_of_users(ctx)
     if users is not None:  # cold users get their segment's popular items (release/segments.py)
-        ev = feats.events
         files |= segments.segment_files(
-            feats.users["user_id"], ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), users, feats.n_items,
+            feats.users["user_id"], feats.user_idx, feats.item_idx, users, feats.n_items,
             ctx.config.serving.popular_items,
         )  # fmt: skip
     info: dict[str, Any] = {"users": feats.n_users, "items": feats.n_items, "model": model.kind}
@@ -115,7 +123,7 @@ def build_files(ctx: RunContext) -> tuple[dict[str, bytes], dict[str, Any]]:
         info |= {"dim": 0, "scoring": "item_item", "similarity_nnz": int(scores.similarity.nnz)}
     if (ctx.read_json(paths.DECISION).get(two_stage.NAME) or {}).get("serve") and ctx.exists(paths.REFIT_RANKER):
         # the gate chose two stages: the refit's ranker and what serving needs to run it
-        data = TrainData.from_events(feats.events, feats.n_users, feats.n_items, read_item_features(ctx))
+        data = train_data(ctx, None, read_item_features(ctx))
         files |= two_stage.release_files(ctx, data, model, ctx.read(paths.REFIT_RANKER))
         info["two_stage"] = True
     return files, info

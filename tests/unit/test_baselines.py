@@ -126,3 +126,37 @@ def test_evaluate_skips_ease_above_the_item_limit(settings, small_df):
     cfg = write_tenant(settings, "big", small_df, evaluation={"ease_max_items": 10})
     ev = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings), until="evaluate")["evaluate"]
     assert "ease" not in ev["metrics"] and "item_knn" in ev["metrics"]
+
+
+def test_sample_users_keeps_the_same_lowest_hash_users():
+    """At most max_users users with relevant items keep their rows; which ones depends on the
+    user ids only (not their row order or the other users), so every run ranks the same users."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    dense = rng.random((200, 30)) < 0.1
+    dense[5] = False  # a user with nothing to find is never picked
+    rel = sp.csr_matrix(dense.astype(np.float32))
+    ids = pd.Series([f"user-{n}" for n in range(200)])
+    assert scoring.sample_users(rel, ids, 500) is rel  # fewer users than the cap: unchanged
+    kept = scoring.sample_users(rel, ids, 50)
+    rows = np.flatnonzero(np.diff(kept.indptr) > 0)
+    assert len(rows) == 50 and 5 not in rows
+    assert (kept[rows] != rel[rows]).nnz == 0  # kept rows are whole
+    hashed = pd.util.hash_pandas_object(ids.astype("string"), index=False).to_numpy()
+    with_items = np.flatnonzero(np.diff(rel.indptr) > 0)
+    assert set(rows) == set(with_items[np.argsort(hashed[with_items])[:50]])
+    perm = rng.permutation(200)  # the same users, in another row order
+    again = scoring.sample_users(sp.csr_matrix(rel[perm]), ids[perm].reset_index(drop=True), 50)
+    assert set(ids[perm].to_numpy()[np.flatnonzero(np.diff(again.indptr) > 0)]) == set(ids[rows])
+
+
+def test_evaluate_ranks_at_most_max_users_and_skips_knn_above_its_limit(settings, small_df):
+    from pipeline.context import RunContext
+    from pipeline.stages import run_all
+    from tests.conftest import INTERVAL_END, write_tenant
+
+    cfg = write_tenant(settings, "capped", small_df, evaluation={"max_users": 7, "knn_max_items": 10})
+    ev = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings), until="evaluate")["evaluate"]
+    assert ev["users"] == 7 and "item_knn" not in ev["metrics"] and "popularity" in ev["metrics"]
+    assert all(vals["users"] == 7 for vals in ev["metrics"].values())

@@ -100,15 +100,11 @@ def test_no_catalog_means_no_item_features(ctx):
     assert dataset.read_item_features(ctx) is None
 
 
-@pytest.mark.parametrize("weighted", [True, False])
-def test_streamed_train_data_equals_the_pandas_split(settings, small_df, weighted):
-    """`dataset.train_data` (row group by row group into preallocated arrays) gives exactly the
-    arrays of `TrainData.from_events(Features.read(ctx).split(h))` for every split, across many
-    row groups, sub-second timestamps (floored to the second) and with or without weights."""
+def _many_row_groups(settings, small_df, weighted: bool):
+    """A featurized tenant whose events.parquet has sub-second timestamps, optional weights and
+    row groups of 97 rows (so a split straddles batches)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.models.base import TrainData
 
     cfg = write_tenant(settings, "acme", small_df)
     ctx = RunContext(config=cfg, interval_end=datetime(2026, 1, 1, tzinfo=UTC), settings=settings)
@@ -128,10 +124,20 @@ def test_streamed_train_data_equals_the_pandas_split(settings, small_df, weighte
     if weighted:
         table = table.append_column("weight", pa.array(weights))
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=97)  # many row groups: the split straddles batches
+    pq.write_table(table, sink, row_group_size=97)
     ctx.write(paths.EVENTS, sink.getvalue().to_pybytes())
     assert pq.ParquetFile(pa.BufferReader(ctx.read(paths.EVENTS))).metadata.num_row_groups > 10
+    return ctx
 
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_streamed_train_data_equals_the_pandas_split(settings, small_df, weighted):
+    """`dataset.train_data` (row group by row group into preallocated arrays) gives exactly the
+    arrays of `TrainData.from_events(Features.read(ctx).split(h))` for every split, across many
+    row groups, sub-second timestamps (floored to the second) and with or without weights."""
+    from pipeline.models.base import TrainData
+
+    ctx = _many_row_groups(settings, small_df, weighted)
     feats = dataset.Features.read(ctx)
     for holdout in (False, True, None):
         want = TrainData.from_events(feats.split(holdout), feats.n_users, feats.n_items)
@@ -144,3 +150,50 @@ def test_streamed_train_data_equals_the_pandas_split(settings, small_df, weighte
         assert (got.weight is None) == (want.weight is None) == (not weighted)
         if weighted:
             assert np.array_equal(got.weight, want.weight)
+
+
+def test_streamed_interactions_equal_the_pandas_features(settings, small_df):
+    """`Interactions` (four streamed columns) gives the same matrices, relevant set and
+    timestamps as `Features` (the events table in pandas), and publish's vectorised seen lists
+    are the pandas groupby's: each user's distinct items, latest first, ties by item index."""
+    from pipeline.release.publish import _seen_csr
+
+    ctx = _many_row_groups(settings, small_df, weighted=False)
+    feats, lean = dataset.Features.read(ctx), dataset.Interactions.read(ctx)
+    assert (lean.n_users, lean.n_items) == (feats.n_users, feats.n_items)
+    for holdout in (False, True, None):
+        assert (lean.matrix(holdout) != feats.matrix(holdout)).nnz == 0
+    assert (lean.relevant() != feats.relevant()).nnz == 0 and lean.relevant().nnz > 0
+    stamps = feats.events["timestamp"].dt.tz_convert(None).to_numpy("datetime64[us]")
+    assert np.array_equal(lean.timestamp, stamps)
+    late = lean.timestamp >= np.sort(lean.timestamp)[len(stamps) // 2]
+    want = feats.events[feats.events["holdout"] & late]
+    assert (lean.matrix(True, where=late) != dataset.binary_matrix(
+        want["user_idx"].to_numpy(), want["item_idx"].to_numpy(), (feats.n_users, feats.n_items)
+    )).nnz == 0  # fmt: skip
+
+    ev = feats.events
+    last = ev.groupby(["user_idx", "item_idx"], sort=False)["timestamp"].max().reset_index()
+    last = last.sort_values(["user_idx", "timestamp", "item_idx"], ascending=[True, False, True], kind="stable")
+    indptr, indices = _seen_csr(lean)
+    assert np.array_equal(indptr[1:] - indptr[:-1], np.bincount(last["user_idx"], minlength=feats.n_users))
+    assert np.array_equal(indices, last["item_idx"].to_numpy()) and indices.dtype == np.int32
+
+
+def test_seen_lists_by_hand():
+    """Repeats count once at their latest time; latest first; equal times by item index."""
+    from pipeline.release.publish import _seen_csr
+
+    t = np.array([5, 9, 9, 1, 3, 3, 7], dtype="datetime64[s]").astype("datetime64[us]")
+    lean = dataset.Interactions(
+        users=pd.DataFrame({"user_idx": range(3)}),
+        items=pd.DataFrame({"item_idx": range(4)}),
+        user_idx=np.array([0, 0, 0, 0, 2, 2, 2], np.int32),
+        item_idx=np.array([3, 1, 2, 3, 0, 1, 0], np.int32),
+        timestamp=t,
+        holdout=np.zeros(7, bool),
+    )
+    indptr, indices = _seen_csr(lean)
+    assert indptr.tolist() == [0, 3, 3, 5]
+    # user 0: items 1 and 2 at t=9 (ties by index), then 3 (latest 5); user 2: 0 at 7, then 1 at 3
+    assert indices.tolist() == [1, 2, 3, 0, 1]
