@@ -194,7 +194,9 @@ def _ours(
     from pipeline.config.models import model_config
     from pipeline.models import TrainData, build
 
-    data = TrainData(users, items, d["user"], d["item"], d["timestamp"], np.full(len(d["user"]), np.nan))
+    # no ratings: a read-only broadcast NaN, not a 68 MB array implicit's job never allocates (same inputs)
+    no_rating = np.broadcast_to(np.float64(np.nan), d["user"].shape)
+    data = TrainData(users, items, d["user"], d["item"], d["timestamp"], no_rating)
     overrides = {
         "als": {"factors": 64, "iterations": als_iterations},
         "als_cholesky": {"factors": 64, "iterations": als_iterations, "solver": "cholesky"},
