@@ -85,10 +85,16 @@ def baselines(data: TrainData, ease_max_items: int, knn_max_items: int | None = 
     """The reference models every run is compared with, fitted on the same train split with
     their kinds' default configs (EASE only up to `ease_max_items` items: a dense n^3 solve;
     item-kNN up to `knn_max_items`: its similarity is built a dense block of items at a time)."""
-    kinds = ["popularity"]
-    kinds += ["item_knn"] if knn_max_items is None or data.n_items <= knn_max_items else []
-    kinds += ["ease"] if data.n_items <= ease_max_items else []
+    kinds = baseline_kinds(data.n_items, ease_max_items, knn_max_items)
     return {kind: registry.build_by_kind(kind).fit(data) for kind in kinds}
+
+
+def baseline_kinds(n_items: int, ease_max_items: int, knn_max_items: int | None = None) -> list[str]:
+    """Which baselines `baselines` fits for a catalog of `n_items`."""
+    kinds = ["popularity"]
+    kinds += ["item_knn"] if knn_max_items is None or n_items <= knn_max_items else []
+    kinds += ["ease"] if n_items <= ease_max_items else []
+    return kinds
 
 
 def sample_users(relevant: sp.csr_matrix, user_ids: pd.Series, max_users: int) -> sp.csr_matrix:

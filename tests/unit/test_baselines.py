@@ -156,7 +156,22 @@ def test_evaluate_ranks_at_most_max_users_and_skips_knn_above_its_limit(settings
     from pipeline.stages import run_all
     from tests.conftest import INTERVAL_END, write_tenant
 
-    cfg = write_tenant(settings, "capped", small_df, evaluation={"max_users": 7, "knn_max_items": 10})
+    limits = {"max_users": 7, "knn_max_items": 10, "ease_max_items": 10}
+    cfg = write_tenant(settings, "capped", small_df, evaluation=limits)
     ev = run_all(RunContext(config=cfg, interval_end=INTERVAL_END, settings=settings), until="evaluate")["evaluate"]
-    assert ev["users"] == 7 and "item_knn" not in ev["metrics"] and "popularity" in ev["metrics"]
+    assert ev["users"] == 7 and list(ev["metrics"]) == [ev["model"], "popularity"]
     assert all(vals["users"] == 7 for vals in ev["metrics"].values())
+
+
+def test_popularity_from_the_train_matrix_is_the_fitted_one():
+    """Evaluate's shortcut (popularity alone: the binary train matrix's column counts, no
+    events read) gives the model `fit` gives, repeats counted once per user."""
+    from pipeline.models.popularity import Popularity
+
+    rng = np.random.default_rng(2)
+    x = (rng.random((40, 25)) < 0.3).astype(np.float64)
+    data = _data(x)  # with a repeated event
+    fitted = Popularity().fit(data)
+    shortcut = Popularity.from_counts(np.bincount(np.nonzero(x)[1], minlength=25), 40)
+    assert np.array_equal(fitted.item_vectors(), shortcut.item_vectors())
+    assert all(np.array_equal(a, b) for a, b in zip(fitted.state().values(), shortcut.state().values(), strict=True))
